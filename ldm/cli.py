@@ -1,0 +1,55 @@
+"""What every script shares: one-line errors, one-line warnings, device and precision flags."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from ldm.errors import InputError
+
+PRECISIONS = {"full": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks the available accelerator (CUDA, MPS, ...) or the CPU."""
+    if name == "auto":
+        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        return accelerator or torch.device("cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise InputError(f"device {name!r} is not usable here ({str(e).splitlines()[0]}); try --device cpu") from None
+    return device
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """`autocast` (the original scripts' default) means fp16 on accelerators and fp32 on the CPU."""
+    if precision == "autocast":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    return PRECISIONS[precision]
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> int:
+    """Run a script's main; bad input ends with `error: ...` on one line and exit code 1."""
+    warnings.showwarning = _one_line_warning
+    try:
+        main(argv)
+    except (InputError, OSError) as e:
+        message = str(e) if isinstance(e, InputError) else f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:
+        print("error: out of memory; lower --n_samples or the image size", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

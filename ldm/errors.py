@@ -1,0 +1,7 @@
+"""The one exception type for bad user input: its message is a single line that says what to do."""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Bad input from a user (file, flag, size, prompt). Scripts print it as one line and exit 1."""

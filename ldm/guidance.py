@@ -1,0 +1,56 @@
+"""Classifier-free guidance (Ho & Salimans 2022) as a denoiser for ``ldm.samplers``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+UNet = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+class ClassifierFreeGuidance:
+    """Denoiser ``(x_t, t) -> uncond + guidance_scale * (cond - uncond)``.
+
+    Args:
+        unet: ``unet(x_t, t, context) -> output`` with ``x_t`` (B, C, h, w), ``t`` (B,) long,
+            ``context`` (B, L, D).
+        context: text embeddings of the prompts, (B, L, D).
+        uncond_context: embeddings of the empty / negative prompts, (B, L, D); may be None when
+            ``guidance_scale`` is 1.
+        guidance_scale: 1 means the conditional prediction alone (the unconditional half is
+            then skipped); SD commonly uses 7.5.
+
+    Conditional and unconditional predictions come from one U-Net call on a batch of 2B.
+    """
+
+    def __init__(
+        self,
+        unet: UNet,
+        context: Tensor,
+        uncond_context: Tensor | None,
+        guidance_scale: float,
+    ) -> None:
+        self.unet = unet
+        self.context = context
+        self.guidance_scale = guidance_scale
+        self._both_contexts: Tensor | None = None
+        if guidance_scale != 1.0:
+            if uncond_context is None or uncond_context.shape != context.shape:
+                shape = None if uncond_context is None else tuple(uncond_context.shape)
+                raise ValueError(
+                    f"uncond_context must have the shape of context {tuple(context.shape)} "
+                    f"when guidance_scale != 1, got {shape}"
+                )
+            # Built once: the sampler calls this every step with the same contexts.
+            self._both_contexts = torch.cat([uncond_context, context])
+
+    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """``x_t`` (B, C, h, w), ``t`` (B,) long -> guided output (B, C, h, w)."""
+        if self._both_contexts is None:
+            return self.unet(x_t, t, self.context)
+        uncond, cond = self.unet(
+            torch.cat([x_t, x_t]), torch.cat([t, t]), self._both_contexts
+        ).chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)

@@ -1,0 +1,99 @@
+"""Building blocks shared by the U-Net: normalization, timestep embedding, ResBlock, resampling.
+
+Parameter names follow the original `ldm` code (`in_layers`, `emb_layers`, `op`, ...) so that
+Stable Diffusion checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm that normalizes in float32 and casts back: half-precision statistics overflow."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:
+    """The U-Net's normalization: 32 groups."""
+    return GroupNorm32(32, channels, eps=eps)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters so that a residual branch starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps (B,) -> (B, dim), cosines first as in the original code."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    freqs = torch.exp(exponent / half)
+    args = timesteps[:, None].float() * freqs[None]  # (B, half)
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the timestep embedding: (B, C, h, w), (B, E) -> (B, C_out, h, w)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            normalization(out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        if out_channels == channels:
+            self.skip_connection = nn.Identity()
+        else:
+            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 convolution halving height and width."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling followed by a 3x3 convolution.
+
+    `size` lets the U-Net match an odd-sized skip connection instead of doubling blindly.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)

@@ -1,0 +1,212 @@
+"""Reading Stable Diffusion checkpoints (.ckpt / .safetensors) in the original key layout.
+
+A checkpoint is one flat state dict whose prefixes name the stages:
+
+    model.diffusion_model.*          U-Net
+    first_stage_model.*              autoencoder
+    cond_stage_model.transformer.*   SD 1.x text encoder (Hugging Face CLIPTextModel layout)
+    cond_stage_model.model.*         SD 2.x text encoder (open_clip layout); also ours
+
+The family is detected from keys and shapes, so no YAML is needed; the original inference YAMLs
+are read for their parameters when given. Checkpoints written by this project carry their full
+config in the safetensors metadata (key `ldm_config`).
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError, safe_open
+
+from ldm.autoencoder import AutoencoderConfig
+from ldm.config import config_dict, config_kwargs
+from ldm.errors import InputError
+from ldm.text_encoder import PRESETS, TextEncoderConfig, hf_clip_text_to_open_clip
+from ldm.unet import UNetConfig
+
+UNET_PREFIX = "model.diffusion_model."
+AUTOENCODER_PREFIX = "first_stage_model."
+HF_TEXT_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_TEXT_PREFIX = "cond_stage_model.model."
+# Present in released checkpoints but not needed for inference: the autoencoder's training loss
+# (LPIPS + discriminator), EMA copies, and the diffusion schedule buffers (read separately).
+TRAINING_ONLY_PREFIXES = ("first_stage_model.loss.", "model_ema.", "cond_stage_model.model.visual.")
+CONFIG_METADATA_KEY = "ldm_config"
+# SD 2.0-base (512, epsilon) was released at this step; other SD 2.x releases predict v.
+SD2_BASE_GLOBAL_STEP = 875000
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to build and run a pipeline: the three configs plus the noise schedule."""
+
+    family: str  # "sd1", "sd2" or "custom"
+    unet: UNetConfig
+    autoencoder: AutoencoderConfig
+    text_encoder: TextEncoderConfig
+    parameterization: str = "eps"  # what the U-Net predicts: "eps" or "v"
+    schedule: dict = field(default_factory=lambda: {"num_timesteps": 1000, "linear_start": 0.00085,
+                                                     "linear_end": 0.012})
+    image_size: int = 512  # default output height and width in pixels
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, "unet": self.unet.to_dict(), "autoencoder": self.autoencoder.to_dict(),
+                "text_encoder": config_dict(self.text_encoder), "parameterization": self.parameterization,
+                "schedule": dict(self.schedule), "image_size": self.image_size}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        return cls(family=d["family"], unet=UNetConfig.from_dict(d["unet"]),
+                   autoencoder=AutoencoderConfig.from_dict(d["autoencoder"]),
+                   text_encoder=TextEncoderConfig(**config_kwargs(TextEncoderConfig, d["text_encoder"])),
+                   parameterization=d["parameterization"], schedule=dict(d["schedule"]),
+                   image_size=int(d["image_size"]))
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a .safetensors or .ckpt file, on the CPU.
+
+    `.ckpt` files are pickles: they are read with `weights_only=True`, which refuses any object
+    that is not plain tensors and containers, so a malicious file cannot run code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint not found: {path} (pass an existing .ckpt or .safetensors file)")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                return {k: f.get_tensor(k) for k in f.keys()}, metadata
+        except (SafetensorError, OSError, ValueError) as e:
+            raise InputError(f"cannot read {path}: {e} (is the file truncated or corrupt? download it again)") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt or unsafe pickles
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot read {path}: {reason[:300]} (truncated, corrupt or not a plain-tensor "
+                         f"checkpoint; convert trusted files to .safetensors)") from None
+    state_dict = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state_dict, dict):
+        raise InputError(f"{path} holds no state dict (expected a dict of tensors)")
+    metadata = {}
+    if isinstance(obj, dict) and isinstance(obj.get("global_step"), int):
+        metadata["global_step"] = str(obj["global_step"])
+    return {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}, metadata
+
+
+def spec_from_yaml(path: str | Path) -> dict:
+    """Parameters of an original SD inference YAML (`v1-inference.yaml`, `v2-inference(-v).yaml`).
+
+    Only values are read; `target:` import paths are treated as plain strings.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config not found: {path}")
+    try:
+        params = yaml.safe_load(path.read_text())["model"]["params"]
+        unet = params["unet_config"]["params"]
+        first_stage = params["first_stage_config"]["params"]
+        cond_stage = params["cond_stage_config"]
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise InputError(f"{path} is not a Stable Diffusion inference config (missing {e})") from None
+    open_clip = "OpenCLIP" in str(cond_stage.get("target", ""))
+    text = PRESETS["sd2" if open_clip else "sd1"]()
+    layer = (cond_stage.get("params") or {}).get("layer")
+    if layer:
+        text.layer = layer
+    return {
+        "family": "sd2" if open_clip else "sd1",
+        "unet": UNetConfig.from_dict(unet),
+        "autoencoder": AutoencoderConfig.from_dict({**first_stage, "scale_factor": params.get("scale_factor",
+                                                                                              0.18215)}),
+        "text_encoder": text,
+        "parameterization": params.get("parameterization", "eps"),
+        "schedule": {"num_timesteps": params.get("timesteps", 1000),
+                     "linear_start": params.get("linear_start", 0.00085),
+                     "linear_end": params.get("linear_end", 0.012)},
+        "image_size": 8 * int(unet.get("image_size", 64)),
+    }
+
+
+def detect_spec(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                prediction: str | None = None) -> ModelSpec:
+    """The model family and configs, from this project's metadata or from keys and shapes."""
+    metadata = metadata or {}
+    if CONFIG_METADATA_KEY in metadata:
+        spec = ModelSpec.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    else:
+        spec = _detect_sd_family(state_dict, metadata)
+    if prediction is not None:
+        spec.parameterization = _check_prediction(prediction)
+    return spec
+
+
+def _check_prediction(prediction: str) -> str:
+    aliases = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v"}
+    if prediction not in aliases:
+        raise InputError(f"unknown prediction type {prediction!r}; use 'eps' or 'v'")
+    return aliases[prediction]
+
+
+def _detect_sd_family(state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> ModelSpec:
+    probe = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
+    if probe not in state_dict or conv_in not in state_dict:
+        raise InputError("unknown checkpoint family: no Stable Diffusion 1.x/2.x U-Net keys "
+                         f"('{probe}'); pass a SD 1.x/2.x checkpoint or one written by this project")
+    context_dim = state_dict[probe].shape[1]
+    linear_proj = state_dict[UNET_PREFIX + "input_blocks.1.1.proj_in.weight"].ndim == 2
+    in_channels = state_dict[conv_in].shape[1]
+    if context_dim == 768 and not linear_proj:
+        family = "sd1"
+        unet = UNetConfig(in_channels=in_channels, context_dim=768)
+        parameterization, image_size = "eps", 512
+    elif context_dim == 1024 and linear_proj:
+        family = "sd2"
+        unet = UNetConfig(in_channels=in_channels, context_dim=1024, num_heads=-1, num_head_channels=64,
+                          use_linear_in_transformer=True)
+        step = metadata.get("global_step")
+        parameterization = "eps" if step is None or int(step) == SD2_BASE_GLOBAL_STEP else "v"
+        image_size = 512 if parameterization == "eps" else 768
+    else:
+        raise InputError(f"unknown checkpoint family: context width {context_dim} with "
+                         f"{'linear' if linear_proj else 'conv'} transformer projections matches neither "
+                         "SD 1.x (768, conv) nor SD 2.x (1024, linear)")
+    return ModelSpec(family=family, unet=unet, autoencoder=AutoencoderConfig(),
+                     text_encoder=PRESETS[family](), parameterization=parameterization,
+                     image_size=image_size)
+
+
+def split_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-stage state dicts in our modules' key layout: `unet`, `autoencoder`, `text_encoder`.
+
+    Keys outside the three stages (schedule buffers, EMA copies, training losses) are left out:
+    the schedule buffers of released checkpoints equal the ones `NoiseSchedule` computes.
+    """
+    parts: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "autoencoder": {}, "text_encoder": {}, "hf_text": {}}
+    prefixes = {UNET_PREFIX: "unet", AUTOENCODER_PREFIX: "autoencoder", OPEN_CLIP_TEXT_PREFIX: "text_encoder",
+                HF_TEXT_PREFIX: "hf_text"}
+    for key, tensor in state_dict.items():
+        if key.startswith(TRAINING_ONLY_PREFIXES):
+            continue
+        for prefix, part in prefixes.items():
+            if key.startswith(prefix):
+                parts[part][key[len(prefix):]] = tensor
+                break
+    hf_text = parts.pop("hf_text")
+    if hf_text:
+        parts["text_encoder"].update(hf_clip_text_to_open_clip(hf_text))
+    return parts
+
+
+def join_state_dicts(unet: dict, autoencoder: dict, text_encoder: dict) -> dict[str, torch.Tensor]:
+    """The inverse of `split_state_dict` for our own checkpoints (open_clip layout for the text)."""
+    out = {UNET_PREFIX + k: v for k, v in unet.items()}
+    out.update({AUTOENCODER_PREFIX + k: v for k, v in autoencoder.items()})
+    out.update({OPEN_CLIP_TEXT_PREFIX + k: v for k, v in text_encoder.items()})
+    return out

@@ -1,0 +1,235 @@
+"""Frozen CLIP text transformer: prompts -> context (B, 77, width) for the U-Net's cross-attention.
+
+This is the only module that imports open_clip. Stable Diffusion 1.x conditions on the OpenAI
+CLIP ViT-L/14 text model (last layer, final LayerNorm); 2.x on the OpenCLIP ViT-H/14 text tower
+(penultimate layer, then the final LayerNorm). Both are the same architecture, so one open_clip
+`TextTransformer` serves both; 1.x checkpoints store it in the Hugging Face layout, which
+`hf_clip_text_to_open_clip` renames. Weights are never downloaded: the tower is built with random
+init and filled from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import open_clip
+import torch
+from open_clip.transformer import QuickGELU, TextTransformer
+from torch import Tensor, nn
+
+# The CLIP BPE tokenizer's ids run up to its end-of-text token, 49407.
+_CLIP_VOCAB_SIZE = 49408
+
+
+@dataclass
+class TextEncoderConfig:
+    """Shape and behaviour of the text encoder.
+
+    `layer` picks the block whose output (after the final LayerNorm) is the context.
+    `pad_with_eot` fills the positions after end-of-text with its id 49407 (how SD 1.x was
+    trained) instead of 0 (SD 2.x). `output_dim` adds the CLIP head that SD 2.x checkpoints
+    carry (`text_projection` (width, output_dim) and a scalar `logit_scale`); it is unused for
+    the context and exists only so those checkpoints load strictly. None: no head (SD 1.x).
+    """
+
+    width: int
+    layers: int
+    heads: int
+    vocab_size: int = _CLIP_VOCAB_SIZE
+    context_length: int = 77
+    act: Literal["gelu", "quick_gelu"] = "gelu"
+    layer: Literal["last", "penultimate"] = "last"
+    pad_with_eot: bool = False
+    output_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.act not in ("gelu", "quick_gelu"):
+            raise ValueError(f"act must be 'gelu' or 'quick_gelu', got {self.act!r}")
+        if self.layer not in ("last", "penultimate"):
+            raise ValueError(f"layer must be 'last' or 'penultimate', got {self.layer!r}")
+        if self.layers < (2 if self.layer == "penultimate" else 1):
+            raise ValueError(f"layer={self.layer!r} needs more than {self.layers} layers")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+        if self.vocab_size < _CLIP_VOCAB_SIZE:
+            raise ValueError(f"vocab_size must be at least {_CLIP_VOCAB_SIZE} (the CLIP tokenizer)")
+        if self.context_length < 2:
+            raise ValueError("context_length must leave room for the start and end tokens (>= 2)")
+
+
+def sd1() -> TextEncoderConfig:
+    """OpenAI CLIP ViT-L/14 text model, as in Stable Diffusion 1.x."""
+    return TextEncoderConfig(
+        width=768, layers=12, heads=12, act="quick_gelu", layer="last", pad_with_eot=True
+    )
+
+
+def sd2() -> TextEncoderConfig:
+    """OpenCLIP ViT-H/14 text tower, as in Stable Diffusion 2.x."""
+    return TextEncoderConfig(
+        width=1024, layers=24, heads=16, act="gelu", layer="penultimate", output_dim=1024
+    )
+
+
+def tiny() -> TextEncoderConfig:
+    """A small tower for tests and the bundled shapes model."""
+    return TextEncoderConfig(width=64, layers=2, heads=4)
+
+
+PRESETS = {"sd1": sd1, "sd2": sd2, "tiny": tiny}
+
+
+class TextEncoder(TextTransformer):
+    """Frozen CLIP text transformer mapping prompts to context (B, context_length, width).
+
+    It subclasses open_clip's `TextTransformer` rather than wrapping it so that `state_dict()`
+    keys are exactly the tower's (`token_embedding.weight`, `transformer.resblocks.N...`,
+    `ln_final.weight`, ...): an SD 2.x `cond_stage_model.model.*` sub-dict, prefix removed,
+    loads with `strict=True`. The causal mask is a non-persistent buffer, so it never appears
+    in checkpoints.
+
+    SD 1.x has no `text_projection`, so `sd1()` builds the tower without a head instead of
+    carrying random projection weights that strict loading would then demand; load its weights
+    through `hf_clip_text_to_open_clip`. Parameters are frozen (`requires_grad_(False)`) and the
+    module starts in eval mode; `train()` behaves as on any module.
+    """
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__(
+            context_length=config.context_length,
+            vocab_size=config.vocab_size,
+            width=config.width,
+            heads=config.heads,
+            layers=config.layers,
+            output_dim=config.output_dim,
+            act_layer=QuickGELU if config.act == "quick_gelu" else nn.GELU,
+        )
+        if config.output_dim is not None:
+            # open_clip's CLIP keeps its temperature beside the text tower; SD 2.x saved it.
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.config = config
+        self.tokenizer = open_clip.SimpleTokenizer()
+        # Index of the block whose output becomes the context; later blocks are never run.
+        self._output_block = config.layers - (1 if config.layer == "last" else 2)
+        self.requires_grad_(False)
+        self.eval()
+
+    def tokenize(self, prompts: list[str]) -> Tensor:
+        """Prompts -> token ids (B, context_length) int64 on the CPU.
+
+        Each row is start-of-text 49406, the BPE ids, end-of-text 49407, then padding: 49407
+        when `pad_with_eot` (SD 1.x), else 0 (SD 2.x). A prompt too long for the context warns
+        with the dropped text and is cut so that end-of-text stays last.
+        """
+        if isinstance(prompts, str):
+            raise ValueError("tokenize takes a list of prompts; wrap a single prompt as [prompt]")
+        tok = self.tokenizer
+        num_fit = self.config.context_length - 2  # room left by the start and end tokens
+        pad = tok.eot_token_id if self.config.pad_with_eot else 0
+        tokens = torch.full((len(prompts), self.config.context_length), pad, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids = tok.encode(prompt)
+            if len(ids) > num_fit:
+                dropped = ids[num_fit:]
+                warnings.warn(
+                    f"prompt {i} has {len(ids)} tokens but only {num_fit} fit: cut "
+                    f"{len(dropped)} tokens: {tok.decode(dropped).strip()!r}",
+                    stacklevel=2,
+                )
+                ids = ids[:num_fit]
+            row = [tok.sot_token_id, *ids, tok.eot_token_id]
+            tokens[i, : len(row)] = torch.tensor(row)
+        return tokens
+
+    def encode_tokens(self, tokens: Tensor) -> Tensor:
+        """Token ids (B, context_length) -> context (B, context_length, width).
+
+        The context is on the weights' device and in their dtype.
+        """
+        if tokens.ndim != 2 or tokens.shape[1] != self.config.context_length:
+            raise ValueError(
+                f"tokens must be (B, {self.config.context_length}), got {tuple(tokens.shape)}; "
+                "make them with tokenize()"
+            )
+        out = self.forward_intermediates(
+            tokens.to(self.token_embedding.weight.device),
+            indices=[self._output_block],
+            stop_early=True,
+            normalize_intermediates=True,  # final LayerNorm on the chosen block, as SD does
+            intermediates_only=True,
+            output_fmt="NLC",
+        )
+        return out["text_intermediates"][0]
+
+    def forward(self, prompts: list[str] | Tensor) -> Tensor:
+        """Prompts (or token ids (B, context_length)) -> context (B, context_length, width)."""
+        tokens = prompts if isinstance(prompts, Tensor) else self.tokenize(prompts)
+        return self.encode_tokens(tokens)
+
+
+# Hugging Face CLIPTextModel (transformers 4.x, as saved in SD 1.x) -> open_clip names.
+_HF_TOP_LEVEL = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+_HF_BLOCK = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+_HF_BLOCK_KEY = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_HF_QKV = re.compile(r"self_attn\.([qkv])_proj")
+# A buffer of 0..76 that older transformers saved with the weights; it carries no information.
+_HF_POSITION_IDS = "text_model.embeddings.position_ids"
+
+
+def hf_clip_text_to_open_clip(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a Hugging Face CLIPTextModel state dict to the open_clip layout of `TextEncoder`.
+
+    Takes the keys of an SD 1.x checkpoint under `cond_stage_model.transformer.` with that prefix
+    removed (they start with `text_model.`). Separate q/k/v projections are concatenated, in
+    that order, into `attn.in_proj_weight` / `in_proj_bias`; `position_ids` is dropped.
+    """
+    out: dict[str, Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, Tensor]] = {}  # (block, weight|bias) -> {"q": ...}
+    for key, value in state_dict.items():
+        if key == _HF_POSITION_IDS:
+            continue
+        if key in _HF_TOP_LEVEL:
+            out[_HF_TOP_LEVEL[key]] = value
+            continue
+        match = _HF_BLOCK_KEY.fullmatch(key)
+        if match is None:
+            raise _unexpected_hf_key(key)
+        block, name, kind = match.groups()
+        qkv_match = _HF_QKV.fullmatch(name)
+        if name in _HF_BLOCK:
+            out[f"transformer.resblocks.{block}.{_HF_BLOCK[name]}.{kind}"] = value
+        elif qkv_match is not None:
+            qkv.setdefault((block, kind), {})[qkv_match.group(1)] = value
+        else:
+            raise _unexpected_hf_key(key)
+    for (block, kind), parts in qkv.items():
+        if parts.keys() != {"q", "k", "v"}:
+            raise ValueError(
+                f"layer {block} has self_attn {kind}s for only {sorted(parts)} of q, k, v: "
+                "the state dict is incomplete"
+            )
+        merged = torch.cat([parts["q"], parts["k"], parts["v"]])
+        out[f"transformer.resblocks.{block}.attn.in_proj_{kind}"] = merged
+    return out
+
+
+def _unexpected_hf_key(key: str) -> ValueError:
+    return ValueError(
+        f"unexpected key {key!r} for a CLIP text model: pass the SD 1.x keys under "
+        "'cond_stage_model.transformer.' with that prefix removed"
+    )
