@@ -47,10 +47,15 @@ class ClassifierFreeGuidance:
             self._both_contexts = torch.cat([uncond_context, context])
 
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """``x_t`` (B, C, h, w), ``t`` (B,) long -> guided output (B, C, h, w)."""
+        """``x_t`` (B, C, h, w), ``t`` (B,) long -> guided output (B, C, h, w) in ``x_t``'s dtype.
+
+        The U-Net runs in the context's dtype (e.g. fp16) while the sampler may keep ``x_t`` in
+        float32, where small per-step updates do not round away.
+        """
+        dtype = self.context.dtype
         if self._both_contexts is None:
-            return self.unet(x_t, t, self.context)
+            return self.unet(x_t.to(dtype), t, self.context).to(x_t.dtype)
         uncond, cond = self.unet(
-            torch.cat([x_t, x_t]), torch.cat([t, t]), self._both_contexts
-        ).chunk(2)
+            torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), self._both_contexts
+        ).to(x_t.dtype).chunk(2)
         return uncond + self.guidance_scale * (cond - uncond)

@@ -11,18 +11,18 @@ from PIL import Image
 from ldm.autoencoder import AutoencoderKL
 from ldm.errors import InputError
 from ldm.guidance import ClassifierFreeGuidance
-from ldm.samplers import sample_ddim
+from ldm.samplers import randn, sample_ddim
 from ldm.schedule import NoiseSchedule
-from ldm.sd_checkpoint import ModelSpec, detect_spec, read_checkpoint, spec_from_yaml, split_state_dict
+from ldm.sd_checkpoint import (
+    ModelSpec,
+    detect_spec,
+    read_checkpoint,
+    spec_from_yaml,
+    split_state_dict,
+    write_checkpoint,
+)
 from ldm.text_encoder import TextEncoder
 from ldm.unet import UNetModel
-
-
-def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """Gaussian noise (B, ...) where row k depends only on seeds[k], so any image is reproducible alone."""
-    rows = [torch.randn(tuple(shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds]
-    return torch.stack(rows).to(device=device, dtype=dtype)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -83,6 +83,11 @@ class Pipeline:
             load_strict(module, parts[part], part, path)
         return pipe.to(device, dtype)
 
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+        """Write all weights and the spec to one .safetensors file that `from_checkpoint` reads alone."""
+        return write_checkpoint(path, self.spec, self.unet.state_dict(), self.autoencoder.state_dict(),
+                                self.text_encoder.state_dict(), metadata)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Pipeline:
         for module in (self.unet, self.text_encoder, self.autoencoder):
             module.to(device=device, dtype=dtype)
@@ -117,9 +122,11 @@ class Pipeline:
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         factor = self.autoencoder.config.downsampling_factor
-        height = height or self.spec.image_size
-        width = width or self.spec.image_size
+        height = self.spec.image_size if height is None else height
+        width = self.spec.image_size if width is None else width
         check_size(height, width, factor)
+        if num_steps < 1:
+            raise InputError(f"steps must be >= 1, got {num_steps}")
         if guidance_scale < 0:
             raise InputError(f"guidance scale must be >= 0, got {guidance_scale}")
         seeds = [seed + k for k in range(len(prompts))] if isinstance(seed, int) else list(seed)
@@ -129,19 +136,24 @@ class Pipeline:
         # 1. Prompts -> context; the empty prompt is the unconditional context.
         context = self.text_encoder(prompts).to(self.dtype)
         uncond_context = self.text_encoder([""] * len(prompts)).to(self.dtype) if guidance_scale != 1 else None
-        # 2. Initial noise x_T, one generator per image.
+        # 2. Initial noise x_T in float32 from one CPU generator per image, which then also draws
+        #    that image's sampler noise (eta > 0): image k is reproducible alone, on any device.
         shape = (len(prompts), self.unet.config.in_channels, height // factor, width // factor)
-        x_T = seeded_noise(shape, seeds, self.device, self.dtype) if latents is None else latents.to(
-            self.device, self.dtype)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        if latents is None:
+            x_T = randn(shape, generators, self.device, torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise InputError(f"initial latents must have shape {shape}, got {tuple(latents.shape)}")
+        else:
+            x_T = latents.to(self.device, torch.float32)
         # 3. Denoise with guidance.
         denoiser = ClassifierFreeGuidance(self.unet, context, uncond_context, guidance_scale)
-        generator = torch.Generator(self.device).manual_seed(seeds[0])
-        z = sample_ddim(denoiser, x_T, self.schedule, num_steps, eta=eta, generator=generator,
+        z = sample_ddim(denoiser, x_T, self.schedule, num_steps, eta=eta, generator=generators,
                         parameterization=self.spec.parameterization, progress=progress)
         if output_type == "latent":
             return z
         # 4. Latents -> images.
-        images = self.decode(z)
+        images = self.decode(z.to(self.dtype))
         return images if output_type == "tensor" else to_pil(images)
 
 

@@ -8,12 +8,13 @@ Every sampler shares one contract, so new ones can be added as sibling functions
 - ``sample_<name>(denoiser, x_T, schedule, num_steps, ..., generator=None,
   parameterization="eps", progress=True, callback=None) -> latents`` (B, C, h, w).
 - Per-step scalars are built before the loop, so the loop never syncs host and device.
-- Randomness comes only from ``generator`` (a torch.Generator on ``x_T``'s device).
+- Randomness comes only from ``generator``: one torch.Generator on ``x_T``'s device, or one per
+  batch row so that each sample is reproducible on its own (see ``randn``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -23,6 +24,19 @@ from ldm.schedule import NoiseSchedule, check_parameterization, x0_and_eps_from_
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, Tensor], None]
+
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(shape: Sequence[int], generator: Generators, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Standard normal noise (B, ...); with one generator per row, row k depends only on generator k."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+    rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+    return torch.stack(rows).to(device)
 
 
 def _check_num_steps(num_steps: int, num_train_timesteps: int) -> None:
@@ -58,7 +72,7 @@ def sample_ddim(
     schedule: NoiseSchedule,
     num_steps: int,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     parameterization: str = "eps",
     progress: bool = True,
     callback: StepCallback | None = None,
@@ -99,9 +113,7 @@ def sample_ddim(
         )
         x_t = sqrt_alphas_prev[i] * x0 + direction_scales[i] * eps
         if eta > 0:
-            noise = torch.randn(
-                x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype
-            )
+            noise = randn(x_t.shape, generator, x_t.device, x_t.dtype)
             x_t = x_t + noise_scales[i] * noise
         if callback is not None:
             callback(i, x_t)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from ldm.autoencoder import AutoencoderConfig
 from ldm.config import config_dict, config_kwargs
@@ -210,3 +211,17 @@ def join_state_dicts(unet: dict, autoencoder: dict, text_encoder: dict) -> dict[
     out.update({AUTOENCODER_PREFIX + k: v for k, v in autoencoder.items()})
     out.update({OPEN_CLIP_TEXT_PREFIX + k: v for k, v in text_encoder.items()})
     return out
+
+
+def write_checkpoint(path: str | Path, spec: ModelSpec, unet: dict, autoencoder: dict, text_encoder: dict,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Save a pipeline's weights as .safetensors in the original layout, with the spec in the metadata.
+
+    Written to a temporary file and renamed, so an interrupted save never leaves a partial file.
+    """
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in join_state_dicts(unet, autoencoder, text_encoder).items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(spec.to_dict())})
+    tmp.replace(path)
+    return path

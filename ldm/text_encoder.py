@@ -90,7 +90,7 @@ class TextEncoder(TextTransformer):
     keys are exactly the tower's (`token_embedding.weight`, `transformer.resblocks.N...`,
     `ln_final.weight`, ...): an SD 2.x `cond_stage_model.model.*` sub-dict, prefix removed,
     loads with `strict=True`. The causal mask is a non-persistent buffer, so it never appears
-    in checkpoints.
+    in checkpoints; loading remakes it, so building on the meta device is safe.
 
     SD 1.x has no `text_projection`, so `sd1()` builds the tower without a head instead of
     carrying random projection weights that strict loading would then demand; load its weights
@@ -115,6 +115,7 @@ class TextEncoder(TextTransformer):
         self.tokenizer = open_clip.SimpleTokenizer()
         # Index of the block whose output becomes the context; later blocks are never run.
         self._output_block = config.layers - (1 if config.layer == "last" else 2)
+        self.register_load_state_dict_post_hook(_rebuild_causal_mask)
         self.requires_grad_(False)
         self.eval()
 
@@ -169,6 +170,12 @@ class TextEncoder(TextTransformer):
         """Prompts (or token ids (B, context_length)) -> context (B, context_length, width)."""
         tokens = prompts if isinstance(prompts, Tensor) else self.tokenize(prompts)
         return self.encode_tokens(tokens)
+
+
+def _rebuild_causal_mask(encoder: TextEncoder, incompatible_keys: object) -> None:
+    # The mask is derived, never saved: remake it where the weights landed, since building on
+    # the meta device and then loading (assign=True, or after to_empty) leaves it empty or garbage.
+    encoder.attn_mask = encoder.build_causal_mask().to(encoder.token_embedding.weight.device)
 
 
 # Hugging Face CLIPTextModel (transformers 4.x, as saved in SD 1.x) -> open_clip names.

@@ -4,7 +4,8 @@
 the border; the object = the 8-connected foreground region around its most solid point; its
 colour = nearest palette colour to the median of its interior; then a coverage map `alpha`
 (0 = background, 1 = object colour) gives the bounding box (alpha >= 0.5), the size (box extent),
-the position (box centre) and the shape (where the mass lies and how much of the box it fills).
+the position (box centre) and the shape: a triangle (apex up) has its mass low in the box, a
+square fills the corners of its box and a circle leaves them mostly empty.
 
 Every threshold sits halfway between the values the ideal renderings give, so images from a
 diffusion model (noise, blur, slight colour shifts, a pixel or two of misplacement) are judged
@@ -31,20 +32,24 @@ from ldm.data.shapes import (
 )
 
 _BORDER = 2  # px; the ideal shape never covers the outer pixel ring, blur may bleed one px in
-# A pixel is foreground when it is further (Euclidean RGB) from the background than half the
-# smallest object-to-background distance (purple on gray, 108): Gaussian noise of std 10 moves a
-# pixel ~17 on average, so only extreme noise crosses this.
+# A pixel is foreground when its 3 x 3 mean is further (Euclidean RGB) from the background than
+# half the smallest object-to-background distance (purple on gray, 108). The mean divides noise
+# by 3, so even Gaussian noise of std 20 (~35 in RGB distance) stays below the threshold.
 _FOREGROUND_DISTANCE = 0.5 * min(
-    float(np.linalg.norm(np.subtract(c, b)))
-    for c, b in product(COLORS.values(), BACKGROUNDS.values())
+    float(np.linalg.norm(np.subtract(c, b))) for c, b in product(COLORS.values(), BACKGROUNDS.values())
 )
 _MIN_OBJECT_PIXELS = 24  # the smallest ideal object (small triangle) covers ~130 px
 _SIZE_THRESHOLD = (min(SIZES.values()) + max(SIZES.values())) / 2  # 24 px
-# Height of the mass centroid within the box, as a fraction from the top: a triangle with apex up
-# gives 2/3, a circle or square 1/2; the threshold is halfway.
-_TRIANGLE_CENTROID = (2 / 3 + 1 / 2) / 2
-# Mean coverage of the box: square 1, circle pi/4; halfway. Blur lowers both alike.
-_SQUARE_FILL = (1 + np.pi / 4) / 2
+# Mass in the top quarter of the box over mass in the top and bottom quarters: an ideal apex-up
+# triangle gives 1/8 (0.16-0.19 as rendered, the faint apex row falling outside the box), a
+# circle or square 1/2. Blur erodes the apex and so lifts a triangle's share (to ~0.34 at blur
+# sigma 1.5 px plus noise std 10) while a circle's stays symmetric about 1/2 (>= 0.46 there).
+_TRIANGLE_TOP_SHARE = 0.4
+# Mean coverage of the four corner patches (a quarter of the box side each): a square gives 1,
+# a circle 0.315 (the part of a corner patch inside the inscribed circle). Blur lowers a
+# square's corners far more than it raises a circle's (to >= 0.74 and <= 0.41 at blur sigma
+# 1.5 px plus noise std 10), so the threshold sits below the ideal midpoint of 0.66.
+_SQUARE_CORNER_FILL = 0.55
 
 
 def _one_of(values) -> str:
@@ -65,8 +70,8 @@ class Measurements:
     background_rgb: tuple[float, float, float]
     object_rgb: tuple[float, float, float] | None = None
     bbox: tuple[int, int, int, int] | None = None  # left, top, right, bottom (exclusive)
-    fill: float | None = None  # mean coverage of the bounding box
-    centroid: float | None = None  # mass centroid height within the box, 0 = top, 1 = bottom
+    top_share: float | None = None  # top-quarter mass / (top- + bottom-quarter mass)
+    corner_fill: float | None = None  # mean coverage of the four corner patches of the box
 
 
 def parse_caption(caption: str) -> dict[str, str]:
@@ -93,42 +98,32 @@ def _to_array(image: Image.Image | np.ndarray) -> np.ndarray:
     return np.asarray(image, dtype=np.float64)
 
 
-def _neighbourhood(mask: np.ndarray, reduce) -> np.ndarray:
-    padded = np.pad(mask, 1, mode="constant", constant_values=reduce is np.logical_and)
-    size = mask.shape[0]
-    shifted = [padded[y : y + size, x : x + size] for y in range(3) for x in range(3)]
-    return reduce.reduce(shifted)
+def _box_mean(values: np.ndarray, mode: str = "edge") -> np.ndarray:
+    """3 x 3 mean over the first two axes; `mode` is how `np.pad` fills beyond the edges."""
+    padded = np.pad(values, [(1, 1), (1, 1)] + [(0, 0)] * (values.ndim - 2), mode=mode)
+    rows = padded[:, :-2] + padded[:, 1:-1] + padded[:, 2:]
+    return (rows[:-2] + rows[1:-1] + rows[2:]) / 9
 
 
-def _dilate(mask: np.ndarray) -> np.ndarray:
-    return _neighbourhood(mask, np.logical_or)
-
-
-def _erode(mask: np.ndarray) -> np.ndarray:
-    return _neighbourhood(mask, np.logical_and)
+def _spread(mask: np.ndarray, combine: np.ufunc) -> np.ndarray:
+    """3 x 3 dilation (combine=logical_or) or erosion (logical_and); beyond the edge is neutral."""
+    rows = mask.copy()
+    rows[:, 1:] = combine(rows[:, 1:], mask[:, :-1])
+    rows[:, :-1] = combine(rows[:, :-1], mask[:, 1:])
+    out = rows.copy()
+    out[1:] = combine(out[1:], rows[:-1])
+    out[:-1] = combine(out[:-1], rows[1:])
+    return out
 
 
 def _grow(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The 8-connected part of `mask` that touches `seed`."""
     region = seed & mask
     while True:
-        grown = _dilate(region) & mask
+        grown = _spread(region, np.logical_or) & mask
         if np.array_equal(grown, region):
             return region
         region = grown
-
-
-def _most_solid_pixel(mask: np.ndarray) -> np.ndarray:
-    # The pixel with the most foreground in its 5 x 5 window lies deep inside the largest blob,
-    # never on a stray speck of noise.
-    counts = np.zeros(mask.shape)
-    padded = np.pad(mask.astype(np.float64), 2)
-    size = mask.shape[0]
-    for y, x in product(range(5), range(5)):
-        counts += padded[y : y + size, x : x + size]
-    seed = np.zeros_like(mask)
-    seed[np.unravel_index(np.argmax(counts), mask.shape)] = True
-    return seed
 
 
 def _nearest(table: dict[str, tuple[float, ...]], value) -> str:
@@ -141,31 +136,44 @@ def measure(image: Image.Image | np.ndarray) -> Measurements:
     border = np.ones(rgb.shape[:2], dtype=bool)
     border[_BORDER:-_BORDER, _BORDER:-_BORDER] = False
     background = np.median(rgb[border], axis=0)
-    foreground = np.linalg.norm(rgb - background, axis=-1) > _FOREGROUND_DISTANCE
+    distance = np.linalg.norm(_box_mean(rgb) - background, axis=-1)
+    foreground = distance > _FOREGROUND_DISTANCE
     if foreground.sum() < _MIN_OBJECT_PIXELS:
         return Measurements(background_rgb=tuple(background))
-    seed = _most_solid_pixel(foreground)
+    # The pixel with the most foreground around it lies deep inside the largest blob, never on
+    # a stray speck; zero padding keeps it off the image edge, where the 3 x 3 mean smears.
+    solidity = _box_mean(_box_mean(foreground.astype(np.float64), "constant"), "constant")
+    seed = np.zeros_like(foreground)
+    seed[np.unravel_index(np.argmax(solidity), seed.shape)] = True
     region = _grow(seed, foreground)
     # The interior avoids the anti-aliased rim, whose colours are blends with the background.
-    interior = _erode(region)
+    interior = _spread(region, np.logical_and)
     object_rgb = np.median(rgb[interior if interior.any() else region], axis=0)
 
     direction = object_rgb - background
     alpha = (rgb - background) @ direction / (direction @ direction)
-    solid = _grow(seed, alpha >= 0.5)
+    # The 3 x 3 mean divides noise by 3 and leaves the 0.5 level of a straight edge in place.
+    solid = _grow(seed, _box_mean(alpha) >= 0.5)
     if not solid.any():  # the seed itself is closer to the background than to the median colour
         return Measurements(background_rgb=tuple(background))
-    rows, cols = np.nonzero(solid)
+    # A row or column joins the box only with two solid pixels: one is often a noise speck.
+    rows = np.nonzero(solid.sum(axis=1) >= 2)[0]
+    cols = np.nonzero(solid.sum(axis=0) >= 2)[0]
+    if rows.size == 0 or cols.size == 0:
+        return Measurements(background_rgb=tuple(background))
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     box = np.clip(alpha[top:bottom, left:right], 0.0, 1.0)
-    row_heights = np.arange(bottom - top) + 0.5
-    centroid = float((box.sum(axis=1) @ row_heights) / box.sum() / (bottom - top))
+    # Rows and columns by where their centres fall, as fractions of the box.
+    y = (np.arange(bottom - top) + 0.5) / (bottom - top)
+    x = (np.arange(right - left) + 0.5) / (right - left)
+    top_mass, bottom_mass = box[y < 0.25].sum(), box[y > 0.75].sum()
+    corners = np.outer(np.abs(y - 0.5) > 0.25, np.abs(x - 0.5) > 0.25)
     return Measurements(
         background_rgb=tuple(background),
         object_rgb=tuple(object_rgb),
         bbox=(int(left), int(top), int(right), int(bottom)),
-        fill=float(box.mean()),
-        centroid=centroid,
+        top_share=float(top_mass / max(top_mass + bottom_mass, 1e-9)),
+        corner_fill=float(box[corners].mean()),
     )
 
 
@@ -180,10 +188,12 @@ def read_attributes(image: Image.Image | np.ndarray) -> dict[str, str | None]:
     attributes["color"] = _nearest(COLORS, found.object_rgb)
     attributes["size"] = "large" if max(right - left, bottom - top) > _SIZE_THRESHOLD else "small"
     attributes["position"] = _nearest(POSITIONS, ((left + right) / 2, (top + bottom) / 2))
-    if found.centroid > _TRIANGLE_CENTROID:
+    if found.top_share < _TRIANGLE_TOP_SHARE:
         attributes["shape"] = "triangle"
+    elif found.corner_fill > _SQUARE_CORNER_FILL:
+        attributes["shape"] = "square"
     else:
-        attributes["shape"] = "square" if found.fill > _SQUARE_FILL else "circle"
+        attributes["shape"] = "circle"
     return attributes
 
 

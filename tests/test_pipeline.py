@@ -1,0 +1,112 @@
+"""Pipeline end to end on a tiny random model: seeds, saving and loading, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldm.errors import InputError
+from ldm.pipeline import Pipeline
+from ldm.sd_checkpoint import read_checkpoint
+
+PROMPTS = ["a red circle", "a large blue square on a white background"]
+
+
+def test_generates_one_image_per_prompt(tiny_pipeline):
+    images = tiny_pipeline(PROMPTS, num_steps=3, guidance_scale=5.0, seed=1, progress=False)
+    assert [im.size for im in images] == [(64, 64), (64, 64)]
+    tensor = tiny_pipeline(PROMPTS, num_steps=3, guidance_scale=5.0, seed=1, output_type="tensor", progress=False)
+    assert tensor.shape == (2, 3, 64, 64) and tensor.min() >= -1 and tensor.max() <= 1
+    # The PIL images are the tensor quantised to 8 bits.
+    first = torch.from_numpy(np.asarray(images[0], dtype=np.float32)).permute(2, 0, 1)
+    assert (first - (tensor[0] + 1) * 127.5).abs().max() <= 0.5 + 1e-3
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_image_k_of_a_batch_is_reproducible_alone(tiny_pipeline, eta):
+    batch = tiny_pipeline(PROMPTS, num_steps=4, eta=eta, seed=10, output_type="latent", progress=False)
+    alone = tiny_pipeline(PROMPTS[1:], num_steps=4, eta=eta, seed=11, output_type="latent", progress=False)
+    assert torch.allclose(batch[1:], alone, atol=1e-5)
+    other_seed = tiny_pipeline(PROMPTS[1:], num_steps=4, eta=eta, seed=12, output_type="latent", progress=False)
+    assert not torch.allclose(alone, other_seed, atol=1e-3)
+
+
+def test_given_latents_replace_the_seeded_noise(tiny_pipeline):
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    seeded = tiny_pipeline(PROMPTS[:1], num_steps=2, seed=3, output_type="latent", progress=False)
+    given = tiny_pipeline(PROMPTS[:1], num_steps=2, seed=99, latents=x_T, output_type="latent", progress=False)
+    assert torch.allclose(seeded, given)
+    with pytest.raises(InputError, match="initial latents must have shape"):
+        tiny_pipeline(PROMPTS[:1], num_steps=2, latents=torch.randn(1, 4, 4, 4), progress=False)
+
+
+def test_prompt_steers_the_result(tiny_pipeline):
+    a = tiny_pipeline(["a red circle"], num_steps=3, seed=0, output_type="latent", progress=False)
+    b = tiny_pipeline(["a green triangle"], num_steps=3, seed=0, output_type="latent", progress=False)
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_stages_can_be_driven_alone(tiny_pipeline):
+    context = tiny_pipeline.text_encoder(PROMPTS)
+    assert context.shape == (2, 77, 64)
+    out = tiny_pipeline.unet(torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), context)
+    assert out.shape == (2, 4, 8, 8)
+    images = torch.rand(1, 3, 64, 64) * 2 - 1
+    latents = tiny_pipeline.encode(images)
+    assert latents.shape == (1, 4, 8, 8)
+    expected = tiny_pipeline.autoencoder.encode(images).mean * tiny_pipeline.autoencoder.scale_factor
+    assert torch.allclose(latents, expected)
+    assert tiny_pipeline.decode(latents).shape == (1, 3, 64, 64)
+
+
+def test_save_and_load_round_trip(tiny_pipeline, tmp_path):
+    path = tiny_pipeline.save(tmp_path / "tiny.safetensors")
+    loaded = Pipeline.from_checkpoint(path)
+    assert loaded.spec == tiny_pipeline.spec
+    kwargs = dict(num_steps=3, seed=5, output_type="tensor", progress=False)
+    assert torch.equal(tiny_pipeline(PROMPTS, **kwargs), loaded(PROMPTS, **kwargs))
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"height": 60}, "height must be a positive multiple of 8"),
+    ({"width": 0}, "width must be a positive multiple of 8"),
+    ({"num_steps": 0}, "steps must be >= 1"),
+    ({"guidance_scale": -1.0}, "guidance scale must be >= 0"),
+])
+def test_bad_arguments_are_input_errors(tiny_pipeline, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        tiny_pipeline(PROMPTS, **{"num_steps": 2, **kwargs})
+
+
+def test_bad_checkpoints_are_one_line_input_errors(tiny_pipeline, tmp_path):
+    with pytest.raises(InputError, match="checkpoint not found"):
+        Pipeline.from_checkpoint(tmp_path / "missing.safetensors")
+
+    good = tiny_pipeline.save(tmp_path / "good.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        Pipeline.from_checkpoint(truncated)
+
+    ckpt = tmp_path / "truncated.ckpt"
+    torch.save({"state_dict": {"a": torch.zeros(1000)}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:500])
+    with pytest.raises(InputError, match="cannot read"):
+        Pipeline.from_checkpoint(ckpt)
+
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({"some.other.weight": torch.zeros(2)}, str(unknown))
+    with pytest.raises(InputError, match="unknown checkpoint family"):
+        Pipeline.from_checkpoint(unknown)
+
+    tensors, metadata = read_checkpoint(good)
+    key = "model.diffusion_model.out.2.weight"
+    tensors.pop(key)
+    tensors["model.diffusion_model.extra.weight"] = torch.zeros(1)
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(damaged), metadata=metadata)
+    with pytest.raises(InputError, match=r"missing out\.2\.weight; unexpected extra\.weight"):
+        Pipeline.from_checkpoint(damaged)

@@ -1,0 +1,69 @@
+"""U-Net: layout of the real SD configs, conditioning, odd sizes, gradient checkpointing."""
+
+from __future__ import annotations
+
+import torch
+
+from ldm.unet import UNetConfig, UNetModel
+from tests.conftest import randomize_, tiny_spec
+
+SD1 = UNetConfig()
+SD2 = UNetConfig(context_dim=1024, num_heads=-1, num_head_channels=64, use_linear_in_transformer=True)
+
+
+def test_real_sd_configs_have_the_original_key_layout():
+    with torch.device("meta"):
+        sd1, sd2 = UNetModel(SD1), UNetModel(SD2)
+    keys1, keys2 = sd1.state_dict(), sd2.state_dict()
+    # Parameter counts of the released models (859.52M for SD 1.x, 865.91M for SD 2.x).
+    assert round(sum(p.numel() for p in sd1.parameters()) / 1e4) == 85952
+    assert round(sum(p.numel() for p in sd2.parameters()) / 1e4) == 86591
+    assert len(keys1) == len(keys2) == 686
+    # Landmarks of the original layout and shapes: conv vs linear projections, heads of width 64.
+    assert keys1["input_blocks.1.1.proj_in.weight"].shape == (320, 320, 1, 1)
+    assert keys2["input_blocks.1.1.proj_in.weight"].shape == (320, 320)
+    assert keys1["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape == (320, 768)
+    assert keys2["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape == (320, 1024)
+    assert keys1["input_blocks.3.0.op.weight"].shape == (320, 320, 3, 3)
+    assert keys1["output_blocks.2.1.conv.weight"].shape == (1280, 1280, 3, 3)
+    assert keys1["output_blocks.5.2.conv.weight"].shape == (1280, 1280, 3, 3)
+    assert keys1["output_blocks.8.2.conv.weight"].shape == (640, 640, 3, 3)
+    assert keys1["middle_block.1.transformer_blocks.0.ff.net.0.proj.weight"].shape == (10240, 1280)
+    assert keys1["out.2.weight"].shape == (4, 320, 3, 3)
+    assert keys1["time_embed.0.weight"].shape == (1280, 320)
+    assert sd2.input_blocks[1][1].transformer_blocks[0].attn1.heads == 5  # 320 / 64
+    assert sd1.input_blocks[1][1].transformer_blocks[0].attn1.heads == 8
+
+
+def test_context_and_timestep_change_the_output():
+    unet = randomize_(UNetModel(tiny_spec().unet).eval())
+    x = torch.randn(2, 4, 8, 8)
+    context = torch.randn(2, 77, 64)
+    t = torch.tensor([10, 500])
+    base = unet(x, t, context)
+    assert not torch.allclose(base, unet(x, t, torch.randn(2, 77, 64)), atol=1e-4)
+    assert not torch.allclose(base, unet(x, t + 100, context), atol=1e-4)
+    # Rows are independent: row 0 depends on its own inputs only.
+    assert torch.allclose(base[:1], unet(x[:1], t[:1], context[:1]), atol=1e-5)
+
+
+def test_odd_latent_sizes_keep_their_shape():
+    unet = randomize_(UNetModel(tiny_spec().unet).eval())
+    out = unet(torch.randn(1, 4, 9, 7), torch.tensor([3]), torch.randn(1, 5, 64))
+    assert out.shape == (1, 4, 9, 7)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    unet = randomize_(UNetModel(tiny_spec().unet))
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.randn(2, 7, 64)
+
+    def grads() -> list[torch.Tensor]:
+        unet.zero_grad()
+        unet(x, t, context).square().mean().backward()
+        return [p.grad.clone() for p in unet.parameters()]
+
+    plain = grads()
+    unet.gradient_checkpointing = True
+    checkpointed = grads()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed, strict=True))
