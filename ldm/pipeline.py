@@ -73,11 +73,9 @@ class Pipeline:
         else:
             spec = detect_spec(state_dict, metadata, prediction)
         parts = split_state_dict(state_dict)
-        # The U-Net and autoencoder have no buffers, so they can skip random init on the meta
-        # device; the text encoder keeps non-persistent buffers (the causal mask) and is built for real.
-        with torch.device("meta"):
-            unet, autoencoder = UNetModel(spec.unet), AutoencoderKL(spec.autoencoder)
-        pipe = cls(spec, unet, TextEncoder(spec.text_encoder), autoencoder, name=Path(path).stem)
+        with torch.device("meta"):  # no random init: every weight comes from the file
+            modules = UNetModel(spec.unet), TextEncoder(spec.text_encoder), AutoencoderKL(spec.autoencoder)
+        pipe = cls(spec, *modules, name=Path(path).stem)
         for part, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder),
                              ("autoencoder", pipe.autoencoder)):
             load_strict(module, parts[part], part, path)

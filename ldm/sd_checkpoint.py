@@ -130,7 +130,7 @@ def spec_from_yaml(path: str | Path) -> dict:
         "schedule": {"num_timesteps": params.get("timesteps", 1000),
                      "linear_start": params.get("linear_start", 0.00085),
                      "linear_end": params.get("linear_end", 0.012)},
-        "image_size": 8 * int(unet.get("image_size", 64)),
+        "image_size": 8 * int(params.get("image_size", 64)),
     }
 
 
@@ -225,3 +225,24 @@ def write_checkpoint(path: str | Path, spec: ModelSpec, unet: dict, autoencoder:
     save_file(tensors, str(tmp), metadata={**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(spec.to_dict())})
     tmp.replace(path)
     return path
+
+
+def save_module(path: str | Path, module: torch.nn.Module, kind: str, config: dict,
+                metadata: dict[str, str] | None = None) -> Path:
+    """Save one stage (e.g. a trained autoencoder) as .safetensors with its config, atomically."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={**(metadata or {}), "ldm_module": kind, "config": json.dumps(config)})
+    tmp.replace(path)
+    return path
+
+
+def load_module_file(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
+    """Weights, config and metadata of a file written by `save_module` for stage `kind`."""
+    state_dict, metadata = read_checkpoint(path)
+    if metadata.get("ldm_module") != kind:
+        raise InputError(f"{path} is not a {kind} file written by this project "
+                         f"(found {metadata.get('ldm_module') or 'no stage tag'}); pass the {kind} .safetensors "
+                         "that its training run exported")
+    return state_dict, json.loads(metadata["config"]), metadata

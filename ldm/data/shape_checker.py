@@ -3,14 +3,14 @@
 `read_attributes` measures the picture: background = nearest background colour to the median of
 the border; the object = the 8-connected foreground region around its most solid point; its
 colour = nearest palette colour to the median of its interior; then a coverage map `alpha`
-(0 = background, 1 = object colour) gives the bounding box (alpha >= 0.5), the size (box extent),
-the position (box centre) and the shape: a triangle (apex up) has its mass low in the box, a
-square fills the corners of its box and a circle leaves them mostly empty.
+(0 = background, 1 = object colour) gives the bounding box (3 x 3 mean of alpha >= 0.5), the size
+(box extent), the position (box centre) and the shape: a triangle (apex up) has its mass low in
+the box, a square fills the corners of its box and a circle leaves them mostly empty.
 
-Every threshold sits halfway between the values the ideal renderings give, so images from a
-diffusion model (noise, blur, slight colour shifts, a pixel or two of misplacement) are judged
-by the nearest ideal rather than by exact pixel values.
-"""
+Images from a diffusion model are noisy, blurred, slightly off in colour and placement, so each
+rule picks the nearest ideal value rather than asking for exact pixels. Colour, background,
+size and position thresholds sit halfway between the ideal values; the two shape thresholds
+sit where blur and noise leave the widest margin (see their comments)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from ldm.data.shapes import (
     COLORS,
     IMAGE_SIZE,
     POSITIONS,
-    SHAPES,
     SIZES,
+    VOCABULARY,
 )
 
 _BORDER = 2  # px; the ideal shape never covers the outer pixel ring, blur may bleed one px in
@@ -36,7 +36,8 @@ _BORDER = 2  # px; the ideal shape never covers the outer pixel ring, blur may b
 # half the smallest object-to-background distance (purple on gray, 108). The mean divides noise
 # by 3, so even Gaussian noise of std 20 (~35 in RGB distance) stays below the threshold.
 _FOREGROUND_DISTANCE = 0.5 * min(
-    float(np.linalg.norm(np.subtract(c, b))) for c, b in product(COLORS.values(), BACKGROUNDS.values())
+    float(np.linalg.norm(np.subtract(color, background)))
+    for color, background in product(COLORS.values(), BACKGROUNDS.values())
 )
 _MIN_OBJECT_PIXELS = 24  # the smallest ideal object (small triangle) covers ~130 px
 _SIZE_THRESHOLD = (min(SIZES.values()) + max(SIZES.values())) / 2  # 24 px
@@ -52,14 +53,15 @@ _TRIANGLE_TOP_SHARE = 0.4
 _SQUARE_CORNER_FILL = 0.55
 
 
-def _one_of(values) -> str:
-    return "|".join(values)
+def _one_of(attribute: str) -> str:
+    return "|".join(re.escape(value) for value in VOCABULARY[attribute])
 
 
 _CAPTION_PATTERN = re.compile(
-    rf"a(?: (?P<size>{_one_of(SIZES)}))? (?P<color>{_one_of(COLORS)}) (?P<shape>{_one_of(SHAPES)})"
-    rf"(?: in the (?P<position>{_one_of(POSITIONS)}))?"
-    rf"(?: on a (?P<background>{_one_of(BACKGROUNDS)}) background)?"
+    rf"a(?: (?P<size>{_one_of('size')}))? (?P<color>{_one_of('color')}) "
+    rf"(?P<shape>{_one_of('shape')})"
+    rf"(?: in the (?P<position>{_one_of('position')}))?"
+    rf"(?: on a (?P<background>{_one_of('background')}) background)?"
 )
 
 
@@ -199,8 +201,10 @@ def read_attributes(image: Image.Image | np.ndarray) -> dict[str, str | None]:
 
 def check(image: Image.Image | np.ndarray, requested: dict[str, str]) -> dict[str, bool]:
     """For each requested attribute (e.g. from `parse_caption`), whether the image shows it."""
-    unknown = set(requested) - set(ATTRIBUTES)
-    if unknown:
-        raise ValueError(f"unknown attributes {sorted(unknown)}; use names from {ATTRIBUTES}")
+    for name, value in requested.items():
+        if name not in VOCABULARY:
+            raise ValueError(f"unknown attribute {name!r}; use names from {ATTRIBUTES}")
+        if value not in VOCABULARY[name]:
+            raise ValueError(f"{name}={value!r} is not one of {list(VOCABULARY[name])}")
     found = read_attributes(image)
     return {name: found[name] == value for name, value in requested.items()}

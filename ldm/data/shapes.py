@@ -63,7 +63,15 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 MAX_JITTER = 3  # px, each centre coordinate moves by a uniform integer in [-3, 3]
 HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (("purple", "triangle"), ("orange", "square"))
 SPLITS: tuple[str, ...] = ("train", "val", "heldout")
-ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size", "position", "background")
+# Attribute name -> its values, in caption order.
+VOCABULARY: dict[str, tuple[str, ...]] = {
+    "color": tuple(COLORS),
+    "shape": SHAPES,
+    "size": tuple(SIZES),
+    "position": tuple(POSITIONS),
+    "background": tuple(BACKGROUNDS),
+}
+ATTRIBUTES: tuple[str, ...] = tuple(VOCABULARY)
 
 CANONICAL_FORM = "a {size} {color} {shape} in the {position} on a {background} background"
 # Every way of leaving out some of size, position and background (colour and shape stay named).
@@ -93,19 +101,14 @@ class ShapeSample:
     dy: int = 0
 
     def __post_init__(self) -> None:
-        vocab = {
-            "color": COLORS,
-            "shape": SHAPES,
-            "size": SIZES,
-            "position": POSITIONS,
-            "background": BACKGROUNDS,
-        }
-        for name, allowed in vocab.items():
+        for name, allowed in VOCABULARY.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
         for name in ("dx", "dy"):
             if abs(getattr(self, name)) > MAX_JITTER:
-                raise ValueError(f"{name}={getattr(self, name)} must lie in [-3, 3]")
+                raise ValueError(
+                    f"{name}={getattr(self, name)} must lie in [-{MAX_JITTER}, {MAX_JITTER}]"
+                )
 
     @property
     def center(self) -> tuple[int, int]:
@@ -277,6 +280,7 @@ def _write_shard(
                 _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
                 if progress is not None:
                     progress(1)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes the file private to its owner
         os.replace(tmp_name, path)
     except BaseException:
         os.unlink(tmp_name)

@@ -1,0 +1,185 @@
+"""Stage 1: train the KL autoencoder with L1 + LPIPS + KL + a PatchGAN discriminator.
+
+The generator (encoder + decoder) and the discriminator take turns every step, as in the
+latent-diffusion paper; the discriminator only starts at `loss.disc_start`. Training can run on
+random crops: the network is fully convolutional and full-resolution convolutions dominate the
+cost. At the end the latent scale factor (1 / std of the latents, 0.18215 for SD) is measured on
+training images and stored with the exported autoencoder, so the diffusion stage picks it up.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.config import config_dict, config_kwargs
+from ldm.data.loader import make_loader
+from ldm.errors import InputError
+from ldm.generate import make_grid
+from ldm.losses import AutoencoderLoss, AutoencoderLossConfig
+from ldm.metrics import psnr
+from ldm.pipeline import to_pil
+from ldm.sd_checkpoint import save_module
+from ldm.training.common import (
+    Checkpoints,
+    build_dataset,
+    check_finite,
+    make_accelerator,
+    progress_bar,
+    save_run_config,
+    train_config,
+    warmup_lr,
+)
+
+
+@dataclass
+class AutoencoderTraining:
+    """The `autoencoder_training:` section of a training YAML."""
+
+    crop_size: int = 0  # train on random square crops of this size (0 = whole images)
+    scale_factor_samples: int = 1024  # images used to measure the latent scale factor
+    eval_samples: int = 500  # validation images for the final PSNR
+    num_sample_images: int = 8  # reconstructions shown in the sample grids
+
+
+def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One random square crop per batch (B, C, H, W) -> (B, C, size, size)."""
+    if size <= 0 or size >= images.shape[-1]:
+        return images
+    top, left = (int(torch.randint(dim - size + 1, (1,), generator=generator)) for dim in images.shape[-2:])
+    return images[..., top : top + size, left : left + size]
+
+
+@torch.no_grad()
+def measure_scale_factor(autoencoder: AutoencoderKL, batches, num_samples: int, device: torch.device) -> float:
+    """1 / std of sampled latents over `num_samples` images: makes the diffusion stage's data unit-variance."""
+    latents, count = [], 0
+    while count < num_samples:
+        images = next(batches)["images"].to(device)
+        latents.append(autoencoder.encode(images).sample(None).float().cpu())
+        count += images.shape[0]
+    return 1.0 / torch.cat(latents)[:num_samples].std().item()
+
+
+@torch.no_grad()
+def evaluate_psnr(autoencoder: AutoencoderKL, batches, num_samples: int, device: torch.device) -> float:
+    """Mean PSNR (dB) of posterior-mean reconstructions of `num_samples` images."""
+    values = []
+    while sum(len(v) for v in values) < num_samples:
+        images = next(batches)["images"].to(device)
+        values.append(psnr(images, autoencoder.decode(autoencoder.encode(images).mode())).cpu())
+    return torch.cat(values)[:num_samples].mean().item()
+
+
+def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path:
+    """Run (or resume) an autoencoder training run; returns the exported `autoencoder.safetensors`."""
+    cfg = train_config(config)
+    try:
+        model_config = AutoencoderConfig.from_dict(config.get("autoencoder") or {})
+        loss_config = AutoencoderLossConfig(**config_kwargs(AutoencoderLossConfig, config.get("loss") or {}))
+        acfg = AutoencoderTraining(**config_kwargs(AutoencoderTraining, config.get("autoencoder_training") or {}))
+    except (TypeError, ValueError) as e:
+        raise InputError(f"bad autoencoder config: {e}") from None
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    run_dir = Path(cfg.output_dir)
+    save_run_config(accelerator, config)
+
+    model = AutoencoderKL(model_config)
+    loss_fn = AutoencoderLoss(loss_config)
+    # Betas (0.5, 0.9) for both players, as the original GAN setup.
+    opt_g = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.9))
+    sched_g, sched_d = warmup_lr(opt_g, cfg.warmup_steps), warmup_lr(opt_d, cfg.warmup_steps)
+    # The discriminator runs inside the loss several times per step, which DDP does not allow, so
+    # it stays unwrapped and its gradients are averaged across processes by hand.
+    loss_fn.to(device)
+    model, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(model, opt_g, opt_d, sched_g, sched_d)
+    checkpoints = Checkpoints(run_dir, cfg.keep_last)
+    step, samples_seen = 0, 0
+    if resume and (latest := checkpoints.latest()) is not None:
+        state = checkpoints.load(accelerator, latest)
+        step, samples_seen = state["step"], state["samples_seen"]
+        accelerator.print(f"resumed from {latest} at step {step}")
+
+    data = config.get("data") or {}
+    batches = iter(make_loader(build_dataset(data, accelerator, start=samples_seen, seed=cfg.seed + step),
+                               cfg.batch_size, cfg.num_workers))
+    val_data = {**data, "split": "val"} if data.get("dataset", "shapes-v1") == "shapes-v1" else data
+    val_images = next(iter(make_loader(build_dataset(val_data, accelerator), acfg.num_sample_images)))["images"]
+
+    accelerator.init_trackers("autoencoder")
+    bar = progress_bar(accelerator, cfg, step, "autoencoder")
+    last_layer = accelerator.unwrap_model(model).decoder.conv_out.weight
+    while step < cfg.max_steps:
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + accelerator.process_index * 7919 + step)
+        batch = next(batches)
+        samples_seen += len(batch["captions"])
+        images = random_crop(batch["images"], acfg.crop_size, generator).to(device)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                reconstructions, posterior = model(images)
+            g_loss, logs = loss_fn.generator_loss(images, reconstructions.float(), posterior, step, last_layer)
+            accelerator.backward(g_loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            opt_g.step()
+            sched_g.step()
+            opt_g.zero_grad(set_to_none=True)
+            if step >= loss_config.disc_start:
+                opt_d.zero_grad(set_to_none=True)  # drop what the generator's loss left in the discriminator
+                d_loss, d_logs = loss_fn.discriminator_loss(images, reconstructions.detach().float(), step)
+                logs.update(d_logs)
+                accelerator.backward(d_loss)
+                if accelerator.num_processes > 1:
+                    for p in loss_fn.discriminator.parameters():
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+                opt_d.step()
+                sched_d.step()
+                opt_d.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            check_finite(g_loss, step, checkpoints, skip=False)
+            values = {k: float(v) for k, v in logs.items()}
+            bar.set_postfix(loss=f"{float(g_loss):.4f}", rec=f"{values.get('rec_loss', float('nan')):.4f}")
+            accelerator.log(values, step=step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            check_finite(g_loss, step, checkpoints, skip=False)
+            checkpoints.save(accelerator, step, {"samples_seen": samples_seen})
+        if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            write_reconstructions(accelerator.unwrap_model(model), val_images.to(device),
+                                  run_dir / "samples" / f"step-{step:06d}.png")
+    bar.close()
+    accelerator.end_training()
+
+    autoencoder = accelerator.unwrap_model(model).eval()
+    path = run_dir / "autoencoder.safetensors"
+    if accelerator.is_main_process:
+        autoencoder.config.scale_factor = measure_scale_factor(autoencoder, batches, acfg.scale_factor_samples,
+                                                               device)
+        val_batches = iter(make_loader(build_dataset(val_data, accelerator), cfg.batch_size))
+        metrics = {"steps": step, "scale_factor": autoencoder.config.scale_factor,
+                   f"psnr_val_{acfg.eval_samples}": evaluate_psnr(autoencoder, val_batches, acfg.eval_samples, device)}
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        accelerator.print(json.dumps(metrics))
+        save_module(path, autoencoder, "autoencoder", config_dict(autoencoder.config))
+    accelerator.wait_for_everyone()
+    return path
+
+
+@torch.no_grad()
+def write_reconstructions(autoencoder: AutoencoderKL, images: torch.Tensor, path: Path) -> None:
+    """Originals above their reconstructions."""
+    was_training = autoencoder.training
+    reconstructions = autoencoder.eval().decode(autoencoder.encode(images).mode())
+    autoencoder.train(was_training)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(to_pil(torch.cat([images, reconstructions])), len(images)).save(path)

@@ -1,0 +1,235 @@
+"""What every training stage shares: run config, accelerate setup, EMA, checkpoints, progress.
+
+A run directory holds:
+
+    config.yaml                 the resolved config of the run
+    checkpoints/step-000500/    accelerate state (models as .safetensors, optimizer, scheduler,
+                                RNG states, EMA) and state.json (step, data position)
+    logs/                       TensorBoard event files
+    samples/                    sample grids written during training
+    <stage>.safetensors         the exported model, loadable on its own
+
+Checkpoints are written to a temporary folder and renamed, so a kill at any moment leaves the
+previous one intact; the last `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch import nn
+from tqdm import tqdm
+
+from ldm.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.config import config_kwargs
+from ldm.data.loader import image_text_dataset, shapes_dataset
+from ldm.errors import InputError
+from ldm.pipeline import load_strict
+from ldm.sd_checkpoint import load_module_file
+from ldm.text_encoder import TextEncoder, TextEncoderConfig
+
+
+@dataclass
+class TrainConfig:
+    """The `train:` section of a training YAML; the same for every stage."""
+
+    output_dir: str = "runs/default"
+    max_steps: int = 1000
+    batch_size: int = 32  # per process and per accumulation step
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16"
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0  # 0 = no EMA weights
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    skip_nan_steps: bool = False  # skip a step whose loss is NaN/inf instead of stopping
+    extra: dict = field(default_factory=dict)  # stage-specific settings
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A training YAML as nested dicts, with `section.key=value` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config not found: {path}")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"override {item!r} must look like section.key=value")
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = yaml.safe_load(value)
+    return config
+
+
+def train_config(config: dict[str, Any]) -> TrainConfig:
+    train = dict(config.get("train") or {})
+    try:
+        cfg = TrainConfig(**config_kwargs(TrainConfig, train))
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise InputError(f"train.mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise InputError(f"train.{name} must be >= 1, got {getattr(cfg, name)}")
+    return cfg
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """An Accelerator that logs to TensorBoard under the run directory (when tensorboard is installed)."""
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs"))
+    try:
+        import tensorboard  # noqa: F401
+
+        log_with = "tensorboard"
+    except ImportError:
+        log_with = None
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_config=project,
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    set_seed(cfg.seed, device_specific=True)
+    return accelerator
+
+
+def save_run_config(accelerator: Accelerator, config: dict[str, Any]) -> None:
+    if accelerator.is_main_process:
+        run_dir = Path(config["train"]["output_dir"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def warmup_lr(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 to the base learning rate over `warmup_steps`, then constant."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+
+
+class EMA:
+    """Exponential moving average of a model's parameters, kept in float32 beside the model."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).float().requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            ema_p.lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay = state["decay"]
+        self.model.load_state_dict(state["model"])
+
+
+class Checkpoints:
+    """Atomic accelerate checkpoints in `run_dir/checkpoints/step-NNNNNN`, the last `keep_last` kept."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last = max(1, keep_last)
+
+    def all(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.glob("step-*") if (p / "state.json").is_file())
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, accelerator: Accelerator, step: int, state: dict[str, Any]) -> Path:
+        final = self.dir / f"step-{step:06d}"
+        tmp = self.dir / f".tmp-step-{step:06d}"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in self.all()[: -self.keep_last]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return final
+
+    def load(self, accelerator: Accelerator, path: Path) -> dict[str, Any]:
+        """Restore models, optimizers, schedulers, RNG states and registered objects; returns state.json."""
+        accelerator.load_state(str(path))
+        return json.loads((path / "state.json").read_text())
+
+
+def check_finite(loss: torch.Tensor, step: int, checkpoints: Checkpoints, skip: bool) -> bool:
+    """False if the step should be skipped; raises on NaN/inf unless `skip` (never saves NaN weights).
+
+    Reading the loss syncs with the device, so callers do it only on logging steps or when asked to skip.
+    """
+    if math.isfinite(loss.item()):
+        return True
+    if skip:
+        return False
+    last = checkpoints.latest()
+    raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good checkpoint is "
+                             f"{last or 'none'} (resume from it with a lower learning rate, or set "
+                             "train.skip_nan_steps=true)")
+
+
+def progress_bar(accelerator: Accelerator, cfg: TrainConfig, initial: int, desc: str) -> tqdm:
+    return tqdm(total=cfg.max_steps, initial=initial, desc=desc, disable=not accelerator.is_local_main_process,
+                dynamic_ncols=True)
+
+
+def load_stage(path: str | Path, kind: str) -> nn.Module:
+    """A frozen stage exported by an earlier training run: `autoencoder` or `text_encoder`."""
+    state_dict, config, _ = load_module_file(path, kind)
+    if kind == "autoencoder":
+        module = AutoencoderKL(AutoencoderConfig.from_dict(config))
+    elif kind == "text_encoder":
+        module = TextEncoder(TextEncoderConfig(**config_kwargs(TextEncoderConfig, config)))
+    else:
+        raise ValueError(f"unknown stage {kind!r}")
+    load_strict(module, state_dict, kind, path)
+    return module.requires_grad_(False).eval()
+
+
+def build_dataset(data: dict[str, Any], accelerator: Accelerator, start: int = 0, seed: int = 0):
+    """The `data:` section -> an iterable dataset of {"images", "captions"}, split across processes.
+
+    `dataset: shapes-v1` streams the built-in set; otherwise `urls` names WebDataset shards.
+    """
+    size = int(data.get("size", 64))
+    if data.get("dataset", "shapes-v1") == "shapes-v1":
+        return shapes_dataset(data.get("split", "train"), size=size, rank=accelerator.process_index,
+                              world_size=accelerator.num_processes, start=start)
+    if "urls" not in data:
+        raise InputError("data.urls is required unless data.dataset is shapes-v1 "
+                         "(e.g. data.urls=shards-{000000..000009}.tar)")
+    return image_text_dataset(data["urls"], size=size, shuffle_buffer=int(data.get("shuffle_buffer", 1000)),
+                              seed=seed, random_crop=bool(data.get("random_crop", False)))

@@ -1,0 +1,207 @@
+"""Stage 2: train the U-Net on latents of a frozen autoencoder, conditioned on a frozen text encoder.
+
+Objective: noise prediction (eps) or v-prediction, MSE over uniformly drawn timesteps. Captions
+are replaced by the empty prompt with probability `caption_dropout`, which teaches the same
+network the unconditional prediction that classifier-free guidance needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ldm.config import config_kwargs
+from ldm.data.loader import make_loader
+from ldm.errors import InputError
+from ldm.generate import make_grid
+from ldm.pipeline import Pipeline
+from ldm.schedule import NoiseSchedule
+from ldm.sd_checkpoint import ModelSpec
+from ldm.training.common import (
+    EMA,
+    Checkpoints,
+    build_dataset,
+    check_finite,
+    load_stage,
+    make_accelerator,
+    progress_bar,
+    save_run_config,
+    train_config,
+    warmup_lr,
+)
+from ldm.unet import UNetConfig, UNetModel
+
+
+@dataclass
+class DiffusionConfig:
+    """The `diffusion:` section of a training YAML."""
+
+    autoencoder: str  # .safetensors exported by the autoencoder run
+    text_encoder: str  # .safetensors exported by the CLIP run
+    parameterization: str = "eps"
+    caption_dropout: float = 0.1
+    precompute_latents: int = 0  # encode this many samples once and train on them (0 = encode every batch)
+    schedule: dict = field(default_factory=lambda: {"num_timesteps": 1000, "linear_start": 0.00085,
+                                                     "linear_end": 0.012})
+    sample_prompts: list = field(default_factory=lambda: ["a red circle"])
+    sample_steps: int = 50
+    sample_guidance_scale: float = 5.0
+
+
+def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by "" with `probability` (the unconditional prompt of guidance)."""
+    keep = torch.rand(len(captions), generator=generator) >= probability
+    return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
+
+
+class LatentCache:
+    """Posterior means and stds of `num_samples` encoded images, sampled afresh at every draw."""
+
+    def __init__(self, autoencoder, batches: Iterator[dict], num_samples: int, device: torch.device):
+        means, stds, self.captions = [], [], []
+        with torch.no_grad():
+            while len(self.captions) < num_samples:
+                batch = next(batches)
+                posterior = autoencoder.encode(batch["images"].to(device))
+                means.append(posterior.mean)
+                stds.append(posterior.std)
+                self.captions.extend(batch["captions"])
+        self.means = torch.cat(means)[:num_samples]
+        self.stds = torch.cat(stds)[:num_samples]
+        self.captions = self.captions[:num_samples]
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        index = torch.randint(len(self.captions), (batch_size,), generator=generator)
+        noise = torch.randn(self.means[index].shape, generator=generator).to(self.means.device)
+        latents = self.means[index.to(self.means.device)] + self.stds[index.to(self.means.device)] * noise
+        return latents, [self.captions[i] for i in index.tolist()]
+
+
+def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path:
+    """Run (or resume) a diffusion training run; returns the exported pipeline checkpoint."""
+    cfg = train_config(config)
+    try:
+        dcfg = DiffusionConfig(**config_kwargs(DiffusionConfig, config.get("diffusion") or {}))
+        unet_config = UNetConfig.from_dict(config.get("unet") or {})
+    except (TypeError, ValueError) as e:
+        raise InputError(f"bad diffusion config: {e}") from None
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    run_dir = Path(cfg.output_dir)
+    save_run_config(accelerator, config)
+
+    autoencoder = load_stage(dcfg.autoencoder, "autoencoder").to(device)
+    text_encoder = load_stage(dcfg.text_encoder, "text_encoder").to(device)
+    data = config.get("data") or {}
+    spec = ModelSpec(family="custom", unet=unet_config, autoencoder=autoencoder.config,
+                     text_encoder=text_encoder.config, parameterization=dcfg.parameterization,
+                     schedule=dict(dcfg.schedule), image_size=int(data.get("size", 64)))
+    if unet_config.context_dim != text_encoder.config.width:
+        raise InputError(f"unet.context_dim is {unet_config.context_dim} but the text encoder is "
+                         f"{text_encoder.config.width} wide; set unet.context_dim={text_encoder.config.width}")
+    schedule = NoiseSchedule(**spec.schedule)
+
+    unet = UNetModel(unet_config)
+    unet.gradient_checkpointing = cfg.gradient_checkpointing
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas,
+                                  weight_decay=cfg.weight_decay)
+    lr_schedule = warmup_lr(optimizer, cfg.warmup_steps)
+    unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+    ema = EMA(accelerator.unwrap_model(unet), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    checkpoints = Checkpoints(run_dir, cfg.keep_last)
+    step, samples_seen = 0, 0
+    if resume and (latest := checkpoints.latest()) is not None:
+        state = checkpoints.load(accelerator, latest)
+        step, samples_seen = state["step"], state["samples_seen"]
+        accelerator.print(f"resumed from {latest} at step {step}")
+
+    batches = iter(make_loader(build_dataset(data, accelerator, start=samples_seen, seed=cfg.seed + step),
+                               cfg.batch_size, cfg.num_workers))
+    cache = None
+    if dcfg.precompute_latents > 0:
+        cache = LatentCache(autoencoder, batches, dcfg.precompute_latents, device)
+
+    accelerator.init_trackers("diffusion")
+    bar = progress_bar(accelerator, cfg, step, "diffusion")
+    while step < cfg.max_steps:
+        # Data order and caption dropout derive from (seed, rank, step): a resumed run redraws
+        # exactly what an uninterrupted one would have.
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + accelerator.process_index * 7919 + step)
+        with accelerator.accumulate(unet):
+            if cache is not None:
+                latents, captions = cache.draw(cfg.batch_size, generator)
+            else:
+                batch = next(batches)
+                with torch.no_grad():
+                    latents = autoencoder.encode(batch["images"].to(device)).sample(None)
+                captions = batch["captions"]
+            samples_seen += len(captions)
+            latents = latents * autoencoder.scale_factor
+            with torch.no_grad():
+                context = text_encoder(drop_captions(captions, dcfg.caption_dropout, generator))
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, schedule.num_timesteps, (latents.shape[0],), device=device)
+            x_t = schedule.add_noise(latents, noise, t)
+            target = noise if dcfg.parameterization == "eps" else schedule.v_target(latents, noise, t)
+            with accelerator.autocast():
+                prediction = unet(x_t, t, context)
+            loss = F.mse_loss(prediction.float(), target.float())
+            if cfg.skip_nan_steps and not check_finite(loss, step, checkpoints, skip=True):
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(unet))
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            check_finite(loss, step, checkpoints, skip=False)
+            loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            accelerator.log({"loss": loss_value, "lr": lr_schedule.get_last_lr()[0]}, step=step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            check_finite(loss, step, checkpoints, skip=False)
+            checkpoints.save(accelerator, step, {"samples_seen": samples_seen})
+        if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            write_samples(export_pipeline(spec, accelerator.unwrap_model(unet), ema, text_encoder, autoencoder),
+                          dcfg, run_dir / "samples" / f"step-{step:06d}.png")
+    bar.close()
+    accelerator.end_training()
+    path = run_dir / "model.safetensors"
+    if accelerator.is_main_process:
+        pipe = export_pipeline(spec, accelerator.unwrap_model(unet), ema, text_encoder, autoencoder)
+        pipe.save(path, metadata={"training_steps": str(step)})
+    accelerator.wait_for_everyone()
+    return path
+
+
+def export_pipeline(spec: ModelSpec, unet: UNetModel, ema: EMA | None, text_encoder, autoencoder) -> Pipeline:
+    """The pipeline to sample from and save: EMA weights when kept, in float32 on the CPU."""
+    weights = (ema.model if ema is not None else unet).state_dict()
+    export_unet = UNetModel(spec.unet)
+    export_unet.load_state_dict({k: v.float().cpu() for k, v in weights.items()})
+    return Pipeline(spec, export_unet, text_encoder, autoencoder, name=spec.family)
+
+
+def write_samples(pipe: Pipeline, dcfg: DiffusionConfig, path: Path) -> None:
+    device = next(pipe.text_encoder.parameters()).device
+    pipe.unet.to(device)
+    images = pipe(dcfg.sample_prompts, num_steps=dcfg.sample_steps, guidance_scale=dcfg.sample_guidance_scale,
+                  seed=0, progress=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, len(images)).save(path)
