@@ -93,7 +93,7 @@ class NLayerDiscriminator(nn.Module):
 
 def hinge_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """Discriminator hinge loss: 0.5 * (mean(relu(1 - logits_real)) + mean(relu(1 + logits_fake)))."""
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 - logits_fake).mean())
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
 def lpips_vgg() -> nn.Module:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lpips
 import pytest
 import torch
 from torch import nn
@@ -183,6 +182,7 @@ def test_missing_vgg_weights_raise_input_error(monkeypatch, tmp_path):
 
 
 def test_cached_vgg_weights_build_pretrained_lpips_vgg(monkeypatch, tmp_path):
+    lpips = pytest.importorskip("lpips")  # in the `train` extra, not the `test` one
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / VGG16_FILE).touch()
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))

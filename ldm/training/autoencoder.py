@@ -132,7 +132,6 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path:
             sched_g.step()
             opt_g.zero_grad(set_to_none=True)
             if step >= loss_config.disc_start:
-                opt_d.zero_grad(set_to_none=True)  # drop what the generator's loss left in the discriminator
                 d_loss, d_logs = loss_fn.discriminator_loss(images, reconstructions.detach().float(), step)
                 logs.update(d_logs)
                 accelerator.backward(d_loss)
