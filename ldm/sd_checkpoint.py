@@ -15,6 +15,7 @@ config in the safetensors metadata (key `ldm_config`).
 from __future__ import annotations
 
 import json
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ OPEN_CLIP_TEXT_PREFIX = "cond_stage_model.model."
 # (LPIPS + discriminator), EMA copies, and the diffusion schedule buffers (read separately).
 TRAINING_ONLY_PREFIXES = ("first_stage_model.loss.", "model_ema.", "cond_stage_model.model.visual.")
 CONFIG_METADATA_KEY = "ldm_config"
-# SD 2.0-base (512, epsilon) was released at this step; other SD 2.x releases predict v.
+# SD 2.0-base (512, epsilon) was released at this step; the 2.x-v releases predict v.
 SD2_BASE_GLOBAL_STEP = 875000
 
 
@@ -138,12 +139,11 @@ def detect_spec(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | 
                 prediction: str | None = None) -> ModelSpec:
     """The model family and configs, from this project's metadata or from keys and shapes."""
     metadata = metadata or {}
-    if CONFIG_METADATA_KEY in metadata:
-        spec = ModelSpec.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
-    else:
-        spec = _detect_sd_family(state_dict, metadata)
-    if prediction is not None:
-        spec.parameterization = _check_prediction(prediction)
+    prediction = None if prediction is None else _check_prediction(prediction)
+    if CONFIG_METADATA_KEY not in metadata:
+        return _detect_sd_family(state_dict, metadata, prediction)
+    spec = ModelSpec.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    spec.parameterization = prediction or spec.parameterization
     return spec
 
 
@@ -154,7 +154,8 @@ def _check_prediction(prediction: str) -> str:
     return aliases[prediction]
 
 
-def _detect_sd_family(state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> ModelSpec:
+def _detect_sd_family(state_dict: dict[str, torch.Tensor], metadata: dict[str, str],
+                      prediction: str | None) -> ModelSpec:
     probe = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
     if probe not in state_dict or conv_in not in state_dict:
@@ -166,13 +167,17 @@ def _detect_sd_family(state_dict: dict[str, torch.Tensor], metadata: dict[str, s
     if context_dim == 768 and not linear_proj:
         family = "sd1"
         unet = UNetConfig(in_channels=in_channels, context_dim=768)
-        parameterization, image_size = "eps", 512
+        parameterization, image_size = prediction or "eps", 512
     elif context_dim == 1024 and linear_proj:
         family = "sd2"
         unet = UNetConfig(in_channels=in_channels, context_dim=1024, num_heads=-1, num_head_channels=64,
                           use_linear_in_transformer=True)
         step = metadata.get("global_step")
-        parameterization = "eps" if step is None or int(step) == SD2_BASE_GLOBAL_STEP else "v"
+        parameterization = prediction or ("eps" if step is not None and int(step) == SD2_BASE_GLOBAL_STEP else "v")
+        if prediction is None and step is None:
+            # Same guess as diffusers: 2.x-v (768) is the common release, and its keys equal 2.x-base's.
+            warnings.warn("SD 2.x checkpoint that does not say what it predicts: assuming v-prediction at 768 px "
+                          "(SD 2.x 768-v); pass --prediction eps for a 512-base model", stacklevel=3)
         image_size = 512 if parameterization == "eps" else 768
     else:
         raise InputError(f"unknown checkpoint family: context width {context_dim} with "

@@ -91,6 +91,8 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path:
     save_run_config(accelerator, config)
 
     model = AutoencoderKL(model_config)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     loss_fn = AutoencoderLoss(loss_config)
     # Betas (0.5, 0.9) for both players, as the original GAN setup.
     opt_g = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.9))
@@ -99,6 +101,7 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path:
     # The discriminator runs inside the loss several times per step, which DDP does not allow, so
     # it stays unwrapped and its gradients are averaged across processes by hand.
     loss_fn.to(device)
+    accelerator.register_for_checkpointing(loss_fn)
     model, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(model, opt_g, opt_d, sched_g, sched_d)
     checkpoints = Checkpoints(run_dir, cfg.keep_last)
     step, samples_seen = 0, 0
@@ -108,7 +111,7 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path:
         accelerator.print(f"resumed from {latest} at step {step}")
 
     data = config.get("data") or {}
-    batches = iter(make_loader(build_dataset(data, accelerator, start=samples_seen, seed=cfg.seed + step),
+    batches = iter(make_loader(build_dataset(data, accelerator, samples_seen, seed=cfg.seed + step),
                                cfg.batch_size, cfg.num_workers))
     val_data = {**data, "split": "val"} if data.get("dataset", "shapes-v1") == "shapes-v1" else data
     val_images = next(iter(make_loader(build_dataset(val_data, accelerator), acfg.num_sample_images)))["images"]
@@ -121,6 +124,8 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path:
         batch = next(batches)
         samples_seen += len(batch["captions"])
         images = random_crop(batch["images"], acfg.crop_size, generator).to(device)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 reconstructions, posterior = model(images)
@@ -147,8 +152,8 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path:
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             check_finite(g_loss, step, checkpoints, skip=False)
-            values = {k: float(v) for k, v in logs.items()}
-            bar.set_postfix(loss=f"{float(g_loss):.4f}", rec=f"{values.get('rec_loss', float('nan')):.4f}")
+            values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
+            bar.set_postfix(loss=f"{g_loss.item():.4f}", rec=f"{values.get('rec_loss', float('nan')):.4f}")
             accelerator.log(values, step=step)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             check_finite(g_loss, step, checkpoints, skip=False)

@@ -123,7 +123,7 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path:
         step, samples_seen = state["step"], state["samples_seen"]
         accelerator.print(f"resumed from {latest} at step {step}")
 
-    batches = iter(make_loader(build_dataset(data, accelerator, start=samples_seen, seed=cfg.seed + step),
+    batches = iter(make_loader(build_dataset(data, accelerator, samples_seen, seed=cfg.seed + step),
                                cfg.batch_size, cfg.num_workers))
     cache = None
     if dcfg.precompute_latents > 0:

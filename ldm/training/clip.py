@@ -1,0 +1,228 @@
+"""Stage 0: train the small CLIP whose text tower becomes the diffusion model's text encoder.
+
+Objective: CLIP's symmetric contrastive loss over in-batch pairs. Captions are not unique (many
+shapes-v1 images are "a red circle"), so plain CLIP would push an image away from captions that
+describe it. Targets are therefore soft: each image's target is uniform over every caption in the
+batch that describes it, and each caption's over every image it describes. On shapes-v1 the
+loader gives each image's canonical caption, which names all its attributes, so "describes" is
+exact: the caption is one of the image's canonical or partial captions. On other data only
+identical captions count as positives; a caption that happens to fit another image stays a
+negative there.
+
+Negatives are those of the process's own micro-batch: features are not gathered across
+processes, and gradient accumulation does not enlarge the set of negatives.
+
+At the end, retrieval on held-out shapes-v1 images measures what the text tower tells apart:
+each image picks the best of all canonical captions, scored in full and per attribute.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.clip import ClipConfig, SmallCLIP, contrastive_loss
+from ldm.config import config_dict, config_kwargs
+from ldm.data.loader import make_loader, shapes_dataset
+from ldm.data.shapes import CANONICAL_FORM, PARTIAL_FORMS, VOCABULARY, ShapeSample, canonical_caption, format_caption
+from ldm.errors import InputError
+from ldm.sd_checkpoint import save_module
+from ldm.training.common import (
+    EMA,
+    Checkpoints,
+    build_dataset,
+    check_finite,
+    make_accelerator,
+    progress_bar,
+    save_run_config,
+    train_config,
+    warmup_lr,
+)
+
+
+@dataclass
+class ClipTraining:
+    """The `clip_training:` section of a training YAML (optional)."""
+
+    eval_samples: int = 500  # images per split (val, heldout) for the final retrieval metrics
+    eval_batch_size: int = 100
+
+
+@functools.cache
+def canonical_samples() -> dict[str, ShapeSample]:
+    """Every canonical shapes-v1 caption -> its attributes: 8 x 3 x 2 x 5 x 3 = 720, held-out pairs included."""
+    samples = (ShapeSample(**dict(zip(VOCABULARY, values, strict=True)))
+               for values in itertools.product(*VOCABULARY.values()))
+    return {canonical_caption(s): s for s in samples}
+
+
+@functools.cache
+def _descriptions() -> dict[str, frozenset[str]]:
+    # Canonical caption -> every caption a shapes-v1 image with those attributes can carry.
+    forms = (CANONICAL_FORM, *PARTIAL_FORMS)
+    return {caption: frozenset(format_caption(s, form) for form in forms) for caption, s in canonical_samples().items()}
+
+
+def caption_positives(captions: list[str], canonical_captions: list[str] | None = None) -> torch.Tensor:
+    """Which caption describes which image: (B, B) bool, `[i, j]` = caption j describes image i.
+
+    With shapes-v1 `canonical_captions` (all attributes of each image), caption j describes image i
+    when it is one of image i's canonical or partial captions; otherwise when it equals caption i.
+    """
+    if canonical_captions is None:
+        return torch.tensor([[other == caption for other in captions] for caption in captions])
+    descriptions = _descriptions()
+    unknown = [c for c in canonical_captions if c not in descriptions]
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not a canonical shapes-v1 caption")
+    return torch.tensor([[other in descriptions[canonical] for other in captions] for canonical in canonical_captions])
+
+
+def _weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # As open_clip: no decay on gains, biases, embeddings and the temperature, which decay would
+    # pull towards meaningless values (a temperature of 1, zero positions).
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def retrieval_metrics(model: SmallCLIP, split: str, num_samples: int, batch_size: int = 100) -> dict[str, float]:
+    """Top-1 image -> caption retrieval over all 720 canonical captions, on `num_samples` images of `split`.
+
+    Returns `top1` (the whole caption right) and, per attribute (`color`, `shape`, `size`,
+    `position`, `background`), the fraction of images whose retrieved caption names it correctly.
+    """
+    device = model.logit_scale.device
+    candidates = canonical_samples()
+    captions = list(candidates)
+    text_features = torch.cat([model.encode_text(captions[i : i + batch_size])
+                               for i in range(0, len(captions), batch_size)])
+    index = {caption: i for i, caption in enumerate(captions)}
+    samples = list(candidates.values())
+    predicted, truth = [], []
+    loader = make_loader(shapes_dataset(split, size=model.config.vision.image_size, stop=num_samples), batch_size)
+    for batch in loader:
+        image_features = model.encode_image(batch["images"].to(device))
+        predicted += (image_features @ text_features.T).argmax(dim=1).tolist()
+        truth += [index[c] for c in batch["canonical_captions"]]
+    pairs = [(samples[p], samples[t]) for p, t in zip(predicted, truth, strict=True)]
+    metrics = {"num_samples": len(pairs), "top1": sum(p == t for p, t in pairs) / len(pairs)}
+    for attribute in VOCABULARY:
+        metrics[attribute] = sum(getattr(p, attribute) == getattr(t, attribute) for p, t in pairs) / len(pairs)
+    return metrics
+
+
+def train_clip(config: dict[str, Any], resume: bool = False) -> Path:
+    """Run (or resume) a CLIP training run; returns the exported `text_encoder.safetensors`.
+
+    Also writes `clip.safetensors` (the whole CLIP, for CLIP scores) and, on shapes-v1,
+    `metrics.json` with retrieval accuracies on the val and heldout splits.
+    """
+    cfg = train_config(config)
+    try:
+        clip_config = ClipConfig.from_dict(config.get("clip") or {})
+        ccfg = ClipTraining(**config_kwargs(ClipTraining, config.get("clip_training") or {}))
+    except (TypeError, ValueError) as e:
+        raise InputError(f"bad clip config: {e}") from None
+    data = config.get("data") or {}
+    if int(data.get("size", 64)) != clip_config.vision.image_size:
+        raise InputError(f"data.size is {data.get('size', 64)} but clip.vision.image_size is "
+                         f"{clip_config.vision.image_size}; set both to the same size")
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    run_dir = Path(cfg.output_dir)
+    save_run_config(accelerator, config)
+
+    model = SmallCLIP(clip_config)
+    model.text.set_grad_checkpointing(cfg.gradient_checkpointing)
+    model.visual.set_grad_checkpointing(cfg.gradient_checkpointing)
+    # Fused: one kernel for all tensors, several times faster than the default loop on a CPU, where
+    # the dense gradient of the 49408-row token embedding makes the update a large share of a step.
+    optimizer = torch.optim.AdamW(_weight_decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=cfg.adam_betas, fused=True)
+    lr_schedule = warmup_lr(optimizer, cfg.warmup_steps)
+    model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
+    ema = EMA(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    checkpoints = Checkpoints(run_dir, cfg.keep_last)
+    step, samples_seen = 0, 0
+    if resume and (latest := checkpoints.latest()) is not None:
+        state = checkpoints.load(accelerator, latest)
+        step, samples_seen = state["step"], state["samples_seen"]
+        accelerator.print(f"resumed from {latest} at step {step}")
+
+    batches = iter(make_loader(build_dataset(data, accelerator, samples_seen, seed=cfg.seed + step),
+                               cfg.batch_size, cfg.num_workers))
+    tokenize = accelerator.unwrap_model(model).text.tokenize
+
+    accelerator.init_trackers("clip")
+    bar = progress_bar(accelerator, cfg, step, "clip")
+    while step < cfg.max_steps:
+        with accelerator.accumulate(model):
+            batch = next(batches)
+            captions = batch["captions"]
+            samples_seen += len(captions)
+            positives = caption_positives(captions, batch.get("canonical_captions"))
+            with accelerator.autocast():
+                image_features, text_features, logit_scale = model(batch["images"].to(device), tokenize(captions))
+            loss = contrastive_loss(image_features.float(), text_features.float(), logit_scale.float(), positives)
+            if cfg.skip_nan_steps and not check_finite(loss, step, checkpoints, skip=True):
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model))
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            check_finite(loss, step, checkpoints, skip=False)
+            loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+            bar.set_postfix(loss=f"{loss_value:.4f}", scale=f"{logit_scale.item():.1f}")
+            accelerator.log({"loss": loss_value, "logit_scale": logit_scale.item(),
+                             "lr": lr_schedule.get_last_lr()[0]}, step=step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            check_finite(loss, step, checkpoints, skip=False)
+            checkpoints.save(accelerator, step, {"samples_seen": samples_seen})
+    bar.close()
+
+    path = run_dir / "text_encoder.safetensors"
+    if accelerator.is_main_process:
+        clip = export_clip(accelerator.unwrap_model(model), ema).to(device)
+        if data.get("dataset", "shapes-v1") == "shapes-v1":
+            metrics = {"steps": step, **{split: retrieval_metrics(clip, split, ccfg.eval_samples, ccfg.eval_batch_size)
+                                         for split in ("val", "heldout")}}
+            accelerator.log({f"{split}/{k}": v for split in ("val", "heldout") for k, v in metrics[split].items()},
+                            step=step)
+            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            accelerator.print(json.dumps(metrics))
+        metadata = {"training_steps": str(step)}
+        save_module(run_dir / "clip.safetensors", clip, "clip", clip_config.to_dict(), metadata)
+        save_module(path, clip.text, "text_encoder", config_dict(clip_config.text), metadata)
+    accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return path
+
+
+def export_clip(model: SmallCLIP, ema: EMA | None) -> SmallCLIP:
+    """The CLIP to evaluate and save: EMA weights when kept, in float32 on the CPU, frozen."""
+    weights = (ema.model if ema is not None else model).state_dict()
+    clip = SmallCLIP(model.config)
+    clip.load_state_dict({k: v.float().cpu() for k, v in weights.items()})
+    return clip.requires_grad_(False).eval()
