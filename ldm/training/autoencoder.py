@@ -120,7 +120,10 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path:
     bar = progress_bar(accelerator, cfg, step, "autoencoder")
     last_layer = accelerator.unwrap_model(model).decoder.conv_out.weight
     while step < cfg.max_steps:
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + accelerator.process_index * 7919 + step)
+        # Crops and posterior samples derive from (seed, rank, step), so a resumed run repeats them.
+        step_seed = cfg.seed * 1_000_003 + accelerator.process_index * 7919 + step
+        generator = torch.Generator().manual_seed(step_seed)
+        device_generator = torch.Generator(device).manual_seed(step_seed)
         batch = next(batches)
         samples_seen += len(batch["captions"])
         images = random_crop(batch["images"], acfg.crop_size, generator).to(device)
@@ -128,7 +131,7 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path:
             images = images.contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                reconstructions, posterior = model(images)
+                reconstructions, posterior = model(images, generator=device_generator)
             g_loss, logs = loss_fn.generator_loss(images, reconstructions.float(), posterior, step, last_layer)
             accelerator.backward(g_loss)
             if accelerator.sync_gradients:

@@ -123,8 +123,11 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path:
         step, samples_seen = state["step"], state["samples_seen"]
         accelerator.print(f"resumed from {latest} at step {step}")
 
-    batches = iter(make_loader(build_dataset(data, accelerator, samples_seen, seed=cfg.seed + step),
-                               cfg.batch_size, cfg.num_workers))
+    # With a latent cache the cache is the whole data set, always encoded from the first samples;
+    # otherwise the stream continues where the checkpoint left it.
+    start = 0 if dcfg.precompute_latents > 0 else samples_seen
+    batches = iter(make_loader(build_dataset(data, accelerator, start, seed=cfg.seed + step), cfg.batch_size,
+                               cfg.num_workers))
     cache = None
     if dcfg.precompute_latents > 0:
         cache = LatentCache(autoencoder, batches, dcfg.precompute_latents, device)
@@ -132,23 +135,26 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path:
     accelerator.init_trackers("diffusion")
     bar = progress_bar(accelerator, cfg, step, "diffusion")
     while step < cfg.max_steps:
-        # Data order and caption dropout derive from (seed, rank, step): a resumed run redraws
-        # exactly what an uninterrupted one would have.
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + accelerator.process_index * 7919 + step)
+        # All randomness of a step (data order, caption dropout, noise, timesteps) derives from
+        # (seed, rank, step): a resumed run redraws exactly what an uninterrupted one would have.
+        step_seed = cfg.seed * 1_000_003 + accelerator.process_index * 7919 + step
+        generator = torch.Generator().manual_seed(step_seed)
+        device_generator = torch.Generator(device).manual_seed(step_seed)
         with accelerator.accumulate(unet):
             if cache is not None:
                 latents, captions = cache.draw(cfg.batch_size, generator)
             else:
                 batch = next(batches)
                 with torch.no_grad():
-                    latents = autoencoder.encode(batch["images"].to(device)).sample(None)
+                    latents = autoencoder.encode(batch["images"].to(device)).sample(device_generator)
                 captions = batch["captions"]
             samples_seen += len(captions)
             latents = latents * autoencoder.scale_factor
             with torch.no_grad():
                 context = text_encoder(drop_captions(captions, dcfg.caption_dropout, generator))
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, schedule.num_timesteps, (latents.shape[0],), device=device)
+            noise = torch.randn(latents.shape, generator=device_generator, device=device, dtype=latents.dtype)
+            t = torch.randint(0, schedule.num_timesteps, (latents.shape[0],), generator=device_generator,
+                              device=device)
             x_t = schedule.add_noise(latents, noise, t)
             target = noise if dcfg.parameterization == "eps" else schedule.v_target(latents, noise, t)
             with accelerator.autocast():

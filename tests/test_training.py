@@ -1,0 +1,111 @@
+"""Training smoke runs of the autoencoder and diffusion stages: a few steps on tiny configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ldm.config import config_dict
+from ldm.errors import InputError
+from ldm.pipeline import Pipeline
+from ldm.sd_checkpoint import save_module
+from ldm.text_encoder import TextEncoder, TextEncoderConfig
+from ldm.training.autoencoder import train_autoencoder
+from ldm.training.common import load_stage
+from ldm.training.diffusion import drop_captions, train_diffusion
+
+TINY_TRAIN = {"batch_size": 4, "log_every": 1, "sample_every": 1000, "checkpoint_every": 2, "learning_rate": 1e-3}
+
+
+def vae_config(run_dir) -> dict:
+    return {
+        "autoencoder": {"ch": 32, "ch_mult": [1, 1, 1, 2], "num_res_blocks": 1, "resolution": 32},
+        "loss": {"disc_start": 1, "perceptual_weight": 0.0, "kl_weight": 1e-6},
+        "data": {"dataset": "shapes-v1", "size": 32},
+        "autoencoder_training": {"crop_size": 0, "scale_factor_samples": 8, "eval_samples": 4,
+                                 "num_sample_images": 2},
+        "train": {**TINY_TRAIN, "output_dir": str(run_dir), "max_steps": 3},
+    }
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """A 3-step autoencoder run and a tiny random text encoder, as the diffusion stage's inputs."""
+    root = tmp_path_factory.mktemp("stages")
+    autoencoder = train_autoencoder(vae_config(root / "vae"))
+    config = TextEncoderConfig(width=64, layers=2, heads=4)
+    text_encoder = save_module(root / "text_encoder.safetensors", TextEncoder(config), "text_encoder",
+                               config_dict(config))
+    return autoencoder, text_encoder
+
+
+def diffusion_config(run_dir, stages, **train) -> dict:
+    autoencoder, text_encoder = stages
+    return {
+        "unet": {"model_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [1, 2], "num_res_blocks": 1,
+                 "num_heads": 4, "context_dim": 64},
+        "diffusion": {"autoencoder": str(autoencoder), "text_encoder": str(text_encoder),
+                      "precompute_latents": 16, "sample_prompts": ["a red circle"], "sample_steps": 2},
+        "data": {"dataset": "shapes-v1", "size": 32},
+        "train": {**TINY_TRAIN, "output_dir": str(run_dir), "max_steps": 4, "ema_decay": 0.9, **train},
+    }
+
+
+def test_autoencoder_run_exports_model_scale_factor_and_metrics(stages):
+    autoencoder_path, _ = stages
+    run_dir = autoencoder_path.parent
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    autoencoder = load_stage(autoencoder_path, "autoencoder")
+    assert autoencoder.scale_factor == pytest.approx(metrics["scale_factor"]) and autoencoder.scale_factor > 0
+    assert metrics["steps"] == 3 and "psnr_val_4" in metrics
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "samples" / "step-000003.png").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    assert not list(run_dir.rglob(".tmp*"))
+
+
+def test_diffusion_run_trains_resumes_and_exports_a_pipeline(stages, tmp_path):
+    run_dir = tmp_path / "diffusion"
+    path = train_diffusion(diffusion_config(run_dir, stages, max_steps=2))
+    first = load_file(str(path))
+    path = train_diffusion(diffusion_config(run_dir, stages, max_steps=4), resume=True)
+    state = json.loads((run_dir / "checkpoints" / "step-000004" / "state.json").read_text())
+    assert state["step"] == 4
+    pipe = Pipeline.from_checkpoint(path)
+    assert pipe.spec.autoencoder.scale_factor == load_stage(stages[0], "autoencoder").scale_factor
+    images = pipe(["a red circle"], num_steps=2, guidance_scale=3.0, progress=False)
+    assert images[0].size == (32, 32)
+    second = load_file(str(path))
+    assert any(not torch.equal(first[k], second[k]) for k in first if k.startswith("model.diffusion_model."))
+
+
+def test_resumed_run_ends_with_the_same_weights(stages, tmp_path):
+    straight = load_file(str(train_diffusion(diffusion_config(tmp_path / "a", stages, max_steps=4))))
+    train_diffusion(diffusion_config(tmp_path / "b", stages, max_steps=2))
+    resumed = load_file(str(train_diffusion(diffusion_config(tmp_path / "b", stages, max_steps=4), resume=True)))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_nan_loss_stops_with_the_step_and_last_checkpoint(stages, tmp_path):
+    config = diffusion_config(tmp_path / "nan", stages, max_steps=4, learning_rate=1e30)
+    with pytest.raises(FloatingPointError, match=r"at step \d+; the last good checkpoint is"):
+        train_diffusion(config)
+
+
+def test_bad_stage_files_and_config_are_input_errors(stages, tmp_path):
+    autoencoder, text_encoder = stages
+    swapped = diffusion_config(tmp_path / "x", (text_encoder, autoencoder))
+    with pytest.raises(InputError, match="is not a autoencoder file"):
+        train_diffusion(swapped)
+    wrong_width = diffusion_config(tmp_path / "y", stages)
+    wrong_width["unet"]["context_dim"] = 32
+    with pytest.raises(InputError, match="unet.context_dim is 32"):
+        train_diffusion(wrong_width)
+
+
+def test_caption_dropout_rate():
+    captions = drop_captions(["a red circle"] * 10000, 0.1, torch.Generator().manual_seed(0))
+    assert abs(captions.count("") / 10000 - 0.1) < 0.01
