@@ -86,11 +86,11 @@ class SpatialTransformer(nn.Module):
     """
 
     def __init__(self, in_channels: int, heads: int, dim_head: int, context_dim: int,
-                 depth: int = 1, use_linear: bool = False, dropout: float = 0.0):
+                 depth: int = 1, use_linear: bool = False, dropout: float = 0.0, num_groups: int = 32):
         super().__init__()
         inner_dim = heads * dim_head
         self.use_linear = use_linear
-        self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
+        self.norm = nn.GroupNorm(num_groups, in_channels, eps=1e-6)
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner_dim)
             self.proj_out = zero_module(nn.Linear(inner_dim, in_channels))

@@ -38,6 +38,9 @@ class AutoencoderConfig:
     attn_resolutions: tuple[int, ...] = ()
     dropout: float = 0.0
     scale_factor: float = 0.18215
+    # GroupNorm groups (32 in SD). With few channels per group the norm erases what a flat image
+    # is made of (32 groups of a 32-wide layer normalize every channel alone), so thin models use fewer.
+    norm_num_groups: int = 32
 
     @classmethod
     def from_dict(cls, params: dict) -> AutoencoderConfig:
@@ -54,18 +57,18 @@ class AutoencoderConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
-def Normalize(channels: int) -> nn.GroupNorm:  # noqa: N802 - reads as a layer, like nn.GroupNorm
-    return nn.GroupNorm(32, channels, eps=1e-6)
+def Normalize(channels: int, num_groups: int) -> nn.GroupNorm:  # noqa: N802 - reads as a layer, like nn.GroupNorm
+    return nn.GroupNorm(num_groups, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
     """Two 3x3 convolutions with a residual; a 1x1 `nin_shortcut` when the width changes."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, num_groups: int):
         super().__init__()
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, num_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, num_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -82,9 +85,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, with 1x1 convolutions as projections."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, num_groups: int):
         super().__init__()
-        self.norm = Normalize(channels)
+        self.norm = Normalize(channels, num_groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -124,12 +127,14 @@ class Level(nn.Module):
     """One resolution of the encoder or decoder: residual blocks, optional attention, resampling."""
 
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int, attention: bool,
-                 dropout: float):
+                 cfg: AutoencoderConfig):
         super().__init__()
+        groups = cfg.norm_num_groups
         self.block = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, dropout) for i in range(num_blocks)
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, cfg.dropout, groups)
+            for i in range(num_blocks)
         )
-        self.attn = nn.ModuleList(AttnBlock(out_channels) for _ in range(num_blocks if attention else 0))
+        self.attn = nn.ModuleList(AttnBlock(out_channels, groups) for _ in range(num_blocks if attention else 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.block):
@@ -140,11 +145,11 @@ class Level(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, cfg: AutoencoderConfig):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, cfg.dropout, cfg.norm_num_groups)
+        self.attn_1 = AttnBlock(channels, cfg.norm_num_groups)
+        self.block_2 = ResnetBlock(channels, channels, cfg.dropout, cfg.norm_num_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -159,15 +164,14 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         resolution, block_in = cfg.resolution, cfg.ch
         for i, mult in enumerate(cfg.ch_mult):
-            level = Level(block_in, cfg.ch * mult, cfg.num_res_blocks, resolution in cfg.attn_resolutions,
-                          cfg.dropout)
+            level = Level(block_in, cfg.ch * mult, cfg.num_res_blocks, resolution in cfg.attn_resolutions, cfg)
             block_in = cfg.ch * mult
             if i != len(cfg.ch_mult) - 1:
                 level.downsample = Downsample(block_in)
                 resolution //= 2
             self.down.append(level)
-        self.mid = MidBlock(block_in, cfg.dropout)
-        self.norm_out = Normalize(block_in)
+        self.mid = MidBlock(block_in, cfg)
+        self.norm_out = Normalize(block_in, cfg.norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,18 +192,18 @@ class Decoder(nn.Module):
         block_in = cfg.ch * cfg.ch_mult[-1]
         resolution = cfg.resolution // cfg.downsampling_factor
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
-        self.mid = MidBlock(block_in, cfg.dropout)
+        self.mid = MidBlock(block_in, cfg)
         levels = []
         for i in reversed(range(len(cfg.ch_mult))):
             level = Level(block_in, cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1,
-                          resolution in cfg.attn_resolutions, cfg.dropout)
+                          resolution in cfg.attn_resolutions, cfg)
             block_in = cfg.ch * cfg.ch_mult[i]
             if i != 0:
                 level.upsample = Upsample(block_in)
                 resolution *= 2
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)  # indexed by resolution level, run from the coarsest
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, cfg.norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -20,9 +20,9 @@ class GroupNorm32(nn.GroupNorm):
         return super().forward(x.float()).type(x.dtype)
 
 
-def normalization(channels: int, eps: float = 1e-5) -> GroupNorm32:
-    """The U-Net's normalization: 32 groups."""
-    return GroupNorm32(32, channels, eps=eps)
+def normalization(channels: int, num_groups: int = 32) -> GroupNorm32:
+    """The U-Net's normalization: 32 groups in SD."""
+    return GroupNorm32(num_groups, channels)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -47,14 +47,15 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 class ResBlock(nn.Module):
     """Residual block conditioned on the timestep embedding: (B, C, h, w), (B, E) -> (B, C_out, h, w)."""
 
-    def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0,
+                 num_groups: int = 32):
         super().__init__()
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            normalization(channels, num_groups), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            normalization(out_channels),
+            normalization(out_channels, num_groups),
             nn.SiLU(),
             nn.Dropout(dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),

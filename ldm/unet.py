@@ -37,6 +37,9 @@ class UNetConfig:
     context_dim: int = 768
     use_linear_in_transformer: bool = False
     dropout: float = 0.0
+    # GroupNorm groups (32 in SD, where every group has 10+ channels); narrow models need fewer so
+    # that a group still carries what the features are, not only how they vary.
+    norm_num_groups: int = 32
 
     @classmethod
     def from_dict(cls, params: dict) -> UNetConfig:
@@ -84,14 +87,17 @@ class UNetModel(nn.Module):
         def attention(channels: int) -> SpatialTransformer:
             heads, dim_head = config.heads_and_dim(channels)
             return SpatialTransformer(channels, heads, dim_head, config.context_dim, config.transformer_depth,
-                                      config.use_linear_in_transformer, config.dropout)
+                                      config.use_linear_in_transformer, config.dropout, config.norm_num_groups)
+
+        def resblock(channels: int, out_channels: int) -> ResBlock:
+            return ResBlock(channels, emb_channels, out_channels, config.dropout, config.norm_num_groups)
 
         self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]
         ch, ds = mc, 1
         for level, mult in enumerate(config.channel_mult):
             for _ in range(config.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, emb_channels, mult * mc, config.dropout)]
+                layers: list[nn.Module] = [resblock(ch, mult * mc)]
                 ch = mult * mc
                 if ds in config.attention_resolutions:
                     layers.append(attention(ch))
@@ -103,15 +109,15 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepSequential(
-            ResBlock(ch, emb_channels, ch, config.dropout),
+            resblock(ch, ch),
             attention(ch),
-            ResBlock(ch, emb_channels, ch, config.dropout),
+            resblock(ch, ch),
         )
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(config.channel_mult))):
             for i in range(config.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), emb_channels, mc * mult, config.dropout)]
+                layers = [resblock(ch + skip_channels.pop(), mc * mult)]
                 ch = mc * mult
                 if ds in config.attention_resolutions:
                     layers.append(attention(ch))
@@ -121,7 +127,8 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepSequential(*layers))
 
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(mc, config.out_channels, 3, padding=1))
+            normalization(ch, config.norm_num_groups), nn.SiLU(),
+            zero_module(nn.Conv2d(mc, config.out_channels, 3, padding=1)),
         )
 
     def _run(self, block: TimestepSequential, *args) -> torch.Tensor:
