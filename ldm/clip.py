@@ -43,8 +43,11 @@ class VisionConfig:
     layers: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
+    pos_embed: str = "learnable"  # or "sin_cos_2d": fixed, as strong as the patch content from the start
 
     def __post_init__(self) -> None:
+        if self.pos_embed not in ("learnable", "sin_cos_2d"):
+            raise ValueError(f"pos_embed must be 'learnable' or 'sin_cos_2d', got {self.pos_embed!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:
@@ -97,6 +100,7 @@ class SmallCLIP(nn.Module):
             heads=vision.heads,
             mlp_ratio=vision.mlp_ratio,
             output_dim=config.embed_dim,
+            pos_embed_type=vision.pos_embed,
         )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(_INIT_LOGIT_SCALE)))
         # open_clip's image transform ends with these; our images are in [-1, 1] instead of [0, 1].

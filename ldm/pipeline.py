@@ -13,14 +13,7 @@ from ldm.errors import InputError
 from ldm.guidance import ClassifierFreeGuidance
 from ldm.samplers import randn, sample_ddim
 from ldm.schedule import NoiseSchedule
-from ldm.sd_checkpoint import (
-    ModelSpec,
-    detect_spec,
-    read_checkpoint,
-    spec_from_yaml,
-    split_state_dict,
-    write_checkpoint,
-)
+from ldm.sd_checkpoint import ModelSpec, detect_spec, read_checkpoint, split_state_dict, write_checkpoint
 from ldm.text_encoder import TextEncoder
 from ldm.unet import UNetModel
 
@@ -66,12 +59,7 @@ class Pipeline:
         """Load an original SD 1.x/2.x checkpoint or one of ours; `config` is an optional SD inference YAML,
         `prediction` ("eps" or "v") overrides what the checkpoint implies."""
         state_dict, metadata = read_checkpoint(path)
-        if config is not None:
-            spec = ModelSpec(**spec_from_yaml(config))
-            if prediction is not None:
-                spec.parameterization = detect_spec(state_dict, {}, prediction).parameterization
-        else:
-            spec = detect_spec(state_dict, metadata, prediction)
+        spec = detect_spec(state_dict, metadata, prediction, config)
         parts = split_state_dict(state_dict)
         with torch.device("meta"):  # no random init: every weight comes from the file
             modules = UNetModel(spec.unet), TextEncoder(spec.text_encoder), AutoencoderKL(spec.autoencoder)

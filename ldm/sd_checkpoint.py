@@ -136,13 +136,17 @@ def spec_from_yaml(path: str | Path) -> dict:
 
 
 def detect_spec(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                prediction: str | None = None) -> ModelSpec:
-    """The model family and configs, from this project's metadata or from keys and shapes."""
+                prediction: str | None = None, config: str | Path | None = None) -> ModelSpec:
+    """The model family and configs: from an SD inference YAML when given, else from this project's
+    metadata, else from keys and shapes. `prediction` ("eps" or "v") overrides what they imply."""
     metadata = metadata or {}
     prediction = None if prediction is None else _check_prediction(prediction)
-    if CONFIG_METADATA_KEY not in metadata:
+    if config is not None:
+        spec = ModelSpec(**spec_from_yaml(config))
+    elif CONFIG_METADATA_KEY in metadata:
+        spec = ModelSpec.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    else:
         return _detect_sd_family(state_dict, metadata, prediction)
-    spec = ModelSpec.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
     spec.parameterization = prediction or spec.parameterization
     return spec
 

@@ -165,7 +165,6 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path:
             write_reconstructions(accelerator.unwrap_model(model), val_images.to(device),
                                   run_dir / "samples" / f"step-{step:06d}.png")
     bar.close()
-    accelerator.end_training()
 
     autoencoder = accelerator.unwrap_model(model).eval()
     path = run_dir / "autoencoder.safetensors"
@@ -179,6 +178,7 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path:
         accelerator.print(json.dumps(metrics))
         save_module(path, autoencoder, "autoencoder", config_dict(autoencoder.config))
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # last: it destroys the process group that wait_for_everyone needs
     return path
 
 

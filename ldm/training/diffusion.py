@@ -108,6 +108,8 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path:
 
     unet = UNetModel(unet_config)
     unet.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas,
                                   weight_decay=cfg.weight_decay)
     lr_schedule = warmup_lr(optimizer, cfg.warmup_steps)
@@ -156,6 +158,8 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path:
             t = torch.randint(0, schedule.num_timesteps, (latents.shape[0],), generator=device_generator,
                               device=device)
             x_t = schedule.add_noise(latents, noise, t)
+            if cfg.channels_last:
+                x_t = x_t.contiguous(memory_format=torch.channels_last)
             target = noise if dcfg.parameterization == "eps" else schedule.v_target(latents, noise, t)
             with accelerator.autocast():
                 prediction = unet(x_t, t, context)
@@ -187,12 +191,12 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path:
             write_samples(export_pipeline(spec, accelerator.unwrap_model(unet), ema, text_encoder, autoencoder),
                           dcfg, run_dir / "samples" / f"step-{step:06d}.png")
     bar.close()
-    accelerator.end_training()
     path = run_dir / "model.safetensors"
     if accelerator.is_main_process:
         pipe = export_pipeline(spec, accelerator.unwrap_model(unet), ema, text_encoder, autoencoder)
         pipe.save(path, metadata={"training_steps": str(step)})
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # last: it destroys the process group that wait_for_everyone needs
     return path
 
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Reproduce the bundled shapes-v1 model (ldm/weights/shapes-v1.safetensors) from scratch on a CPU.
+# Stages: autoencoder and CLIP side by side (they are independent), then the diffusion U-Net, then
+# the evaluation written into runs/shapes-eval.json. See ldm/weights/MODEL_CARD.md for timings.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-.venv/bin/python}
+# One thread per process: on 2 cores, two processes with two threads each run many times slower
+# than one thread each (the thread pools spin against each other).
+export OMP_NUM_THREADS=1
+
+$python scripts/train_vae.py --config configs/shapes/autoencoder.yaml &
+autoencoder=$!
+$python scripts/train_clip.py --config configs/shapes/clip.yaml &
+clip=$!
+wait $autoencoder
+wait $clip
+$python scripts/train_diffusion.py --config configs/shapes/diffusion.yaml
+mkdir -p ldm/weights
+cp runs/shapes-diffusion/model.safetensors ldm/weights/shapes-v1.safetensors
+$python scripts/evaluate.py --ckpt ldm/weights/shapes-v1.safetensors --clip runs/shapes-clip/clip.safetensors \
+    --out runs/shapes-eval.json

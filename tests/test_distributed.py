@@ -1,0 +1,94 @@
+"""Diffusion training in two CPU processes (gloo): each rank reads its own data, DDP keeps the U-Nets equal.
+
+The ranks run tests/distributed_worker.py under torchrun, which records what the trainer keeps to itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ldm.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.config import config_dict
+from ldm.pipeline import Pipeline
+from ldm.sd_checkpoint import save_module
+from ldm.text_encoder import TextEncoder, TextEncoderConfig
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+NUM_STEPS, BATCH_SIZE = 3, 2
+TIMEOUT_S = 300
+
+
+def random_stages(root: Path) -> tuple[Path, Path]:
+    """An untrained tiny autoencoder (32 x 32 images, 4 x 4 latents) and text encoder, saved as stage files."""
+    torch.manual_seed(0)
+    autoencoder = AutoencoderKL(AutoencoderConfig(ch=32, ch_mult=(1, 1, 1, 2), num_res_blocks=1, resolution=32))
+    text_encoder = TextEncoder(TextEncoderConfig(width=64, layers=2, heads=4))
+    return (save_module(root / "autoencoder.safetensors", autoencoder, "autoencoder", config_dict(autoencoder.config)),
+            save_module(root / "text_encoder.safetensors", text_encoder, "text_encoder",
+                        config_dict(text_encoder.config)))
+
+
+def run_two_ranks(config: dict, root: Path) -> Path:
+    """Train with torchrun on two CPU processes; returns the folder of the workers' records."""
+    config_path, record_dir = root / "config.json", root / "records"
+    config_path.write_text(json.dumps(config))
+    record_dir.mkdir()
+    # Without ACCELERATE_USE_CPU accelerate picks NCCL on a GPU machine and, on a CPU-only one, runs two
+    # single-process trainings that read the same data and race on the run directory.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(WORKER), str(config_path), str(record_dir)]
+    # A session of its own, so that a hung run can be ended with both its workers.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise AssertionError(f"two-process training did not finish in {TIMEOUT_S} s:\n{output[-3000:]}") from None
+    assert process.returncode == 0, f"two-process training failed:\n{output[-3000:]}"
+    return record_dir
+
+
+def test_two_ranks_train_on_disjoint_data_and_end_with_equal_unets(tmp_path):
+    autoencoder, text_encoder = random_stages(tmp_path)
+    run_dir = tmp_path / "run"
+    config = {
+        "unet": {"model_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [1, 2], "num_res_blocks": 1,
+                 "num_heads": 4, "context_dim": 64},
+        # No latent cache: each rank encodes and trains on the batches its own stream yields.
+        "diffusion": {"autoencoder": str(autoencoder), "text_encoder": str(text_encoder), "precompute_latents": 0,
+                      "sample_prompts": ["a red circle"], "sample_steps": 2},
+        "data": {"dataset": "shapes-v1", "size": 32},
+        "train": {"output_dir": str(run_dir), "max_steps": NUM_STEPS, "batch_size": BATCH_SIZE, "log_every": 1,
+                  "sample_every": 1000, "checkpoint_every": 1000, "learning_rate": 1e-3},
+    }
+    record_dir = run_two_ranks(config, tmp_path)
+    records = [json.loads((record_dir / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    weights = [load_file(str(record_dir / f"rank-{rank}.safetensors")) for rank in (0, 1)]
+
+    assert [(r["world_size"], r["backend"]) for r in records] == [(2, "gloo")] * 2
+    # (a) Each rank trained on NUM_STEPS batches of its own samples; together they are the stream's first ones.
+    seen = [r["indices"] for r in records]
+    assert [len(s) for s in seen] == [NUM_STEPS * BATCH_SIZE] * 2
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(2 * NUM_STEPS * BATCH_SIZE))
+
+    # (b) Different data, yet bit-identical U-Nets: gradients were averaged across the ranks.
+    final = [{k.removeprefix("final."): v for k, v in w.items() if k.startswith("final.")} for w in weights]
+    assert final[0].keys() == final[1].keys() and final[0]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    assert any(not torch.equal(weights[0][f"initial.{k}"], final[0][k]) for k in final[0])
+    # The exported pipeline (written by rank 0) holds these weights too.
+    exported = Pipeline.from_checkpoint(run_dir / "model.safetensors").unet.state_dict()
+    assert exported.keys() == final[0].keys()
+    assert all(torch.equal(exported[k], final[0][k]) for k in exported)
