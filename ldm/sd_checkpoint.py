@@ -131,7 +131,8 @@ def spec_from_yaml(path: str | Path) -> dict:
         "schedule": {"num_timesteps": params.get("timesteps", 1000),
                      "linear_start": params.get("linear_start", 0.00085),
                      "linear_end": params.get("linear_end", 0.012)},
-        "image_size": 8 * int(params.get("image_size", 64)),
+        # The v YAML says 64 latents too, but the 2.x-v models were trained at 768 px (96 latents).
+        "image_size": 768 if params.get("parameterization") == "v" else 8 * int(params.get("image_size", 64)),
     }
 
 

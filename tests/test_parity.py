@@ -496,14 +496,15 @@ def test_family_detected_from_keys_and_global_step(name, global_step, image_size
     assert spec.text_encoder == expected.text_encoder
     assert spec.schedule == expected.schedule
     assert spec.image_size == image_size
-    assert expected.image_size == 512  # 64 x 64 latents (`model.params.image_size`; the U-Net's 32 is unused)
+    # 64 x 64 latents (`model.params.image_size`; the U-Net's 32 is unused), but 768 px for the v models.
+    assert expected.image_size == (768 if name == "sd2-v" else 512)
 
 
 @pytest.mark.parametrize(("name", "suffix", "global_step", "use_yaml", "parameterization", "image_size"), [
     ("sd1", ".safetensors", None, False, "eps", 512),
     ("sd1", ".ckpt", 840000, False, "eps", 512),
     ("sd2", ".ckpt", 875000, False, "eps", 512),
-    ("sd2-v", ".safetensors", None, True, "v", 512),  # safetensors hold no step: the YAML says v
+    ("sd2-v", ".safetensors", None, True, "v", 768),  # safetensors hold no step: the YAML says v
 ])
 def test_full_size_checkpoint_loads_strictly(name, suffix, global_step, use_yaml, parameterization, image_size,
                                              tmp_path):
