@@ -256,3 +256,19 @@ def load_module_file(path: str | Path, kind: str) -> tuple[dict[str, torch.Tenso
                          f"(found {metadata.get('ldm_module') or 'no stage tag'}); pass the {kind} .safetensors "
                          "that its training run exported")
     return state_dict, json.loads(metadata["config"]), metadata
+
+
+def convert_to_safetensors(src: str | Path, dst: str | Path) -> Path:
+    """Write a .safetensors copy of a checkpoint (e.g. a pickled .ckpt), keeping its metadata.
+
+    The source is read with `read_checkpoint`, so a pickle that tries to run code is refused.
+    """
+    dst = Path(dst)
+    if dst.suffix != ".safetensors":
+        raise InputError(f"the converted file must end in .safetensors, got {dst}")
+    state_dict, metadata = read_checkpoint(src)
+    tensors = {k: v.contiguous() for k, v in state_dict.items()}
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(dst)
+    return dst

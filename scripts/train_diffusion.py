@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     args = p.parse_args(argv)
-    print(train_diffusion(load_config(args.config, args.set), resume=args.resume))
+    path = train_diffusion(load_config(args.config, args.set), resume=args.resume)
+    if path is not None:
+        print(path)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     overrides = list(args.set)
     if args.perceptual_weight is not None:
         overrides.append(f"loss.perceptual_weight={args.perceptual_weight}")
-    print(train_autoencoder(load_config(args.config, overrides), resume=args.resume))
+    path = train_autoencoder(load_config(args.config, overrides), resume=args.resume)
+    if path is not None:
+        print(path)
 
 
 if __name__ == "__main__":

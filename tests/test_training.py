@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from ldm.config import config_dict
@@ -17,6 +24,7 @@ from ldm.training.autoencoder import train_autoencoder
 from ldm.training.common import load_stage
 from ldm.training.diffusion import drop_captions, train_diffusion
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = {"batch_size": 4, "log_every": 1, "sample_every": 1000, "checkpoint_every": 2, "learning_rate": 1e-3}
 
 
@@ -109,3 +117,55 @@ def test_bad_stage_files_and_config_are_input_errors(stages, tmp_path):
 def test_caption_dropout_rate():
     captions = drop_captions(["a red circle"] * 10000, 0.1, torch.Generator().manual_seed(0))
     assert abs(captions.count("") / 10000 - 0.1) < 0.01
+
+
+def run_script(config: dict, tmp_path, *extra: str) -> subprocess.Popen:
+    config_path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train_diffusion.py"), "--config",
+                             str(config_path), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def wait_for_checkpoint(run_dir, after_step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")]
+        if steps and max(steps) > after_step:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+def latest_step(run_dir) -> int:
+    return max(json.loads(p.read_text())["step"] for p in (run_dir / "checkpoints").glob("step-*/state.json"))
+
+
+def test_sigterm_saves_and_exits_and_sigkill_loses_nothing_saved(stages, tmp_path):
+    run_dir = tmp_path / "run"
+    config = diffusion_config(run_dir, stages, max_steps=100000, checkpoint_every=5)
+    process = run_script(config, tmp_path)
+    wait_for_checkpoint(run_dir, 0, process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "stopped by signal at step" in out and "Traceback" not in err
+    stopped_at = latest_step(run_dir)
+    assert not (run_dir / "model.safetensors").exists()
+
+    process = run_script(config, tmp_path, "--resume")
+    wait_for_checkpoint(run_dir, stopped_at, process)
+    process.kill()  # SIGKILL: no chance to save; the checkpoints already written must survive
+    process.communicate(timeout=60)
+    killed_after = latest_step(run_dir)
+    assert killed_after > stopped_at
+
+    config["train"]["max_steps"] = killed_after + 3
+    process = run_script(config, tmp_path, "--resume")
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert "resumed from" in out and (run_dir / "model.safetensors").is_file()
+    assert latest_step(run_dir) == killed_after + 3
+    assert not list(run_dir.rglob(".tmp*"))

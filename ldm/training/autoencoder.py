@@ -27,11 +27,13 @@ from ldm.pipeline import to_pil
 from ldm.sd_checkpoint import save_module
 from ldm.training.common import (
     Checkpoints,
+    StopSignal,
     build_dataset,
     check_finite,
     make_accelerator,
     progress_bar,
     save_run_config,
+    stop_and_save,
     train_config,
     warmup_lr,
 )
@@ -76,8 +78,9 @@ def evaluate_psnr(autoencoder: AutoencoderKL, batches, num_samples: int, device:
     return torch.cat(values)[:num_samples].mean().item()
 
 
-def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path:
-    """Run (or resume) an autoencoder training run; returns the exported `autoencoder.safetensors`."""
+def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | None:
+    """Run (or resume) an autoencoder training run; returns the exported `autoencoder.safetensors`, or None
+    when a stop signal ended the run early (after saving a checkpoint to resume from)."""
     cfg = train_config(config)
     try:
         model_config = AutoencoderConfig.from_dict(config.get("autoencoder") or {})
@@ -94,9 +97,9 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path:
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     loss_fn = AutoencoderLoss(loss_config)
-    # Betas (0.5, 0.9) for both players, as the original GAN setup.
-    opt_g = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.9))
+    # The original trains both players with Adam betas (0.5, 0.9): set train.adam_betas to match.
+    opt_g = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas)
+    opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas)
     sched_g, sched_d = warmup_lr(opt_g, cfg.warmup_steps), warmup_lr(opt_d, cfg.warmup_steps)
     # The discriminator runs inside the loss several times per step, which DDP does not allow, so
     # it stays unwrapped and its gradients are averaged across processes by hand.
@@ -119,51 +122,55 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path:
     accelerator.init_trackers("autoencoder")
     bar = progress_bar(accelerator, cfg, step, "autoencoder")
     last_layer = accelerator.unwrap_model(model).decoder.conv_out.weight
-    while step < cfg.max_steps:
-        # Crops and posterior samples derive from (seed, rank, step), so a resumed run repeats them.
-        step_seed = cfg.seed * 1_000_003 + accelerator.process_index * 7919 + step
-        generator = torch.Generator().manual_seed(step_seed)
-        device_generator = torch.Generator(device).manual_seed(step_seed)
-        batch = next(batches)
-        samples_seen += len(batch["captions"])
-        images = random_crop(batch["images"], acfg.crop_size, generator).to(device)
-        if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                reconstructions, posterior = model(images, generator=device_generator)
-            g_loss, logs = loss_fn.generator_loss(images, reconstructions.float(), posterior, step, last_layer)
-            accelerator.backward(g_loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            opt_g.step()
-            sched_g.step()
-            opt_g.zero_grad(set_to_none=True)
-            if step >= loss_config.disc_start:
-                d_loss, d_logs = loss_fn.discriminator_loss(images, reconstructions.detach().float(), step)
-                logs.update(d_logs)
-                accelerator.backward(d_loss)
-                if accelerator.num_processes > 1:
-                    for p in loss_fn.discriminator.parameters():
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
-                opt_d.step()
-                sched_d.step()
-                opt_d.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            check_finite(g_loss, step, checkpoints, skip=False)
-            values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
-            bar.set_postfix(loss=f"{g_loss.item():.4f}", rec=f"{values.get('rec_loss', float('nan')):.4f}")
-            accelerator.log(values, step=step)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            check_finite(g_loss, step, checkpoints, skip=False)
-            checkpoints.save(accelerator, step, {"samples_seen": samples_seen})
-        if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
-            write_reconstructions(accelerator.unwrap_model(model), val_images.to(device),
-                                  run_dir / "samples" / f"step-{step:06d}.png")
+    with StopSignal() as stop:
+        while step < cfg.max_steps:
+            # Crops and posterior samples derive from (seed, rank, step), so a resumed run repeats them.
+            step_seed = cfg.seed * 1_000_003 + accelerator.process_index * 7919 + step
+            generator = torch.Generator().manual_seed(step_seed)
+            device_generator = torch.Generator(device).manual_seed(step_seed)
+            batch = next(batches)
+            samples_seen += len(batch["captions"])
+            images = random_crop(batch["images"], acfg.crop_size, generator).to(device)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    reconstructions, posterior = model(images, generator=device_generator)
+                g_loss, logs = loss_fn.generator_loss(images, reconstructions.float(), posterior, step, last_layer)
+                accelerator.backward(g_loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                opt_g.step()
+                sched_g.step()
+                opt_g.zero_grad(set_to_none=True)
+                if step >= loss_config.disc_start:
+                    d_loss, d_logs = loss_fn.discriminator_loss(images, reconstructions.detach().float(), step)
+                    logs.update(d_logs)
+                    accelerator.backward(d_loss)
+                    if accelerator.num_processes > 1:
+                        for p in loss_fn.discriminator.parameters():
+                            p.grad = accelerator.reduce(p.grad, reduction="mean")
+                    opt_d.step()
+                    sched_d.step()
+                    opt_d.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            if stop.requested(accelerator):
+                stop_and_save(accelerator, checkpoints, step, {"samples_seen": samples_seen})
+                return None
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                check_finite(g_loss, step, checkpoints, skip=False)
+                values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
+                bar.set_postfix(loss=f"{g_loss.item():.4f}", rec=f"{values.get('rec_loss', float('nan')):.4f}")
+                accelerator.log(values, step=step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                check_finite(g_loss, step, checkpoints, skip=False)
+                checkpoints.save(accelerator, step, {"samples_seen": samples_seen})
+            if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+                write_reconstructions(accelerator.unwrap_model(model), val_images.to(device),
+                                      run_dir / "samples" / f"step-{step:06d}.png")
     bar.close()
 
     autoencoder = accelerator.unwrap_model(model).eval()

@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,3 +237,40 @@ def build_dataset(data: dict[str, Any], accelerator: Accelerator, samples_seen: 
     return image_text_dataset(data["urls"], size=size, shuffle_buffer=int(data.get("shuffle_buffer", 1000)),
                               seed=seed, random_crop=bool(data.get("random_crop", False)),
                               rank=accelerator.process_index, world_size=accelerator.num_processes)
+
+
+class StopSignal:
+    """SIGTERM / SIGINT become a request that the loop honours between steps: save and exit cleanly.
+
+    Use as a context manager around the loop; `requested(accelerator)` agrees across processes, so
+    every rank stops at the same step and the collective checkpoint save cannot deadlock.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signal = signum
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        flag = torch.tensor([self.signal is not None], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag.int(), reduction="sum") > 0
+        return bool(flag.item())
+
+
+def stop_and_save(accelerator: Accelerator, checkpoints: Checkpoints, step: int, state: dict[str, Any]) -> None:
+    """Save a checkpoint after a stop signal and say how to continue."""
+    path = checkpoints.save(accelerator, step, state)
+    accelerator.print(f"stopped by signal at step {step}; saved {path}; continue with --resume")
+    accelerator.end_training()

@@ -25,12 +25,14 @@ from ldm.sd_checkpoint import ModelSpec
 from ldm.training.common import (
     EMA,
     Checkpoints,
+    StopSignal,
     build_dataset,
     check_finite,
     load_stage,
     make_accelerator,
     progress_bar,
     save_run_config,
+    stop_and_save,
     train_config,
     warmup_lr,
 )
@@ -82,8 +84,9 @@ class LatentCache:
         return latents, [self.captions[i] for i in index.tolist()]
 
 
-def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path:
-    """Run (or resume) a diffusion training run; returns the exported pipeline checkpoint."""
+def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path | None:
+    """Run (or resume) a diffusion training run; returns the exported pipeline checkpoint, or None when a
+    stop signal ended the run early (after saving a checkpoint to resume from)."""
     cfg = train_config(config)
     try:
         dcfg = DiffusionConfig(**config_kwargs(DiffusionConfig, config.get("diffusion") or {}))
@@ -136,60 +139,64 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path:
 
     accelerator.init_trackers("diffusion")
     bar = progress_bar(accelerator, cfg, step, "diffusion")
-    while step < cfg.max_steps:
-        # All randomness of a step (data order, caption dropout, noise, timesteps) derives from
-        # (seed, rank, step): a resumed run redraws exactly what an uninterrupted one would have.
-        step_seed = cfg.seed * 1_000_003 + accelerator.process_index * 7919 + step
-        generator = torch.Generator().manual_seed(step_seed)
-        device_generator = torch.Generator(device).manual_seed(step_seed)
-        with accelerator.accumulate(unet):
-            if cache is not None:
-                latents, captions = cache.draw(cfg.batch_size, generator)
-            else:
-                batch = next(batches)
+    with StopSignal() as stop:
+        while step < cfg.max_steps:
+            # All randomness of a step (data order, caption dropout, noise, timesteps) derives from
+            # (seed, rank, step): a resumed run redraws exactly what an uninterrupted one would have.
+            step_seed = cfg.seed * 1_000_003 + accelerator.process_index * 7919 + step
+            generator = torch.Generator().manual_seed(step_seed)
+            device_generator = torch.Generator(device).manual_seed(step_seed)
+            with accelerator.accumulate(unet):
+                if cache is not None:
+                    latents, captions = cache.draw(cfg.batch_size, generator)
+                else:
+                    batch = next(batches)
+                    with torch.no_grad():
+                        latents = autoencoder.encode(batch["images"].to(device)).sample(device_generator)
+                    captions = batch["captions"]
+                samples_seen += len(captions)
+                latents = latents * autoencoder.scale_factor
                 with torch.no_grad():
-                    latents = autoencoder.encode(batch["images"].to(device)).sample(device_generator)
-                captions = batch["captions"]
-            samples_seen += len(captions)
-            latents = latents * autoencoder.scale_factor
-            with torch.no_grad():
-                context = text_encoder(drop_captions(captions, dcfg.caption_dropout, generator))
-            noise = torch.randn(latents.shape, generator=device_generator, device=device, dtype=latents.dtype)
-            t = torch.randint(0, schedule.num_timesteps, (latents.shape[0],), generator=device_generator,
-                              device=device)
-            x_t = schedule.add_noise(latents, noise, t)
-            if cfg.channels_last:
-                x_t = x_t.contiguous(memory_format=torch.channels_last)
-            target = noise if dcfg.parameterization == "eps" else schedule.v_target(latents, noise, t)
-            with accelerator.autocast():
-                prediction = unet(x_t, t, context)
-            loss = F.mse_loss(prediction.float(), target.float())
-            if cfg.skip_nan_steps and not check_finite(loss, step, checkpoints, skip=True):
+                    context = text_encoder(drop_captions(captions, dcfg.caption_dropout, generator))
+                noise = torch.randn(latents.shape, generator=device_generator, device=device, dtype=latents.dtype)
+                t = torch.randint(0, schedule.num_timesteps, (latents.shape[0],), generator=device_generator,
+                                  device=device)
+                x_t = schedule.add_noise(latents, noise, t)
+                if cfg.channels_last:
+                    x_t = x_t.contiguous(memory_format=torch.channels_last)
+                target = noise if dcfg.parameterization == "eps" else schedule.v_target(latents, noise, t)
+                with accelerator.autocast():
+                    prediction = unet(x_t, t, context)
+                loss = F.mse_loss(prediction.float(), target.float())
+                if cfg.skip_nan_steps and not check_finite(loss, step, checkpoints, skip=True):
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                lr_schedule.step()
                 optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
                 continue
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            lr_schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        if ema is not None:
-            ema.update(accelerator.unwrap_model(unet))
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            check_finite(loss, step, checkpoints, skip=False)
-            loss_value = accelerator.gather(loss.detach()[None]).mean().item()
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-            accelerator.log({"loss": loss_value, "lr": lr_schedule.get_last_lr()[0]}, step=step)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            check_finite(loss, step, checkpoints, skip=False)
-            checkpoints.save(accelerator, step, {"samples_seen": samples_seen})
-        if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
-            write_samples(export_pipeline(spec, accelerator.unwrap_model(unet), ema, text_encoder, autoencoder),
-                          dcfg, run_dir / "samples" / f"step-{step:06d}.png")
+            step += 1
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(unet))
+            bar.update(1)
+            if stop.requested(accelerator):
+                stop_and_save(accelerator, checkpoints, step, {"samples_seen": samples_seen})
+                return None
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                check_finite(loss, step, checkpoints, skip=False)
+                loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                accelerator.log({"loss": loss_value, "lr": lr_schedule.get_last_lr()[0]}, step=step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                check_finite(loss, step, checkpoints, skip=False)
+                checkpoints.save(accelerator, step, {"samples_seen": samples_seen})
+            if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+                write_samples(export_pipeline(spec, accelerator.unwrap_model(unet), ema, text_encoder, autoencoder),
+                              dcfg, run_dir / "samples" / f"step-{step:06d}.png")
     bar.close()
     path = run_dir / "model.safetensors"
     if accelerator.is_main_process:

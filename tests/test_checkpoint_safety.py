@@ -1,0 +1,81 @@
+"""Checkpoints from strangers: pickles never run code, and can be converted to .safetensors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import zipfile
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ldm.cli import run_main
+from ldm.errors import InputError
+from ldm.sd_checkpoint import convert_to_safetensors, read_checkpoint
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+import convert_checkpoint  # noqa: E402
+
+
+class RunsACommand:
+    """Unpickling this calls os.system, as a malicious checkpoint would."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def write_malicious(path, marker) -> None:
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "payload": RunsACommand(str(marker))}, path)
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "evil.ckpt"
+    write_malicious(ckpt, marker)
+    assert zipfile.is_zipfile(ckpt)
+    # The payload really is live: an unrestricted unpickler runs it.
+    with zipfile.ZipFile(ckpt) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    assert b"system" in data
+    with pytest.raises(InputError, match="cannot read"):
+        read_checkpoint(ckpt)
+    assert not marker.exists()
+
+    legacy = tmp_path / "evil-legacy.ckpt"
+    with open(legacy, "wb") as f:
+        pickle.dump({"state_dict": {}, "payload": RunsACommand(str(marker))}, f)
+    with pytest.raises(InputError, match="cannot read"):
+        read_checkpoint(legacy)
+    assert not marker.exists()
+
+
+def test_convert_keeps_tensors_and_global_step(tmp_path, capsys):
+    ckpt = tmp_path / "model.ckpt"
+    tensors = {"model.diffusion_model.a": torch.randn(3, 4), "first_stage_model.b": torch.arange(5.0)}
+    torch.save({"state_dict": tensors, "global_step": 875000}, ckpt)
+    assert run_main(convert_checkpoint.main, [str(ckpt)]) == 0
+    out = tmp_path / "model.safetensors"
+    assert capsys.readouterr().out.strip() == str(out)
+    converted, metadata = read_checkpoint(out)
+    assert converted.keys() == tensors.keys()
+    assert all(torch.equal(converted[k], tensors[k]) for k in tensors)
+    assert metadata == {"global_step": "875000"}
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata() == {"global_step": "875000"}
+
+
+def test_convert_refuses_bad_input_in_one_line(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    write_malicious(evil, marker)
+    assert run_main(convert_checkpoint.main, [str(evil)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot read") and len(err.splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "evil.safetensors").exists()
+    with pytest.raises(InputError, match="must end in .safetensors"):
+        convert_to_safetensors(evil, tmp_path / "out.bin")
