@@ -26,14 +26,10 @@ from ldm.metrics import psnr
 from ldm.pipeline import to_pil
 from ldm.sd_checkpoint import save_module
 from ldm.training.common import (
-    Checkpoints,
-    StopSignal,
+    TrainingRun,
     build_dataset,
-    check_finite,
     make_accelerator,
-    progress_bar,
     save_run_config,
-    stop_and_save,
     train_config,
     warmup_lr,
 )
@@ -106,45 +102,37 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | No
     loss_fn.to(device)
     accelerator.register_for_checkpointing(loss_fn)
     model, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(model, opt_g, opt_d, sched_g, sched_d)
-    checkpoints = Checkpoints(run_dir, cfg.keep_last)
-    step, samples_seen = 0, 0
-    if resume and (latest := checkpoints.latest()) is not None:
-        state = checkpoints.load(accelerator, latest)
-        step, samples_seen = state["step"], state["samples_seen"]
-        accelerator.print(f"resumed from {latest} at step {step}")
+    run = TrainingRun(accelerator, cfg, "autoencoder", resume)
 
     data = config.get("data") or {}
-    batches = iter(make_loader(build_dataset(data, accelerator, samples_seen, seed=cfg.seed + step),
+    batches = iter(make_loader(build_dataset(data, accelerator, run.samples_seen, seed=cfg.seed + run.step),
                                cfg.batch_size, cfg.num_workers))
     val_data = {**data, "split": "val"} if data.get("dataset", "shapes-v1") == "shapes-v1" else data
     val_images = next(iter(make_loader(build_dataset(val_data, accelerator), acfg.num_sample_images)))["images"]
 
-    accelerator.init_trackers("autoencoder")
-    bar = progress_bar(accelerator, cfg, step, "autoencoder")
     last_layer = accelerator.unwrap_model(model).decoder.conv_out.weight
-    with StopSignal() as stop:
-        while step < cfg.max_steps:
-            # Crops and posterior samples derive from (seed, rank, step), so a resumed run repeats them.
-            step_seed = cfg.seed * 1_000_003 + accelerator.process_index * 7919 + step
-            generator = torch.Generator().manual_seed(step_seed)
-            device_generator = torch.Generator(device).manual_seed(step_seed)
+    with run:
+        while not run.done:
+            generator = torch.Generator().manual_seed(run.step_seed())
+            device_generator = torch.Generator(device).manual_seed(run.step_seed())
             batch = next(batches)
-            samples_seen += len(batch["captions"])
+            run.samples_seen += len(batch["captions"])
             images = random_crop(batch["images"], acfg.crop_size, generator).to(device)
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     reconstructions, posterior = model(images, generator=device_generator)
-                g_loss, logs = loss_fn.generator_loss(images, reconstructions.float(), posterior, step, last_layer)
+                g_loss, logs = loss_fn.generator_loss(images, reconstructions.float(), posterior, run.step,
+                                                      last_layer)
                 accelerator.backward(g_loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 opt_g.step()
                 sched_g.step()
                 opt_g.zero_grad(set_to_none=True)
-                if step >= loss_config.disc_start:
-                    d_loss, d_logs = loss_fn.discriminator_loss(images, reconstructions.detach().float(), step)
+                if run.step >= loss_config.disc_start:
+                    d_loss, d_logs = loss_fn.discriminator_loss(images, reconstructions.detach().float(), run.step)
                     logs.update(d_logs)
                     accelerator.backward(d_loss)
                     if accelerator.num_processes > 1:
@@ -155,23 +143,11 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | No
                     opt_d.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
-            step += 1
-            bar.update(1)
-            if stop.requested(accelerator):
-                stop_and_save(accelerator, checkpoints, step, {"samples_seen": samples_seen})
+            if not run.end_step(g_loss, {"rec_loss": logs["rec_loss"], **logs}):
                 return None
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                check_finite(g_loss, step, checkpoints, skip=False)
-                values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
-                bar.set_postfix(loss=f"{g_loss.item():.4f}", rec=f"{values.get('rec_loss', float('nan')):.4f}")
-                accelerator.log(values, step=step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                check_finite(g_loss, step, checkpoints, skip=False)
-                checkpoints.save(accelerator, step, {"samples_seen": samples_seen})
-            if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            if run.sample_due():
                 write_reconstructions(accelerator.unwrap_model(model), val_images.to(device),
-                                      run_dir / "samples" / f"step-{step:06d}.png")
-    bar.close()
+                                      run_dir / "samples" / f"step-{run.step:06d}.png")
 
     autoencoder = accelerator.unwrap_model(model).eval()
     path = run_dir / "autoencoder.safetensors"
@@ -179,7 +155,7 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | No
         autoencoder.config.scale_factor = measure_scale_factor(autoencoder, batches, acfg.scale_factor_samples,
                                                                device)
         val_batches = iter(make_loader(build_dataset(val_data, accelerator), cfg.batch_size))
-        metrics = {"steps": step, "scale_factor": autoencoder.config.scale_factor,
+        metrics = {"steps": run.step, "scale_factor": autoencoder.config.scale_factor,
                    f"psnr_val_{acfg.eval_samples}": evaluate_psnr(autoencoder, val_batches, acfg.eval_samples, device)}
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         accelerator.print(json.dumps(metrics))

@@ -269,8 +269,74 @@ class StopSignal:
         return bool(flag.item())
 
 
-def stop_and_save(accelerator: Accelerator, checkpoints: Checkpoints, step: int, state: dict[str, Any]) -> None:
-    """Save a checkpoint after a stop signal and say how to continue."""
-    path = checkpoints.save(accelerator, step, state)
-    accelerator.print(f"stopped by signal at step {step}; saved {path}; continue with --resume")
-    accelerator.end_training()
+class TrainingRun:
+    """The bookkeeping every stage shares, around its own training step: resume, step count and
+    data position, progress bar, logging, NaN checks, atomic checkpoints and stop signals.
+
+        with TrainingRun(accelerator, cfg, "diffusion", resume) as run:
+            while not run.done:
+                ...  # one optimizer step, seeded by run.step_seed()
+                if not run.end_step(loss, {"lr": ...}):
+                    return None  # a stop signal: a checkpoint was saved to resume from
+    """
+
+    def __init__(self, accelerator: Accelerator, cfg: TrainConfig, name: str, resume: bool):
+        self.accelerator, self.cfg, self.name = accelerator, cfg, name
+        self.checkpoints = Checkpoints(cfg.output_dir, cfg.keep_last)
+        self.step, self.samples_seen = 0, 0  # optimizer steps; samples read by this process
+        if resume and (latest := self.checkpoints.latest()) is not None:
+            state = self.checkpoints.load(accelerator, latest)
+            self.step, self.samples_seen = state["step"], state["samples_seen"]
+            accelerator.print(f"resumed from {latest} at step {self.step}")
+        self._stop = StopSignal()
+
+    def __enter__(self) -> TrainingRun:
+        self.accelerator.init_trackers(self.name)
+        self._bar = progress_bar(self.accelerator, self.cfg, self.step, self.name)
+        self._stop.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.__exit__()
+        self._bar.close()
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.cfg.max_steps
+
+    def step_seed(self) -> int:
+        """Seed of everything random in the current step: a function of (seed, rank, step), so a
+        resumed run redraws exactly what an uninterrupted one would have."""
+        return self.cfg.seed * 1_000_003 + self.accelerator.process_index * 7919 + self.step
+
+    def skip(self, loss: torch.Tensor) -> bool:
+        """True if this step's loss is NaN/inf and the config says to skip such steps."""
+        return self.cfg.skip_nan_steps and not check_finite(loss, self.step, self.checkpoints, skip=True)
+
+    def end_step(self, loss: torch.Tensor, logs: dict[str, float | torch.Tensor]) -> bool:
+        """Count a finished optimizer step: log the loss (averaged over processes) and `logs`, save
+        checkpoints when due; False when a stop signal asks the run to end now (a checkpoint has
+        then been saved). Values are read (a device sync) only on logging steps."""
+        cfg, accelerator = self.cfg, self.accelerator
+        self.step += 1
+        self._bar.update(1)
+        last = self.done
+        if self.step % cfg.log_every == 0 or last:
+            check_finite(loss, self.step, self.checkpoints, skip=False)
+            values = {"loss": self.accelerator.gather(loss.detach()[None]).mean().item(),
+                      **{k: float(v) for k, v in logs.items()}}
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:2]})  # loss, first of logs
+            accelerator.log(values, step=self.step)
+        if self.step % cfg.checkpoint_every == 0 or last:
+            check_finite(loss, self.step, self.checkpoints, skip=False)
+            self.checkpoints.save(accelerator, self.step, {"samples_seen": self.samples_seen})
+        if self._stop.requested(accelerator):
+            path = self.checkpoints.save(accelerator, self.step, {"samples_seen": self.samples_seen})
+            accelerator.print(f"stopped by signal at step {self.step}; saved {path}; continue with --resume")
+            accelerator.end_training()
+            return False
+        return True
+
+    def sample_due(self) -> bool:
+        """Whether this process should write sample images now (main process, every sample_every)."""
+        return self.accelerator.is_main_process and (self.step % self.cfg.sample_every == 0 or self.done)

@@ -24,15 +24,11 @@ from ldm.schedule import NoiseSchedule
 from ldm.sd_checkpoint import ModelSpec
 from ldm.training.common import (
     EMA,
-    Checkpoints,
-    StopSignal,
+    TrainingRun,
     build_dataset,
-    check_finite,
     load_stage,
     make_accelerator,
-    progress_bar,
     save_run_config,
-    stop_and_save,
     train_config,
     warmup_lr,
 )
@@ -121,31 +117,18 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path | None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    checkpoints = Checkpoints(run_dir, cfg.keep_last)
-    step, samples_seen = 0, 0
-    if resume and (latest := checkpoints.latest()) is not None:
-        state = checkpoints.load(accelerator, latest)
-        step, samples_seen = state["step"], state["samples_seen"]
-        accelerator.print(f"resumed from {latest} at step {step}")
-
+    run = TrainingRun(accelerator, cfg, "diffusion", resume)
     # With a latent cache the cache is the whole data set, always encoded from the first samples;
     # otherwise the stream continues where the checkpoint left it.
-    start = 0 if dcfg.precompute_latents > 0 else samples_seen
-    batches = iter(make_loader(build_dataset(data, accelerator, start, seed=cfg.seed + step), cfg.batch_size,
+    start = 0 if dcfg.precompute_latents > 0 else run.samples_seen
+    batches = iter(make_loader(build_dataset(data, accelerator, start, seed=cfg.seed + run.step), cfg.batch_size,
                                cfg.num_workers))
-    cache = None
-    if dcfg.precompute_latents > 0:
-        cache = LatentCache(autoencoder, batches, dcfg.precompute_latents, device)
+    cache = LatentCache(autoencoder, batches, dcfg.precompute_latents, device) if dcfg.precompute_latents else None
 
-    accelerator.init_trackers("diffusion")
-    bar = progress_bar(accelerator, cfg, step, "diffusion")
-    with StopSignal() as stop:
-        while step < cfg.max_steps:
-            # All randomness of a step (data order, caption dropout, noise, timesteps) derives from
-            # (seed, rank, step): a resumed run redraws exactly what an uninterrupted one would have.
-            step_seed = cfg.seed * 1_000_003 + accelerator.process_index * 7919 + step
-            generator = torch.Generator().manual_seed(step_seed)
-            device_generator = torch.Generator(device).manual_seed(step_seed)
+    with run:
+        while not run.done:
+            generator = torch.Generator().manual_seed(run.step_seed())
+            device_generator = torch.Generator(device).manual_seed(run.step_seed())
             with accelerator.accumulate(unet):
                 if cache is not None:
                     latents, captions = cache.draw(cfg.batch_size, generator)
@@ -154,7 +137,7 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path | None
                     with torch.no_grad():
                         latents = autoencoder.encode(batch["images"].to(device)).sample(device_generator)
                     captions = batch["captions"]
-                samples_seen += len(captions)
+                run.samples_seen += len(captions)
                 latents = latents * autoencoder.scale_factor
                 with torch.no_grad():
                     context = text_encoder(drop_captions(captions, dcfg.caption_dropout, generator))
@@ -168,40 +151,26 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path | None
                 with accelerator.autocast():
                     prediction = unet(x_t, t, context)
                 loss = F.mse_loss(prediction.float(), target.float())
-                if cfg.skip_nan_steps and not check_finite(loss, step, checkpoints, skip=True):
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                lr_schedule.step()
+                if not run.skip(loss):
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    lr_schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
-            step += 1
             if ema is not None:
                 ema.update(accelerator.unwrap_model(unet))
-            bar.update(1)
-            if stop.requested(accelerator):
-                stop_and_save(accelerator, checkpoints, step, {"samples_seen": samples_seen})
+            if not run.end_step(loss, {"lr": lr_schedule.get_last_lr()[0]}):
                 return None
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                check_finite(loss, step, checkpoints, skip=False)
-                loss_value = accelerator.gather(loss.detach()[None]).mean().item()
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-                accelerator.log({"loss": loss_value, "lr": lr_schedule.get_last_lr()[0]}, step=step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                check_finite(loss, step, checkpoints, skip=False)
-                checkpoints.save(accelerator, step, {"samples_seen": samples_seen})
-            if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            if run.sample_due():
                 write_samples(export_pipeline(spec, accelerator.unwrap_model(unet), ema, text_encoder, autoencoder),
-                              dcfg, run_dir / "samples" / f"step-{step:06d}.png")
-    bar.close()
+                              dcfg, run_dir / "samples" / f"step-{run.step:06d}.png")
     path = run_dir / "model.safetensors"
     if accelerator.is_main_process:
         pipe = export_pipeline(spec, accelerator.unwrap_model(unet), ema, text_encoder, autoencoder)
-        pipe.save(path, metadata={"training_steps": str(step)})
+        pipe.save(path, metadata={"training_steps": str(run.step)})
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it destroys the process group that wait_for_everyone needs
     return path
