@@ -98,12 +98,14 @@ class Pipeline:
     @torch.no_grad()
     def __call__(self, prompts: str | Sequence[str], num_steps: int = 50, guidance_scale: float = 7.5,
                  eta: float = 0.0, seed: int | Sequence[int] = 0, height: int | None = None,
-                 width: int | None = None, latents: torch.Tensor | None = None, output_type: str = "pil",
+                 width: int | None = None, latents: torch.Tensor | None = None,
+                 negative_prompts: str | Sequence[str] = "", output_type: str = "pil",
                  progress: bool = True) -> list[Image.Image] | torch.Tensor:
         """Generate one image per prompt.
 
         `seed` is the seed of the first image; image k uses seed + k (or pass one seed per prompt).
-        `latents` (B, 4, h, w), if given, replace the seeded initial noise. Returns PIL images, or
+        `latents` (B, 4, h, w), if given, replace the seeded initial noise. `negative_prompts` (one for
+        all, or one per prompt) replace the empty unconditional prompt of guidance. Returns PIL images, or
         with `output_type="tensor"` images (B, 3, H, W) in [-1, 1], or with "latent" the latents.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -119,9 +121,14 @@ class Pipeline:
         if len(seeds) != len(prompts):
             raise InputError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
 
-        # 1. Prompts -> context; the empty prompt is the unconditional context.
+        if isinstance(negative_prompts, str):
+            negative_prompts = [negative_prompts] * len(prompts)
+        if len(negative_prompts) != len(prompts):
+            raise InputError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+
+        # 1. Prompts -> context; the negative (by default empty) prompt is the unconditional context.
         context = self.text_encoder(prompts).to(self.dtype)
-        uncond_context = self.text_encoder([""] * len(prompts)).to(self.dtype) if guidance_scale != 1 else None
+        uncond_context = self.text_encoder(list(negative_prompts)).to(self.dtype) if guidance_scale != 1 else None
         # 2. Initial noise x_T in float32 from one CPU generator per image, which then also draws
         #    that image's sampler noise (eta > 0): image k is reproducible alone, on any device.
         shape = (len(prompts), self.unet.config.in_channels, height // factor, width // factor)

@@ -15,6 +15,8 @@ from ldm.pipeline import Pipeline
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--prompt", type=str, help="the prompt to render")
+    p.add_argument("--negative_prompt", type=str, default="", help="what to steer away from (replaces the empty "
+                   "unconditional prompt of guidance)")
     p.add_argument("--from-file", "--from_file", dest="from_file", type=Path,
                    help="a text file with one prompt per line (instead of --prompt)")
     p.add_argument("--outdir", type=Path, default=Path("outputs/txt2img-samples"))
@@ -74,11 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.n_iter):
         for prompt in prompts:
             batch = pipe([prompt] * args.n_samples, num_steps=args.steps, guidance_scale=args.scale,
-                         eta=args.ddim_eta, seed=seed, height=args.H, width=args.W)
+                         eta=args.ddim_eta, seed=seed, height=args.H, width=args.W,
+                         negative_prompts=args.negative_prompt)
             for k, image in enumerate(batch):
                 metadata = {"prompt": prompt, "seed": seed + k, "steps": args.steps, "scale": args.scale,
                             "sampler": "ddim", "eta": args.ddim_eta, "model": pipe.name,
-                            "height": image.height, "width": image.width}
+                            "height": image.height, "width": image.width, "negative_prompt": args.negative_prompt}
                 print(save_png(image, outdir, metadata))
             seed += args.n_samples
             images.extend(batch)

@@ -19,10 +19,11 @@ from ldm.cli import run_main
 from ldm.clip import ClipConfig, SmallCLIP, VisionConfig, clip_score, contrastive_loss, load_clip
 from ldm.config import config_dict
 from ldm.data.loader import make_loader, shapes_dataset
+from ldm.data.shapes import HELDOUT_PAIRS, VOCABULARY
 from ldm.errors import InputError
 from ldm.sd_checkpoint import save_module
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
-from ldm.training.clip import caption_positives, train_clip
+from ldm.training.clip import canonical_samples, caption_positives, hard_negative_captions, train_clip
 from ldm.training.common import load_stage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -114,13 +115,26 @@ def test_loss_spreads_the_target_over_all_positives():
     assert torch.allclose(loss, (rows + columns) / 2)
 
 
+def test_extra_negative_texts_only_enter_the_image_to_text_term():
+    """Reference written out with explicit log-softmaxes: 2 images, their 2 captions and 1 extra negative."""
+    generator = torch.Generator().manual_seed(1)
+    images = F.normalize(torch.randn(2, 4, generator=generator), dim=-1)
+    texts = F.normalize(torch.randn(3, 4, generator=generator), dim=-1)
+    positives = torch.tensor([[True, False, False], [False, True, False]])
+    logits = 5.0 * images @ texts.T
+    image_to_text = -(logits[0, 0] - logits[0].logsumexp(0) + logits[1, 1] - logits[1].logsumexp(0)) / 2
+    text_to_image = -(logits[0, 0] - logits[:, 0].logsumexp(0) + logits[1, 1] - logits[:, 1].logsumexp(0)) / 2
+    loss = contrastive_loss(images, texts, torch.tensor(5.0), positives)
+    assert torch.allclose(loss, (image_to_text + text_to_image) / 2)
+
+
 def test_positives_follow_what_each_caption_says():
     captions = ["a red circle", "a large red circle", "a red circle", "a blue circle"]
     canonical = ["a small red circle in the top left on a black background",
                  "a large red circle in the center on a white background",
                  "a large red circle in the center on a white background",
                  "a small blue circle in the center on a gray background"]
-    assert caption_positives(captions, canonical).tolist() == [
+    assert caption_positives(captions, canonical_captions=canonical).tolist() == [
         [True, False, True, False],  # small: "a large red circle" does not describe it
         [True, True, True, False],
         [True, True, True, False],
@@ -133,14 +147,32 @@ def test_positives_follow_what_each_caption_says():
         [True, False, True, False],
         [False, False, False, True],
     ]
+    extra = ["a large red circle in the center on a white background", "a red square"]
+    assert caption_positives(captions, captions + extra, canonical)[:, 4:].tolist() == [
+        [False, False], [True, False], [True, False], [False, False]]
     with pytest.raises(ValueError, match="not a canonical"):
-        caption_positives(captions[:1], ["a red circle"])
+        caption_positives(captions[:1], canonical_captions=["a red circle"])
+
+
+def test_hard_negatives_change_exactly_one_attribute_and_avoid_held_out_pairs():
+    samples = canonical_samples()
+    canonical = [caption for caption, s in samples.items() if (s.color, s.shape) not in HELDOUT_PAIRS][:300]
+    negatives = hard_negative_captions(canonical, torch.Generator().manual_seed(0))
+    changed = set()
+    for caption, negative in zip(canonical, negatives, strict=True):
+        before, after = samples[caption], samples[negative]
+        differences = [a for a in VOCABULARY if getattr(before, a) != getattr(after, a)]
+        assert len(differences) == 1
+        changed.add(differences[0])
+        assert (after.color, after.shape) not in HELDOUT_PAIRS
+    assert changed == set(VOCABULARY)
+    assert hard_negative_captions(canonical, torch.Generator().manual_seed(0)) == negatives
 
 
 def test_loss_decreases_on_a_fixed_batch():
     model = _tiny_clip()
     batch = _shapes_batch(16)
-    positives = caption_positives(batch["captions"], batch["canonical_captions"])
+    positives = caption_positives(batch["captions"], canonical_captions=batch["canonical_captions"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(8):

@@ -110,3 +110,20 @@ def test_bad_checkpoints_are_one_line_input_errors(tiny_pipeline, tmp_path):
     save_file(tensors, str(damaged), metadata=metadata)
     with pytest.raises(InputError, match=r"missing out\.2\.weight; unexpected extra\.weight"):
         Pipeline.from_checkpoint(damaged)
+
+
+def test_negative_prompt_replaces_the_empty_unconditional_prompt(tiny_pipeline):
+    kwargs = dict(num_steps=3, guidance_scale=4.0, seed=2, output_type="latent", progress=False)
+    default = tiny_pipeline(PROMPTS, **kwargs)
+    assert torch.equal(default, tiny_pipeline(PROMPTS, negative_prompts="", **kwargs))
+    negative = tiny_pipeline(PROMPTS, negative_prompts=["green", "red"], **kwargs)
+    assert not torch.allclose(default, negative, atol=1e-4)
+    # With guidance 1 the unconditional branch is never run, so the negative prompt cannot matter.
+    no_guidance = {**kwargs, "guidance_scale": 1.0}
+    plain = tiny_pipeline(PROMPTS, **no_guidance)
+    assert torch.equal(plain, tiny_pipeline(PROMPTS, negative_prompts="x", **no_guidance))
+    # Row 1 with its own negative prompt equals a batch of one with the same negative prompt.
+    alone = tiny_pipeline(PROMPTS[1:], negative_prompts="red", **{**kwargs, "seed": 3})
+    assert torch.allclose(negative[1:], alone, atol=1e-5)
+    with pytest.raises(InputError, match="negative prompts for 2 prompts"):
+        tiny_pipeline(PROMPTS, negative_prompts=["a", "b", "c"], **kwargs)

@@ -1,13 +1,21 @@
 """Stage 0: train the small CLIP whose text tower becomes the diffusion model's text encoder.
 
-Objective: CLIP's symmetric contrastive loss over in-batch pairs. Captions are not unique (many
-shapes-v1 images are "a red circle"), so plain CLIP would push an image away from captions that
-describe it. Targets are therefore soft: each image's target is uniform over every caption in the
-batch that describes it, and each caption's over every image it describes. On shapes-v1 the
-loader gives each image's canonical caption, which names all its attributes, so "describes" is
-exact: the caption is one of the image's canonical or partial captions. On other data only
-identical captions count as positives; a caption that happens to fit another image stays a
-negative there.
+Objective: CLIP's symmetric contrastive loss over in-batch pairs, with two changes for shapes-v1.
+
+False negatives. Captions are not unique (many images are "a red circle"), so plain CLIP would
+push an image away from captions that describe it. Targets are soft instead: each image's target
+is uniform over every caption in the batch that describes it, and each caption's over every image
+it describes. On shapes-v1 the loader gives each image's canonical caption, which names all its
+attributes, so "describes" is exact: the caption is one of the image's canonical or partial
+captions. On other data only identical captions count; a caption that happens to fit another
+image stays a negative there.
+
+Hard negatives. With 660 attribute combinations, a batch rarely holds two images that differ in
+one attribute only, so nothing forces the model to see position: in our runs it stayed at chance
+on position while colour, size and background were perfect. Each image therefore also gets a
+negative caption: its canonical caption with one attribute, drawn uniformly, set to another value
+(never a held-out colour-shape pair), as in NegCLIP (Yuksekgonul et al. 2023). These captions
+only act as negatives unless they happen to describe another image of the batch.
 
 Negatives are those of the process's own micro-batch: features are not gathered across
 processes, and gradient accumulation does not enlarge the set of negatives.
@@ -18,6 +26,7 @@ each image picks the best of all canonical captions, scored in full and per attr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -30,7 +39,15 @@ import torch
 from ldm.clip import ClipConfig, SmallCLIP, contrastive_loss
 from ldm.config import config_dict, config_kwargs
 from ldm.data.loader import make_loader, shapes_dataset
-from ldm.data.shapes import CANONICAL_FORM, PARTIAL_FORMS, VOCABULARY, ShapeSample, canonical_caption, format_caption
+from ldm.data.shapes import (
+    CANONICAL_FORM,
+    HELDOUT_PAIRS,
+    PARTIAL_FORMS,
+    VOCABULARY,
+    ShapeSample,
+    canonical_caption,
+    format_caption,
+)
 from ldm.errors import InputError
 from ldm.sd_checkpoint import save_module
 from ldm.training.common import (
@@ -50,6 +67,7 @@ from ldm.training.common import (
 class ClipTraining:
     """The `clip_training:` section of a training YAML (optional)."""
 
+    hard_negatives: bool = True  # one negative caption per image (shapes-v1 only)
     eval_samples: int = 500  # images per split (val, heldout) for the final retrieval metrics
     eval_batch_size: int = 100
 
@@ -69,19 +87,47 @@ def _descriptions() -> dict[str, frozenset[str]]:
     return {caption: frozenset(format_caption(s, form) for form in forms) for caption, s in canonical_samples().items()}
 
 
-def caption_positives(captions: list[str], canonical_captions: list[str] | None = None) -> torch.Tensor:
-    """Which caption describes which image: (B, B) bool, `[i, j]` = caption j describes image i.
+def caption_positives(captions: list[str], texts: list[str] | None = None,
+                      canonical_captions: list[str] | None = None) -> torch.Tensor:
+    """Which text describes which image: (B, T) bool, `[i, j]` = `texts[j]` describes image i.
 
-    With shapes-v1 `canonical_captions` (all attributes of each image), caption j describes image i
-    when it is one of image i's canonical or partial captions; otherwise when it equals caption i.
+    Image i is the one captioned `captions[i]`; `texts` defaults to `captions`. With shapes-v1
+    `canonical_captions` (all attributes of each image), a text describes image i when it is one
+    of image i's canonical or partial captions; otherwise when it equals `captions[i]`.
     """
+    texts = captions if texts is None else texts
     if canonical_captions is None:
-        return torch.tensor([[other == caption for other in captions] for caption in captions])
-    descriptions = _descriptions()
-    unknown = [c for c in canonical_captions if c not in descriptions]
-    if unknown:
-        raise ValueError(f"{unknown[0]!r} is not a canonical shapes-v1 caption")
-    return torch.tensor([[other in descriptions[canonical] for other in captions] for canonical in canonical_captions])
+        described = [{caption} for caption in captions]
+    else:
+        descriptions = _descriptions()
+        unknown = [c for c in canonical_captions if c not in descriptions]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a canonical shapes-v1 caption")
+        described = [descriptions[c] for c in canonical_captions]
+    return torch.tensor([[text in d for text in texts] for d in described], dtype=torch.bool)
+
+
+def hard_negative_captions(canonical_captions: list[str], generator: torch.Generator) -> list[str]:
+    """Each canonical shapes-v1 caption with one attribute (drawn uniformly) set to another value.
+
+    Values are drawn uniformly too, again until the colour-shape pair is not held out, so held-out
+    compositions never appear in training text.
+    """
+    def pick(options: list[str]) -> str:
+        return options[int(torch.randint(len(options), (), generator=generator))]
+
+    samples = canonical_samples()
+    negatives = []
+    for caption in canonical_captions:
+        sample = samples[caption]
+        while True:
+            attribute = pick(list(VOCABULARY))
+            value = pick([v for v in VOCABULARY[attribute] if v != getattr(sample, attribute)])
+            negative = dataclasses.replace(sample, **{attribute: value})
+            if (negative.color, negative.shape) not in HELDOUT_PAIRS:
+                break
+        negatives.append(canonical_caption(negative))
+    return negatives
 
 
 def _weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -168,13 +214,18 @@ def train_clip(config: dict[str, Any], resume: bool = False) -> Path:
     accelerator.init_trackers("clip")
     bar = progress_bar(accelerator, cfg, step, "clip")
     while step < cfg.max_steps:
+        # The negatives derive from (seed, rank, step): a resumed run redraws what an uninterrupted one would.
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + accelerator.process_index * 7919 + step)
         with accelerator.accumulate(model):
             batch = next(batches)
-            captions = batch["captions"]
+            captions, canonical = batch["captions"], batch.get("canonical_captions")
             samples_seen += len(captions)
-            positives = caption_positives(captions, batch.get("canonical_captions"))
+            texts = captions
+            if ccfg.hard_negatives and canonical is not None:
+                texts = captions + hard_negative_captions(canonical, generator)
+            positives = caption_positives(captions, texts, canonical)
             with accelerator.autocast():
-                image_features, text_features, logit_scale = model(batch["images"].to(device), tokenize(captions))
+                image_features, text_features, logit_scale = model(batch["images"].to(device), tokenize(texts))
             loss = contrastive_loss(image_features.float(), text_features.float(), logit_scale.float(), positives)
             if cfg.skip_nan_steps and not check_finite(loss, step, checkpoints, skip=True):
                 optimizer.zero_grad(set_to_none=True)
