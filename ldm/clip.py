@@ -38,12 +38,12 @@ class VisionConfig:
     """The image tower: a ViT over `image_size` x `image_size` images cut in `patch_size` patches.
 
     `pool` is open_clip's `pool_type`: "avg" (mean of the patch tokens) or "tok" (class token,
-    CLIP's choice); `pos_embed` is "sin_cos_2d" (fixed) or "learnable" (CLIP's choice). The defaults
-    are there for where things are, not only what: with a class token and small learned position
-    embeddings a freshly initialised ViT is almost blind to where a small object lies (moving the
-    shape changes its embedding ~100x less than recolouring it), and contrastive training on
-    shapes-v1 never left that state in our runs; the mean of tokens carrying fixed 2-D positions
-    learns position several times faster.
+    CLIP's choice); `pos_embed` is "sin_cos_2d" (fixed, needs width % 4 == 0) or "learnable"
+    (CLIP's choice). The defaults are for position: shapes-v1 shapes are small, and a freshly
+    initialised ViT is nearly blind to where they lie (moving a shape changes its embedding about
+    20x less than recolouring it). With a class token over learned positions, contrastive training
+    on shapes-v1 stayed at chance on position for 500 steps even with hard negatives; with the mean
+    of tokens carrying fixed 2-D positions it reached 50% by step 400 and 100% by step 1200.
     """
 
     image_size: int = 64
@@ -60,6 +60,8 @@ class VisionConfig:
             raise ValueError(f"pool must be 'avg' or 'tok', got {self.pool!r}")
         if self.pos_embed not in ("learnable", "sin_cos_2d"):
             raise ValueError(f"pos_embed must be 'learnable' or 'sin_cos_2d', got {self.pos_embed!r}")
+        if self.pos_embed == "sin_cos_2d" and self.width % 4:
+            raise ValueError(f"pos_embed 'sin_cos_2d' needs a vision width divisible by 4, got {self.width}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:
@@ -137,7 +139,8 @@ class SmallCLIP(nn.Module):
         return F.normalize(pooled @ self.text_projection, dim=-1)
 
     def forward(self, images: Tensor, prompts: list[str] | Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """-> image embeddings (B, E), text embeddings (B, E), and the similarity multiplier (a scalar).
+        """Images (B, 3, H, W) and T prompts -> image embeddings (B, E), text embeddings (T, E), and the
+        similarity multiplier (a scalar).
 
         The multiplier is exp(`logit_scale`) capped at 100, as in CLIP.
         """

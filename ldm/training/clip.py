@@ -135,6 +135,8 @@ def _weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[di
     # pull towards meaningless values (a temperature of 1, zero positions).
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # fixed sin-cos position embeddings
+            continue
         (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
