@@ -105,8 +105,8 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | No
     run = TrainingRun(accelerator, cfg, "autoencoder", resume)
 
     data = config.get("data") or {}
-    batches = iter(make_loader(build_dataset(data, accelerator, run.samples_seen, seed=cfg.seed + run.step),
-                               cfg.batch_size, cfg.num_workers))
+    dataset = build_dataset(data, accelerator, run.samples_seen, seed=cfg.seed + run.step)
+    batches = iter(make_loader(dataset, cfg.batch_size, cfg.num_workers))
     val_data = {**data, "split": "val"} if data.get("dataset", "shapes-v1") == "shapes-v1" else data
     val_images = next(iter(make_loader(build_dataset(val_data, accelerator), acfg.num_sample_images)))["images"]
 
@@ -143,7 +143,7 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | No
                     opt_d.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
-            if not run.end_step(g_loss, {"rec_loss": logs["rec_loss"], **logs}):
+            if not run.end_step(g_loss, {"rec_loss": logs["rec_loss"], **logs, "skipped_samples": dataset.num_skipped}):
                 return None
             if run.sample_due():
                 write_reconstructions(accelerator.unwrap_model(model), val_images.to(device),

@@ -52,11 +52,9 @@ from ldm.errors import InputError
 from ldm.sd_checkpoint import save_module
 from ldm.training.common import (
     EMA,
-    Checkpoints,
+    TrainingRun,
     build_dataset,
-    check_finite,
     make_accelerator,
-    progress_bar,
     save_run_config,
     train_config,
     warmup_lr,
@@ -168,7 +166,7 @@ def retrieval_metrics(model: SmallCLIP, split: str, num_samples: int, batch_size
     return metrics
 
 
-def train_clip(config: dict[str, Any], resume: bool = False) -> Path:
+def train_clip(config: dict[str, Any], resume: bool = False) -> Path | None:
     """Run (or resume) a CLIP training run; returns the exported `text_encoder.safetensors`.
 
     Also writes `clip.safetensors` (the whole CLIP, for CLIP scores) and, on shapes-v1,
@@ -202,74 +200,57 @@ def train_clip(config: dict[str, Any], resume: bool = False) -> Path:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    checkpoints = Checkpoints(run_dir, cfg.keep_last)
-    step, samples_seen = 0, 0
-    if resume and (latest := checkpoints.latest()) is not None:
-        state = checkpoints.load(accelerator, latest)
-        step, samples_seen = state["step"], state["samples_seen"]
-        accelerator.print(f"resumed from {latest} at step {step}")
-
-    batches = iter(make_loader(build_dataset(data, accelerator, samples_seen, seed=cfg.seed + step),
-                               cfg.batch_size, cfg.num_workers))
+    run = TrainingRun(accelerator, cfg, "clip", resume)
+    dataset = build_dataset(data, accelerator, run.samples_seen, seed=cfg.seed + run.step)
+    batches = iter(make_loader(dataset, cfg.batch_size, cfg.num_workers))
     tokenize = accelerator.unwrap_model(model).text.tokenize
 
-    accelerator.init_trackers("clip")
-    bar = progress_bar(accelerator, cfg, step, "clip")
-    while step < cfg.max_steps:
-        # The negatives derive from (seed, rank, step): a resumed run redraws what an uninterrupted one would.
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + accelerator.process_index * 7919 + step)
-        with accelerator.accumulate(model):
-            batch = next(batches)
-            captions, canonical = batch["captions"], batch.get("canonical_captions")
-            samples_seen += len(captions)
-            texts = captions
-            if ccfg.hard_negatives and canonical is not None:
-                texts = captions + hard_negative_captions(canonical, generator)
-            positives = caption_positives(captions, texts, canonical)
-            with accelerator.autocast():
-                image_features, text_features, logit_scale = model(batch["images"].to(device), tokenize(texts))
-            loss = contrastive_loss(image_features.float(), text_features.float(), logit_scale.float(), positives)
-            if cfg.skip_nan_steps and not check_finite(loss, step, checkpoints, skip=True):
+    with run:
+        while not run.done:
+            generator = torch.Generator().manual_seed(run.step_seed())  # the hard negatives
+            with accelerator.accumulate(model):
+                batch = next(batches)
+                captions, canonical = batch["captions"], batch.get("canonical_captions")
+                run.samples_seen += len(captions)
+                texts = captions
+                if ccfg.hard_negatives and canonical is not None:
+                    texts = captions + hard_negative_captions(canonical, generator)
+                positives = caption_positives(captions, texts, canonical)
+                with accelerator.autocast():
+                    image_features, text_features, logit_scale = model(batch["images"].to(device), tokenize(texts))
+                loss = contrastive_loss(image_features.float(), text_features.float(), logit_scale.float(),
+                                        positives)
+                if not run.skip(loss):
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    lr_schedule.step()
                 optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
                 continue
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            lr_schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        if ema is not None:
-            ema.update(accelerator.unwrap_model(model))
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            check_finite(loss, step, checkpoints, skip=False)
-            loss_value = accelerator.gather(loss.detach()[None]).mean().item()
-            bar.set_postfix(loss=f"{loss_value:.4f}", scale=f"{logit_scale.item():.1f}")
-            accelerator.log({"loss": loss_value, "logit_scale": logit_scale.item(),
-                             "lr": lr_schedule.get_last_lr()[0]}, step=step)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            check_finite(loss, step, checkpoints, skip=False)
-            checkpoints.save(accelerator, step, {"samples_seen": samples_seen})
-    bar.close()
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model))
+            if not run.end_step(loss, {"logit_scale": logit_scale, "lr": lr_schedule.get_last_lr()[0],
+                                       "skipped_samples": dataset.num_skipped}):
+                return None
 
     path = run_dir / "text_encoder.safetensors"
     if accelerator.is_main_process:
         clip = export_clip(accelerator.unwrap_model(model), ema).to(device)
         if data.get("dataset", "shapes-v1") == "shapes-v1":
-            metrics = {"steps": step, **{split: retrieval_metrics(clip, split, ccfg.eval_samples, ccfg.eval_batch_size)
-                                         for split in ("val", "heldout")}}
+            metrics = {"steps": run.step, **{split: retrieval_metrics(clip, split, ccfg.eval_samples,
+                                                                      ccfg.eval_batch_size)
+                                             for split in ("val", "heldout")}}
             accelerator.log({f"{split}/{k}": v for split in ("val", "heldout") for k, v in metrics[split].items()},
-                            step=step)
+                            step=run.step)
             (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
             accelerator.print(json.dumps(metrics))
-        metadata = {"training_steps": str(step)}
+        metadata = {"training_steps": str(run.step)}
         save_module(run_dir / "clip.safetensors", clip, "clip", clip_config.to_dict(), metadata)
         save_module(path, clip.text, "text_encoder", config_dict(clip_config.text), metadata)
-    accelerator.end_training()
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # last: it destroys the process group that wait_for_everyone needs
     return path
 
 

@@ -121,8 +121,8 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path | None
     # With a latent cache the cache is the whole data set, always encoded from the first samples;
     # otherwise the stream continues where the checkpoint left it.
     start = 0 if dcfg.precompute_latents > 0 else run.samples_seen
-    batches = iter(make_loader(build_dataset(data, accelerator, start, seed=cfg.seed + run.step), cfg.batch_size,
-                               cfg.num_workers))
+    dataset = build_dataset(data, accelerator, start, seed=cfg.seed + run.step)
+    batches = iter(make_loader(dataset, cfg.batch_size, cfg.num_workers))
     cache = LatentCache(autoencoder, batches, dcfg.precompute_latents, device) if dcfg.precompute_latents else None
 
     with run:
@@ -162,7 +162,7 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path | None
                 continue
             if ema is not None:
                 ema.update(accelerator.unwrap_model(unet))
-            if not run.end_step(loss, {"lr": lr_schedule.get_last_lr()[0]}):
+            if not run.end_step(loss, {"lr": lr_schedule.get_last_lr()[0], "skipped_samples": dataset.num_skipped}):
                 return None
             if run.sample_due():
                 write_samples(export_pipeline(spec, accelerator.unwrap_model(unet), ema, text_encoder, autoencoder),
