@@ -29,6 +29,7 @@ from ldm.training.common import (
     TrainingRun,
     build_dataset,
     make_accelerator,
+    optimizer_step,
     save_run_config,
     train_config,
     warmup_lr,
@@ -125,12 +126,7 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | No
                     reconstructions, posterior = model(images, generator=device_generator)
                 g_loss, logs = loss_fn.generator_loss(images, reconstructions.float(), posterior, run.step,
                                                       last_layer)
-                accelerator.backward(g_loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                opt_g.step()
-                sched_g.step()
-                opt_g.zero_grad(set_to_none=True)
+                optimizer_step(accelerator, g_loss, model, opt_g, sched_g, cfg.max_grad_norm)
                 if run.step >= loss_config.disc_start:
                     d_loss, d_logs = loss_fn.discriminator_loss(images, reconstructions.detach().float(), run.step)
                     logs.update(d_logs)

@@ -55,6 +55,7 @@ from ldm.training.common import (
     TrainingRun,
     build_dataset,
     make_accelerator,
+    optimizer_step,
     save_run_config,
     train_config,
     warmup_lr,
@@ -220,13 +221,10 @@ def train_clip(config: dict[str, Any], resume: bool = False) -> Path | None:
                     image_features, text_features, logit_scale = model(batch["images"].to(device), tokenize(texts))
                 loss = contrastive_loss(image_features.float(), text_features.float(), logit_scale.float(),
                                         positives)
-                if not run.skip(loss):
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    lr_schedule.step()
-                optimizer.zero_grad(set_to_none=True)
+                if run.skip(loss):
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    optimizer_step(accelerator, loss, model, optimizer, lr_schedule, cfg.max_grad_norm)
             if not accelerator.sync_gradients:
                 continue
             if ema is not None:

@@ -269,6 +269,20 @@ class StopSignal:
         return bool(flag.item())
 
 
+def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   lr_schedule: torch.optim.lr_scheduler.LRScheduler, max_grad_norm: float) -> None:
+    """Backward, clip the gradient norm when gradients are synced, step optimizer and schedule.
+
+    Under gradient accumulation accelerate turns the step into a no-op until the last micro-batch.
+    """
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    lr_schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 class TrainingRun:
     """The bookkeeping every stage shares, around its own training step: resume, step count and
     data position, progress bar, logging, NaN checks, atomic checkpoints and stop signals.
@@ -324,7 +338,7 @@ class TrainingRun:
         if self.step % cfg.log_every == 0 or last:
             check_finite(loss, self.step, self.checkpoints, skip=False)
             values = {"loss": self.accelerator.gather(loss.detach()[None]).mean().item(),
-                      **{k: float(v) for k, v in logs.items()}}
+                      **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:2]})  # loss, first of logs
             accelerator.log(values, step=self.step)
         if self.step % cfg.checkpoint_every == 0 or last:

@@ -28,6 +28,7 @@ from ldm.training.common import (
     build_dataset,
     load_stage,
     make_accelerator,
+    optimizer_step,
     save_run_config,
     train_config,
     warmup_lr,
@@ -151,13 +152,10 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path | None
                 with accelerator.autocast():
                     prediction = unet(x_t, t, context)
                 loss = F.mse_loss(prediction.float(), target.float())
-                if not run.skip(loss):
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    lr_schedule.step()
-                optimizer.zero_grad(set_to_none=True)
+                if run.skip(loss):
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    optimizer_step(accelerator, loss, unet, optimizer, lr_schedule, cfg.max_grad_norm)
             if not accelerator.sync_gradients:
                 continue
             if ema is not None:
