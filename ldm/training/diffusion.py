@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ldm.config import config_kwargs
 from ldm.data.loader import make_loader
@@ -61,15 +62,17 @@ def drop_captions(captions: list[str], probability: float, generator: torch.Gene
 class LatentCache:
     """Posterior means and stds of `num_samples` encoded images, sampled afresh at every draw."""
 
-    def __init__(self, autoencoder, batches: Iterator[dict], num_samples: int, device: torch.device):
+    def __init__(self, autoencoder, batches: Iterator[dict], num_samples: int, device: torch.device,
+                 progress: bool = True):
         means, stds, self.captions = [], [], []
-        with torch.no_grad():
+        with torch.no_grad(), tqdm(total=num_samples, desc="encoding latents", disable=not progress) as bar:
             while len(self.captions) < num_samples:
                 batch = next(batches)
                 posterior = autoencoder.encode(batch["images"].to(device))
                 means.append(posterior.mean)
                 stds.append(posterior.std)
                 self.captions.extend(batch["captions"])
+                bar.update(len(batch["captions"]))
         self.means = torch.cat(means)[:num_samples]
         self.stds = torch.cat(stds)[:num_samples]
         self.captions = self.captions[:num_samples]
@@ -124,7 +127,8 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path | None
     start = 0 if dcfg.precompute_latents > 0 else run.samples_seen
     dataset = build_dataset(data, accelerator, start, seed=cfg.seed + run.step)
     batches = iter(make_loader(dataset, cfg.batch_size, cfg.num_workers))
-    cache = LatentCache(autoencoder, batches, dcfg.precompute_latents, device) if dcfg.precompute_latents else None
+    cache = LatentCache(autoencoder, batches, dcfg.precompute_latents, device,
+                        accelerator.is_local_main_process) if dcfg.precompute_latents else None
 
     with run:
         while not run.done:
