@@ -1,10 +1,12 @@
-"""What every script shares: one-line errors, one-line warnings, device and precision flags."""
+"""What every script shares: one-line errors, one-line warnings, device, precision and training flags."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -53,3 +55,18 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def training_parser(doc: str, sections: str) -> argparse.ArgumentParser:
+    """The flags every training script takes: --config, --set KEY=VALUE ..., --resume."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help=f"training YAML (sections {sections})")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    return p
+
+
+def report_training(path: Path | None) -> None:
+    """Print the exported model's path; a run stopped by a signal has already said how to resume."""
+    if path is not None:
+        print(path)

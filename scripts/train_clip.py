@@ -7,21 +7,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from ldm.cli import run_main
+from ldm.cli import report_training, run_main, training_parser
 from ldm.training.clip import train_clip
 from ldm.training.common import load_config
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="training YAML (sections clip, clip_training, data, train)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    args = p.parse_args(argv)
-    print(train_clip(load_config(args.config, args.set), resume=args.resume))
+    args = training_parser(__doc__, "clip, clip_training, data, train").parse_args(argv)
+    report_training(train_clip(load_config(args.config, args.set), resume=args.resume))
 
 
 if __name__ == "__main__":

@@ -7,23 +7,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from ldm.cli import run_main
+from ldm.cli import report_training, run_main, training_parser
 from ldm.training.common import load_config
 from ldm.training.diffusion import train_diffusion
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="training YAML (sections unet, diffusion, data, train)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    args = p.parse_args(argv)
-    path = train_diffusion(load_config(args.config, args.set), resume=args.resume)
-    if path is not None:
-        print(path)
+    args = training_parser(__doc__, "unet, diffusion, data, train").parse_args(argv)
+    report_training(train_diffusion(load_config(args.config, args.set), resume=args.resume))
 
 
 if __name__ == "__main__":

@@ -7,28 +7,22 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from ldm.cli import run_main
+from ldm.cli import report_training, run_main, training_parser
 from ldm.training.autoencoder import train_autoencoder
 from ldm.training.common import load_config
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="training YAML (sections autoencoder, loss, data, train)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
+    p = training_parser(__doc__, "autoencoder, loss, autoencoder_training, data, train")
     p.add_argument("--perceptual_weight", type=float, default=None,
                    help="weight of the LPIPS term (0 trains without it, when VGG weights are unavailable)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     args = p.parse_args(argv)
     overrides = list(args.set)
     if args.perceptual_weight is not None:
         overrides.append(f"loss.perceptual_weight={args.perceptual_weight}")
-    path = train_autoencoder(load_config(args.config, overrides), resume=args.resume)
-    if path is not None:
-        print(path)
+    report_training(train_autoencoder(load_config(args.config, overrides), resume=args.resume))
 
 
 if __name__ == "__main__":
