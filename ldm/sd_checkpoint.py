@@ -121,11 +121,16 @@ def spec_from_yaml(path: str | Path) -> dict:
     layer = (cond_stage.get("params") or {}).get("layer")
     if layer:
         text.layer = layer
+    try:
+        unet_config = UNetConfig.from_dict(unet)
+        autoencoder_config = AutoencoderConfig.from_dict({**first_stage, "scale_factor": params.get("scale_factor",
+                                                                                                   0.18215)})
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path}: {e}") from None
     return {
         "family": "sd2" if open_clip else "sd1",
-        "unet": UNetConfig.from_dict(unet),
-        "autoencoder": AutoencoderConfig.from_dict({**first_stage, "scale_factor": params.get("scale_factor",
-                                                                                              0.18215)}),
+        "unet": unet_config,
+        "autoencoder": autoencoder_config,
         "text_encoder": text,
         "parameterization": params.get("parameterization", "eps"),
         "schedule": {"num_timesteps": params.get("timesteps", 1000),

@@ -127,3 +127,11 @@ def test_negative_prompt_replaces_the_empty_unconditional_prompt(tiny_pipeline):
     assert torch.allclose(negative[1:], alone, atol=1e-5)
     with pytest.raises(InputError, match="negative prompts for 2 prompts"):
         tiny_pipeline(PROMPTS, negative_prompts=["a", "b", "c"], **kwargs)
+
+
+def test_yaml_with_an_unknown_parameter_is_an_input_error(tiny_pipeline, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  params:\n    unet_config:\n      params:\n        model_channelz: 3\n"
+                      "    first_stage_config:\n      params: {}\n    cond_stage_config:\n      target: x\n")
+    with pytest.raises(InputError, match=r"unknown UNetConfig parameter\(s\) \['model_channelz'\]"):
+        Pipeline.from_checkpoint(tiny_pipeline.save(tmp_path / "tiny.safetensors"), config=config)
