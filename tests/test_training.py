@@ -169,3 +169,24 @@ def test_sigterm_saves_and_exits_and_sigkill_loses_nothing_saved(stages, tmp_pat
     assert "resumed from" in out and (run_dir / "model.safetensors").is_file()
     assert latest_step(run_dir) == killed_after + 3
     assert not list(run_dir.rglob(".tmp*"))
+
+
+def test_ema_warms_up_then_follows_the_configured_decay():
+    from ldm.training.common import EMA
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, decay=0.999)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # first decay is min(0.999, 1/10): the average moves 90% of the way
+    assert ema.model.weight.item() == pytest.approx(0.9)
+    expected = 0.9
+    for n in range(1, 2000):
+        ema.update(model)
+        expected += (1 - expected) * (1 - min(0.999, (1 + n) / (10 + n)))
+    assert ema.model.weight.item() == pytest.approx(expected, rel=1e-5)
+    restored = EMA(model, decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 2000 and restored.decay == 0.999
