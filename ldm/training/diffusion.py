@@ -79,9 +79,9 @@ class LatentCache:
 
     def draw(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
         index = torch.randint(len(self.captions), (batch_size,), generator=generator)
-        noise = torch.randn(self.means[index].shape, generator=generator).to(self.means.device)
-        latents = self.means[index.to(self.means.device)] + self.stds[index.to(self.means.device)] * noise
-        return latents, [self.captions[i] for i in index.tolist()]
+        noise = torch.randn((batch_size, *self.means.shape[1:]), generator=generator).to(self.means.device)
+        rows = index.to(self.means.device)
+        return self.means[rows] + self.stds[rows] * noise, [self.captions[i] for i in index.tolist()]
 
 
 def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path | None:
