@@ -15,8 +15,9 @@ $python scripts/train_clip.py --config configs/shapes/clip.yaml &
 clip=$!
 wait $autoencoder
 wait $clip
-$python scripts/train_diffusion.py --config configs/shapes/diffusion.yaml
+# Alone on the machine now: the U-Net stage takes both cores.
+OMP_NUM_THREADS=2 $python scripts/train_diffusion.py --config configs/shapes/diffusion.yaml
 mkdir -p ldm/weights
 cp runs/shapes-diffusion/model.safetensors ldm/weights/shapes-v1.safetensors
-$python scripts/evaluate.py --ckpt ldm/weights/shapes-v1.safetensors --clip runs/shapes-clip/clip.safetensors \
+OMP_NUM_THREADS=2 $python scripts/evaluate.py --ckpt ldm/weights/shapes-v1.safetensors --clip runs/shapes-clip/clip.safetensors \
     --out runs/shapes-eval.json

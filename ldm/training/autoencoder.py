@@ -26,13 +26,14 @@ from ldm.metrics import psnr
 from ldm.pipeline import to_pil
 from ldm.sd_checkpoint import save_module
 from ldm.training.common import (
+    EMA,
     TrainingRun,
     build_dataset,
     make_accelerator,
     optimizer_step,
     save_run_config,
     train_config,
-    warmup_lr,
+    lr_scheduler,
 )
 
 
@@ -97,12 +98,16 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | No
     # The original trains both players with Adam betas (0.5, 0.9): set train.adam_betas to match.
     opt_g = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas)
     opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas)
-    sched_g, sched_d = warmup_lr(opt_g, cfg.warmup_steps), warmup_lr(opt_d, cfg.warmup_steps)
+    sched_g, sched_d = lr_scheduler(opt_g, cfg), lr_scheduler(opt_d, cfg)
     # The discriminator runs inside the loss several times per step, which DDP does not allow, so
     # it stays unwrapped and its gradients are averaged across processes by hand.
     loss_fn.to(device)
     accelerator.register_for_checkpointing(loss_fn)
     model, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(model, opt_g, opt_d, sched_g, sched_d)
+    # Averaged weights smooth out the noise of small-batch steps; they are what gets exported.
+    ema = EMA(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
     run = TrainingRun(accelerator, cfg, "autoencoder", resume)
 
     data = config.get("data") or {}
@@ -139,13 +144,16 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | No
                     opt_d.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model))
             if not run.end_step(g_loss, {"rec_loss": logs["rec_loss"], **logs, "skipped_samples": dataset.num_skipped}):
                 return None
             if run.sample_due():
-                write_reconstructions(accelerator.unwrap_model(model), val_images.to(device),
+                write_reconstructions(ema.model if ema is not None else accelerator.unwrap_model(model),
+                                      val_images.to(device),
                                       run_dir / "samples" / f"step-{run.step:06d}.png")
 
-    autoencoder = accelerator.unwrap_model(model).eval()
+    autoencoder = (ema.model if ema is not None else accelerator.unwrap_model(model)).eval()
     path = run_dir / "autoencoder.safetensors"
     if accelerator.is_main_process:
         autoencoder.config.scale_factor = measure_scale_factor(autoencoder, batches, acfg.scale_factor_samples,

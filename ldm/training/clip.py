@@ -58,7 +58,7 @@ from ldm.training.common import (
     optimizer_step,
     save_run_config,
     train_config,
-    warmup_lr,
+    lr_scheduler,
 )
 
 
@@ -195,7 +195,7 @@ def train_clip(config: dict[str, Any], resume: bool = False) -> Path | None:
     # the dense gradient of the 49408-row token embedding makes the update a large share of a step.
     optimizer = torch.optim.AdamW(_weight_decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                                   betas=cfg.adam_betas, fused=True)
-    lr_schedule = warmup_lr(optimizer, cfg.warmup_steps)
+    lr_schedule = lr_scheduler(optimizer, cfg)
     model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
     ema = EMA(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None:

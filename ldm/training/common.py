@@ -51,6 +51,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after warmup: "constant", or "cosine" decay to 0 at max_steps
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # "no", "fp16" or "bf16"
@@ -124,9 +125,18 @@ def save_run_config(accelerator: Accelerator, config: dict[str, Any]) -> None:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def warmup_lr(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 0 to the base learning rate over `warmup_steps`, then constant."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 to the base learning rate over `warmup_steps`, then constant or cosine decay."""
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise InputError(f"train.lr_schedule must be constant or cosine, got {cfg.lr_schedule!r}")
+    warmup, total = max(1, cfg.warmup_steps), max(cfg.max_steps, cfg.warmup_steps + 1)
+
+    def factor(step: int) -> float:
+        if step < warmup or cfg.lr_schedule == "constant":
+            return min(1.0, (step + 1) / warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class EMA:

@@ -32,7 +32,7 @@ from ldm.training.common import (
     optimizer_step,
     save_run_config,
     train_config,
-    warmup_lr,
+    lr_scheduler,
 )
 from ldm.unet import UNetConfig, UNetModel
 
@@ -115,7 +115,7 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path | None
         unet.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas,
                                   weight_decay=cfg.weight_decay)
-    lr_schedule = warmup_lr(optimizer, cfg.warmup_steps)
+    lr_schedule = lr_scheduler(optimizer, cfg)
     unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
     ema = EMA(accelerator.unwrap_model(unet), cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None:
