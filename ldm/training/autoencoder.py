@@ -29,11 +29,11 @@ from ldm.training.common import (
     EMA,
     TrainingRun,
     build_dataset,
+    lr_scheduler,
     make_accelerator,
     optimizer_step,
     save_run_config,
     train_config,
-    lr_scheduler,
 )
 
 

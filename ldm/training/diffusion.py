@@ -28,11 +28,11 @@ from ldm.training.common import (
     TrainingRun,
     build_dataset,
     load_stage,
+    lr_scheduler,
     make_accelerator,
     optimizer_step,
     save_run_config,
     train_config,
-    lr_scheduler,
 )
 from ldm.unet import UNetConfig, UNetModel
 
