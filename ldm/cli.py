@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -35,22 +37,61 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return PRECISIONS[precision]
 
 
+def check_output_folder(path: str | Path, name: str) -> Path:
+    """Fail before any work is done when folder `path` (given as `name`, a flag or config key) cannot
+    be created or written: a file in the way, or no write permission. Creates nothing."""
+    path = Path(path)
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{name}: cannot write to output folder {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{name}: cannot write to output folder {path}: no write permission on {existing}")
+    return path
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    # A failed CPU allocation is a plain RuntimeError from torch's DefaultCPUAllocator.
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors (unknown flag, missing or malformed value) are `InputError`s, so
+    that `run_main` prints them as one line like every other bad input instead of usage plus error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InputError(f"{message} (see --help)")
+
+
+def _fail(message: str) -> int:
+    # Joined into one line: a message that quotes a file or an exception may carry line breaks.
+    line = " ".join(message.splitlines())
+    print(f"error: {line}", file=sys.stderr)
+    return 1
+
+
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> int:
-    """Run a script's main; bad input ends with `error: ...` on one line and exit code 1."""
+    """Run a script's main; bad input, a failed file operation, running out of memory and a NaN
+    loss end with `error: ...` on one line and exit code 1, never a traceback."""
     warnings.showwarning = _one_line_warning
     try:
         main(argv)
-    except (InputError, OSError) as e:
-        message = str(e) if isinstance(e, InputError) else f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
-        print(f"error: {message}", file=sys.stderr)
-        return 1
-    except torch.OutOfMemoryError:
-        print("error: out of memory; lower --n_samples or the image size", file=sys.stderr)
-        return 1
+    except InputError as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
+    except FloatingPointError as e:  # a NaN/inf training loss: the message names the checkpoint to resume from
+        return _fail(str(e))
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not _out_of_memory(e):
+            raise
+        return _fail("out of memory; use a smaller batch (--n_samples, --batch_size or train.batch_size) or "
+                     "smaller images, or decode in tiles (ldm.tiling)")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -59,7 +100,7 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
 
 def training_parser(doc: str, sections: str) -> argparse.ArgumentParser:
     """The flags every training script takes: --config, --set KEY=VALUE ..., --resume."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help=f"training YAML (sections {sections})")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")

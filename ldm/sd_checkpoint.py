@@ -234,23 +234,15 @@ def write_checkpoint(path: str | Path, spec: ModelSpec, unet: dict, autoencoder:
 
     Written to a temporary file and renamed, so an interrupted save never leaves a partial file.
     """
-    path = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in join_state_dicts(unet, autoencoder, text_encoder).items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(spec.to_dict())})
-    tmp.replace(path)
-    return path
+    tensors = join_state_dicts(unet, autoencoder, text_encoder)
+    return save_atomic(path, tensors, {**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(spec.to_dict())})
 
 
 def save_module(path: str | Path, module: torch.nn.Module, kind: str, config: dict,
                 metadata: dict[str, str] | None = None) -> Path:
     """Save one stage (e.g. a trained autoencoder) as .safetensors with its config, atomically."""
-    path = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={**(metadata or {}), "ldm_module": kind, "config": json.dumps(config)})
-    tmp.replace(path)
-    return path
+    metadata = {**(metadata or {}), "ldm_module": kind, "config": json.dumps(config)}
+    return save_atomic(path, module.state_dict(), metadata)
 
 
 def load_module_file(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
@@ -272,8 +264,18 @@ def convert_to_safetensors(src: str | Path, dst: str | Path) -> Path:
     if dst.suffix != ".safetensors":
         raise InputError(f"the converted file must end in .safetensors, got {dst}")
     state_dict, metadata = read_checkpoint(src)
-    tensors = {k: v.contiguous() for k, v in state_dict.items()}
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(dst)
-    return dst
+    return save_atomic(dst, state_dict, metadata)
+
+
+def save_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write .safetensors through a temporary file and a rename: a failed or interrupted save (disk full,
+    kill) leaves no partial file, and whatever was at `path` before stays intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"could not write {path}: {e}") from None
+    return path

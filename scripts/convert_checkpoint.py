@@ -3,7 +3,7 @@
     python scripts/convert_checkpoint.py v1-5-pruned-emaonly.ckpt v1-5-pruned-emaonly.safetensors
 
 The .ckpt is read with torch.load(weights_only=True): a file that would run code when unpickled
-is refused instead of executed.
+is refused instead of executed. An existing output file is kept unless --force is given.
 """
 
 from __future__ import annotations
@@ -12,16 +12,33 @@ import argparse
 import sys
 from pathlib import Path
 
-from ldm.cli import run_main
+from ldm.cli import ScriptParser, check_output_folder, run_main
+from ldm.errors import InputError
 from ldm.sd_checkpoint import convert_to_safetensors
 
 
+def check_paths(src: Path, dst: Path, force: bool) -> None:
+    """Refuse, before reading a possibly large checkpoint, an output that cannot or must not be written."""
+    if not src.is_file():
+        raise InputError(f"checkpoint not found: {src} (pass an existing .ckpt or .safetensors file)")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise InputError(f"the output {dst} is the input file itself; give another output path")
+    if dst.is_dir():
+        raise InputError(f"the output {dst} is a folder; give the path of the .safetensors file to write")
+    if dst.exists() and not force:
+        raise InputError(f"{dst} already exists; pass --force to replace it, or give another output path")
+    check_output_folder(dst.parent, "output")
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", type=Path, help="checkpoint to convert (.ckpt, .pt or .safetensors)")
     p.add_argument("dst", type=Path, nargs="?", help="output .safetensors (default: next to src)")
+    p.add_argument("--force", action="store_true", help="replace the output file if it exists")
     args = p.parse_args(argv)
-    print(convert_to_safetensors(args.src, args.dst or args.src.with_suffix(".safetensors")))
+    dst = args.dst or args.src.with_suffix(".safetensors")
+    check_paths(args.src, dst, args.force)
+    print(convert_to_safetensors(args.src, dst))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import resolve_device, run_main
+from ldm.cli import ScriptParser, check_output_folder, resolve_device, run_main
 from ldm.clip import clip_score, load_clip
 from ldm.data.loader import make_loader, shapes_dataset
 from ldm.errors import InputError
@@ -31,8 +31,30 @@ def batches_of(split: str, num: int, batch_size: int, size: int):
         yield batch["images"], batch["canonical_captions"]
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the (long) evaluation starts."""
+    for flag in ("num_psnr", "num_prompts", "steps", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.num_heldout < 0:
+        raise InputError(f"--num_heldout must be >= 0 (0 skips the held-out pairs), got {args.num_heldout}")
+    if any(scale < 0 for scale in args.scales):
+        raise InputError(f"--scales must be >= 0, got {args.scales}")
+    if args.out is not None:
+        if args.out.is_dir():
+            raise InputError(f"--out {args.out} is a folder; give the path of the JSON file to write")
+        check_output_folder(args.out.parent, "--out")
+
+
+def write_json(path: Path, results: dict[str, object]) -> None:
+    """Written beside `path` and renamed, so a failed write never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=Path, required=True, help="pipeline checkpoint (.safetensors)")
     p.add_argument("--clip", type=Path, default=None, help="CLIP exported by train_clip.py, for the CLIP score")
     p.add_argument("--num_psnr", type=int, default=500, help="val images for the autoencoder PSNR")
@@ -43,13 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fid", action="store_true", help="also compute FID against val images")
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here (replacing the file)")
     args = p.parse_args(argv)
-    for flag in ("num_psnr", "num_prompts", "steps", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise InputError(f"--{flag} must be >= 1")
+    check_args(args)
 
     device = resolve_device(args.device)
+    # Loaded before the pipeline runs, so that a missing file stops the evaluation at once, not at its end.
+    clip = load_clip(args.clip) if args.clip is not None else None
+    inception = inception_features_model(device) if args.fid else None
     pipe = Pipeline.from_checkpoint(args.ckpt, device=device)
     size = pipe.spec.image_size
     results: dict[str, object] = {"checkpoint": str(args.ckpt), "steps": args.steps}
@@ -68,27 +91,25 @@ def main(argv: list[str] | None = None) -> None:
                 results[f"prompt_following_{split}_{num}_scale_{scale:g}"] = scores
                 print(json.dumps({f"{split} scale {scale:g}": scores}), flush=True)
 
-    if args.clip is not None or args.fid:
+    if clip is not None or inception is not None:
         captions = canonical_captions("val", args.num_prompts)
         generated = torch.cat([pipe(captions[i : i + args.batch_size], num_steps=args.steps,
                                     guidance_scale=args.scales[0], seed=i, output_type="tensor", progress=False)
                                for i in range(0, len(captions), args.batch_size)]).cpu()
-        if args.clip is not None:
-            clip = load_clip(args.clip)
+        if clip is not None:
             real = torch.cat([images for images, _ in batches_of("val", args.num_prompts, args.batch_size, size)])
             results["clip_score_generated"] = clip_score(clip, generated, captions).mean().item()
             results["clip_score_real"] = clip_score(clip, real, captions).mean().item()
-        if args.fid:
-            model = inception_features_model(device)
-            real = torch.cat([inception_features(model, images.to(device)).cpu()
+        if inception is not None:
+            real = torch.cat([inception_features(inception, images.to(device)).cpu()
                               for images, _ in batches_of("val", args.num_prompts, args.batch_size, size)])
-            fake = torch.cat([inception_features(model, generated[i : i + args.batch_size].to(device)).cpu()
+            fake = torch.cat([inception_features(inception, generated[i : i + args.batch_size].to(device)).cpu()
                               for i in range(0, len(generated), args.batch_size)])
             results[f"fid_val_{args.num_prompts}"] = frechet_distance(real, fake)
 
     print(json.dumps(results, indent=2))
     if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=2))
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

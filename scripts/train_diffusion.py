@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from ldm.cli import report_training, run_main, training_parser
-from ldm.training.common import load_config
+from ldm.training.config import load_config
 from ldm.training.diffusion import train_diffusion
 
 

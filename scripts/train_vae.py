@@ -11,7 +11,7 @@ import sys
 
 from ldm.cli import report_training, run_main, training_parser
 from ldm.training.autoencoder import train_autoencoder
-from ldm.training.common import load_config
+from ldm.training.config import load_config
 
 
 def main(argv: list[str] | None = None) -> None:

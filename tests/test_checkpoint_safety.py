@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from ldm import sd_checkpoint
 from ldm.cli import run_main
 from ldm.errors import InputError
-from ldm.sd_checkpoint import convert_to_safetensors, read_checkpoint
+from ldm.sd_checkpoint import convert_to_safetensors, read_checkpoint, save_atomic
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 import convert_checkpoint  # noqa: E402
@@ -79,3 +80,19 @@ def test_convert_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert not marker.exists() and not (tmp_path / "evil.safetensors").exists()
     with pytest.raises(InputError, match="must end in .safetensors"):
         convert_to_safetensors(evil, tmp_path / "out.bin")
+
+
+def test_failed_write_leaves_the_previous_file_and_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    save_atomic(path, {"w": torch.ones(2)}, {})
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sd_checkpoint, "save_file", disk_full)
+    with pytest.raises(InputError, match="No space left"):
+        save_atomic(path, {"w": torch.zeros(2)}, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    assert torch.equal(read_checkpoint(path)[0]["w"], torch.ones(2))

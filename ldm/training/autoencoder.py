@@ -9,6 +9,7 @@ training images and stored with the exported autoencoder, so the diffusion stage
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,8 @@ from typing import Any
 import torch
 
 from ldm.autoencoder import AutoencoderConfig, AutoencoderKL
-from ldm.config import config_dict, config_kwargs
+from ldm.config import config_dict
 from ldm.data.loader import make_loader
-from ldm.errors import InputError
 from ldm.generate import make_grid
 from ldm.losses import AutoencoderLoss, AutoencoderLossConfig
 from ldm.metrics import psnr
@@ -29,12 +29,24 @@ from ldm.training.common import (
     EMA,
     TrainingRun,
     build_dataset,
+    check_run_dir,
     lr_scheduler,
     make_accelerator,
     optimizer_step,
     save_run_config,
+)
+from ldm.training.config import (
+    DataConfig,
+    at_least,
+    check_sections,
+    config_errors,
+    data_config,
+    parse_section,
+    require,
     train_config,
 )
+
+SECTIONS = ("autoencoder", "loss", "autoencoder_training", "data", "train")
 
 
 @dataclass
@@ -45,6 +57,20 @@ class AutoencoderTraining:
     scale_factor_samples: int = 1024  # images used to measure the latent scale factor
     eval_samples: int = 500  # validation images for the final PSNR
     num_sample_images: int = 8  # reconstructions shown in the sample grids
+
+
+def check_autoencoder_config(model: AutoencoderConfig, loss: AutoencoderLossConfig, training: AutoencoderTraining,
+                             data: DataConfig) -> None:
+    """Values that would only fail inside the run: image and crop sizes the encoder cannot halve to
+    whole latents, negative loss weights, empty evaluations."""
+    factor = model.downsampling_factor
+    require(data.size % factor == 0, "data.size", f"a multiple of {factor} (the autoencoder's downsampling "
+            f"factor, from autoencoder.ch_mult)", data.size)
+    crop = training.crop_size
+    require(crop == 0 or (crop % factor == 0 and 0 < crop <= data.size), "autoencoder_training.crop_size",
+            f"0 (whole images) or a multiple of {factor} no larger than data.size {data.size}", crop)
+    at_least(training, "autoencoder_training", 1, "scale_factor_samples", "eval_samples", "num_sample_images")
+    at_least(loss, "loss", 0, "disc_start", "kl_weight", "disc_weight", "perceptual_weight", "disc_factor")
 
 
 def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -79,22 +105,24 @@ def evaluate_psnr(autoencoder: AutoencoderKL, batches, num_samples: int, device:
 def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | None:
     """Run (or resume) an autoencoder training run; returns the exported `autoencoder.safetensors`, or None
     when a stop signal ended the run early (after saving a checkpoint to resume from)."""
+    check_sections(config, SECTIONS)
     cfg = train_config(config)
-    try:
-        model_config = AutoencoderConfig.from_dict(config.get("autoencoder") or {})
-        loss_config = AutoencoderLossConfig(**config_kwargs(AutoencoderLossConfig, config.get("loss") or {}))
-        acfg = AutoencoderTraining(**config_kwargs(AutoencoderTraining, config.get("autoencoder_training") or {}))
-    except (TypeError, ValueError) as e:
-        raise InputError(f"bad autoencoder config: {e}") from None
+    data = data_config(config)
+    model_config = parse_section(config, "autoencoder", AutoencoderConfig)
+    loss_config = parse_section(config, "loss", AutoencoderLossConfig)
+    acfg = parse_section(config, "autoencoder_training", AutoencoderTraining)
+    check_autoencoder_config(model_config, loss_config, acfg, data)
+    check_run_dir(cfg, resume)
     accelerator = make_accelerator(cfg)
     device = accelerator.device
     run_dir = Path(cfg.output_dir)
-    save_run_config(accelerator, config)
 
-    model = AutoencoderKL(model_config)
+    with config_errors("autoencoder"):
+        model = AutoencoderKL(model_config)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    loss_fn = AutoencoderLoss(loss_config)
+    with config_errors("loss"):
+        loss_fn = AutoencoderLoss(loss_config)
     # The original trains both players with Adam betas (0.5, 0.9): set train.adam_betas to match.
     opt_g = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas)
     opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas)
@@ -110,11 +138,11 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | No
         accelerator.register_for_checkpointing(ema)
     run = TrainingRun(accelerator, cfg, "autoencoder", resume)
 
-    data = config.get("data") or {}
     dataset = build_dataset(data, accelerator, run.samples_seen, seed=cfg.seed + run.step)
     batches = iter(make_loader(dataset, cfg.batch_size, cfg.num_workers))
-    val_data = {**data, "split": "val"} if data.get("dataset", "shapes-v1") == "shapes-v1" else data
+    val_data = dataclasses.replace(data, split="val") if data.dataset == "shapes-v1" else data
     val_images = next(iter(make_loader(build_dataset(val_data, accelerator), acfg.num_sample_images)))["images"]
+    save_run_config(accelerator, config)  # only now: a run that fails to start leaves no folder behind
 
     last_layer = accelerator.unwrap_model(model).decoder.conv_out.weight
     with run:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ldm.clip import ClipConfig, SmallCLIP, contrastive_loss
-from ldm.config import config_dict, config_kwargs
+from ldm.config import config_dict
 from ldm.data.loader import make_loader, shapes_dataset
 from ldm.data.shapes import (
     CANONICAL_FORM,
@@ -54,12 +54,22 @@ from ldm.training.common import (
     EMA,
     TrainingRun,
     build_dataset,
+    check_run_dir,
     lr_scheduler,
     make_accelerator,
     optimizer_step,
     save_run_config,
+)
+from ldm.training.config import (
+    at_least,
+    check_sections,
+    config_errors,
+    data_config,
+    parse_section,
     train_config,
 )
+
+SECTIONS = ("clip", "clip_training", "data", "train")
 
 
 @dataclass
@@ -173,22 +183,22 @@ def train_clip(config: dict[str, Any], resume: bool = False) -> Path | None:
     Also writes `clip.safetensors` (the whole CLIP, for CLIP scores) and, on shapes-v1,
     `metrics.json` with retrieval accuracies on the val and heldout splits.
     """
+    check_sections(config, SECTIONS)
     cfg = train_config(config)
-    try:
-        clip_config = ClipConfig.from_dict(config.get("clip") or {})
-        ccfg = ClipTraining(**config_kwargs(ClipTraining, config.get("clip_training") or {}))
-    except (TypeError, ValueError) as e:
-        raise InputError(f"bad clip config: {e}") from None
-    data = config.get("data") or {}
-    if int(data.get("size", 64)) != clip_config.vision.image_size:
-        raise InputError(f"data.size is {data.get('size', 64)} but clip.vision.image_size is "
-                         f"{clip_config.vision.image_size}; set both to the same size")
+    data = data_config(config)
+    clip_config = parse_section(config, "clip", ClipConfig)
+    ccfg = parse_section(config, "clip_training", ClipTraining)
+    at_least(ccfg, "clip_training", 1, "eval_samples", "eval_batch_size")
+    if data.size != clip_config.vision.image_size:
+        raise InputError(f"data.size is {data.size} but clip.vision.image_size is {clip_config.vision.image_size}; "
+                         "set both to the same size")
+    check_run_dir(cfg, resume)
     accelerator = make_accelerator(cfg)
     device = accelerator.device
     run_dir = Path(cfg.output_dir)
-    save_run_config(accelerator, config)
 
-    model = SmallCLIP(clip_config)
+    with config_errors("clip"):
+        model = SmallCLIP(clip_config)
     model.text.set_grad_checkpointing(cfg.gradient_checkpointing)
     model.visual.set_grad_checkpointing(cfg.gradient_checkpointing)
     # Fused: one kernel for all tensors, several times faster than the default loop on a CPU, where
@@ -204,6 +214,7 @@ def train_clip(config: dict[str, Any], resume: bool = False) -> Path | None:
     run = TrainingRun(accelerator, cfg, "clip", resume)
     dataset = build_dataset(data, accelerator, run.samples_seen, seed=cfg.seed + run.step)
     batches = iter(make_loader(dataset, cfg.batch_size, cfg.num_workers))
+    save_run_config(accelerator, config)  # only now: a run that fails to start leaves no folder behind
     tokenize = accelerator.unwrap_model(model).text.tokenize
 
     with run:
@@ -236,7 +247,7 @@ def train_clip(config: dict[str, Any], resume: bool = False) -> Path | None:
     path = run_dir / "text_encoder.safetensors"
     if accelerator.is_main_process:
         clip = export_clip(accelerator.unwrap_model(model), ema).to(device)
-        if data.get("dataset", "shapes-v1") == "shapes-v1":
+        if data.dataset == "shapes-v1":
             metrics = {"steps": run.step, **{split: retrieval_metrics(clip, split, ccfg.eval_samples,
                                                                       ccfg.eval_batch_size)
                                              for split in ("val", "heldout")}}

@@ -1,4 +1,4 @@
-"""What every training stage shares: run config, accelerate setup, EMA, checkpoints, progress.
+"""What every training stage shares: accelerate setup, EMA, checkpoints, progress, the run folder.
 
 A run directory holds:
 
@@ -20,7 +20,6 @@ import json
 import math
 import shutil
 import signal
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,69 +37,7 @@ from ldm.errors import InputError
 from ldm.pipeline import load_strict
 from ldm.sd_checkpoint import load_module_file
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
-
-
-@dataclass
-class TrainConfig:
-    """The `train:` section of a training YAML; the same for every stage."""
-
-    output_dir: str = "runs/default"
-    max_steps: int = 1000
-    batch_size: int = 32  # per process and per accumulation step
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"  # after warmup: "constant", or "cosine" decay to 0 at max_steps
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # "no", "fp16" or "bf16"
-    gradient_checkpointing: bool = False
-    ema_decay: float = 0.0  # 0 = no EMA weights
-    seed: int = 0
-    num_workers: int = 0
-    log_every: int = 10
-    sample_every: int = 500
-    checkpoint_every: int = 500
-    keep_last: int = 2
-    skip_nan_steps: bool = False  # skip a step whose loss is NaN/inf instead of stopping
-    channels_last: bool = True  # NHWC convolutions: about 2x faster on CPU, and with tensor cores
-    extra: dict = field(default_factory=dict)  # stage-specific settings
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """A training YAML as nested dicts, with `section.key=value` overrides (values parsed as YAML)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"config not found: {path}")
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise InputError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"override {item!r} must look like section.key=value")
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = yaml.safe_load(value)
-    return config
-
-
-def train_config(config: dict[str, Any]) -> TrainConfig:
-    train = dict(config.get("train") or {})
-    try:
-        cfg = TrainConfig(**config_kwargs(TrainConfig, train))
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise InputError(f"train.mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise InputError(f"train.{name} must be >= 1, got {getattr(cfg, name)}")
-    return cfg
+from ldm.training.config import DataConfig, TrainConfig
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -127,8 +64,6 @@ def save_run_config(accelerator: Accelerator, config: dict[str, Any]) -> None:
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup from 0 to the base learning rate over `warmup_steps`, then constant or cosine decay."""
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise InputError(f"train.lr_schedule must be constant or cosine, got {cfg.lr_schedule!r}")
     warmup, total = max(1, cfg.warmup_steps), max(cfg.max_steps, cfg.warmup_steps + 1)
 
     def factor(step: int) -> float:
@@ -206,6 +141,17 @@ class Checkpoints:
         return json.loads((path / "state.json").read_text())
 
 
+def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
+    """--resume needs a checkpoint in `output_dir`; a new run must not mix its checkpoints with an old one's."""
+    latest = Checkpoints(cfg.output_dir, cfg.keep_last).latest()
+    if resume and latest is None:
+        raise InputError(f"--resume: {cfg.output_dir} holds no checkpoint to resume from; "
+                         "leave out --resume to start a new run")
+    if not resume and latest is not None:
+        raise InputError(f"{cfg.output_dir} already holds a run (latest checkpoint {latest.name}); "
+                         "pass --resume to continue it, or set train.output_dir to a new folder")
+
+
 def check_finite(loss: torch.Tensor, step: int, checkpoints: Checkpoints, skip: bool) -> bool:
     """False if the step should be skipped; raises on NaN/inf unless `skip` (never saves NaN weights).
 
@@ -239,22 +185,18 @@ def load_stage(path: str | Path, kind: str) -> nn.Module:
     return module.requires_grad_(False).eval()
 
 
-def build_dataset(data: dict[str, Any], accelerator: Accelerator, samples_seen: int = 0, seed: int = 0):
+def build_dataset(data: DataConfig, accelerator: Accelerator, samples_seen: int = 0, seed: int = 0):
     """The `data:` section -> an iterable dataset of {"images", "captions"}, split across processes.
 
     `dataset: shapes-v1` streams the built-in set from where `samples_seen` (per process) left it;
-    otherwise `urls` names WebDataset shards, whose position is not resumable beyond the seed.
+    `webdataset` reads the shards of `urls`, whose position is not resumable beyond the seed.
     """
-    size = int(data.get("size", 64))
-    if data.get("dataset", "shapes-v1") == "shapes-v1":
-        return shapes_dataset(data.get("split", "train"), size=size, rank=accelerator.process_index,
+    if data.dataset == "shapes-v1":
+        return shapes_dataset(data.split, size=data.size, rank=accelerator.process_index,
                               world_size=accelerator.num_processes, start=samples_seen * accelerator.num_processes)
-    if "urls" not in data:
-        raise InputError("data.urls is required unless data.dataset is shapes-v1 "
-                         "(e.g. data.urls=shards-{000000..000009}.tar)")
-    return image_text_dataset(data["urls"], size=size, shuffle_buffer=int(data.get("shuffle_buffer", 1000)),
-                              seed=seed, random_crop=bool(data.get("random_crop", False)),
-                              rank=accelerator.process_index, world_size=accelerator.num_processes)
+    return image_text_dataset(data.urls, size=data.size, shuffle_buffer=data.shuffle_buffer, seed=seed,
+                              random_crop=data.random_crop, rank=accelerator.process_index,
+                              world_size=accelerator.num_processes)
 
 
 class StopSignal:

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ldm.config import config_kwargs
 from ldm.data.loader import make_loader
 from ldm.errors import InputError
 from ldm.generate import make_grid
@@ -27,14 +26,26 @@ from ldm.training.common import (
     EMA,
     TrainingRun,
     build_dataset,
+    check_run_dir,
     load_stage,
     lr_scheduler,
     make_accelerator,
     optimizer_step,
     save_run_config,
+)
+from ldm.training.config import (
+    at_least,
+    check_sections,
+    check_stage_file,
+    config_errors,
+    data_config,
+    parse_section,
+    require,
     train_config,
 )
 from ldm.unet import UNetConfig, UNetModel
+
+SECTIONS = ("unet", "diffusion", "data", "train")
 
 
 @dataclass
@@ -51,6 +62,28 @@ class DiffusionConfig:
     sample_prompts: list = field(default_factory=lambda: ["a red circle"])
     sample_steps: int = 50
     sample_guidance_scale: float = 5.0
+
+
+def check_diffusion_config(dcfg: DiffusionConfig) -> None:
+    """The `diffusion:` values that would otherwise fail only inside the run, the stage files included."""
+    for kind in ("autoencoder", "text_encoder"):
+        check_stage_file(getattr(dcfg, kind), kind, f"diffusion.{kind}")
+    require(dcfg.parameterization in ("eps", "v"), "diffusion.parameterization", "eps or v", dcfg.parameterization)
+    require(0 <= dcfg.caption_dropout <= 1, "diffusion.caption_dropout", "in [0, 1]", dcfg.caption_dropout)
+    at_least(dcfg, "diffusion", 0, "precompute_latents", "sample_guidance_scale")
+    at_least(dcfg, "diffusion", 1, "sample_steps")
+    require(len(dcfg.sample_prompts) > 0 and all(isinstance(p, str) for p in dcfg.sample_prompts),
+            "diffusion.sample_prompts", "a list of prompts", dcfg.sample_prompts)
+
+
+def check_sizes(image_size: int, autoencoder_factor: int, unet: UNetConfig) -> None:
+    """Images must halve into whole latents, and latents into whole U-Net levels."""
+    require(image_size % autoencoder_factor == 0, "data.size", f"a multiple of {autoencoder_factor} (the "
+            "autoencoder's downsampling factor)", image_size)
+    unet_factor = 2 ** (len(unet.channel_mult) - 1)
+    require(image_size // autoencoder_factor % unet_factor == 0, "data.size", f"a multiple of "
+            f"{autoencoder_factor * unet_factor} (autoencoder x U-Net downsampling, from unet.channel_mult)",
+            image_size)
 
 
 def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
@@ -87,29 +120,31 @@ class LatentCache:
 def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path | None:
     """Run (or resume) a diffusion training run; returns the exported pipeline checkpoint, or None when a
     stop signal ended the run early (after saving a checkpoint to resume from)."""
+    check_sections(config, SECTIONS)
     cfg = train_config(config)
-    try:
-        dcfg = DiffusionConfig(**config_kwargs(DiffusionConfig, config.get("diffusion") or {}))
-        unet_config = UNetConfig.from_dict(config.get("unet") or {})
-    except (TypeError, ValueError) as e:
-        raise InputError(f"bad diffusion config: {e}") from None
+    data = data_config(config)
+    dcfg = parse_section(config, "diffusion", DiffusionConfig)
+    unet_config = parse_section(config, "unet", UNetConfig)
+    check_diffusion_config(dcfg)
+    with config_errors("diffusion.schedule"):
+        schedule = NoiseSchedule(**dcfg.schedule)
+    check_run_dir(cfg, resume)
     accelerator = make_accelerator(cfg)
     device = accelerator.device
     run_dir = Path(cfg.output_dir)
-    save_run_config(accelerator, config)
 
     autoencoder = load_stage(dcfg.autoencoder, "autoencoder").to(device)
     text_encoder = load_stage(dcfg.text_encoder, "text_encoder").to(device)
-    data = config.get("data") or {}
+    check_sizes(data.size, autoencoder.config.downsampling_factor, unet_config)
     spec = ModelSpec(family="custom", unet=unet_config, autoencoder=autoencoder.config,
                      text_encoder=text_encoder.config, parameterization=dcfg.parameterization,
-                     schedule=dict(dcfg.schedule), image_size=int(data.get("size", 64)))
+                     schedule=dict(dcfg.schedule), image_size=data.size)
     if unet_config.context_dim != text_encoder.config.width:
         raise InputError(f"unet.context_dim is {unet_config.context_dim} but the text encoder is "
                          f"{text_encoder.config.width} wide; set unet.context_dim={text_encoder.config.width}")
-    schedule = NoiseSchedule(**spec.schedule)
 
-    unet = UNetModel(unet_config)
+    with config_errors("unet"):
+        unet = UNetModel(unet_config)
     unet.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.channels_last:
         unet.to(memory_format=torch.channels_last)
@@ -127,6 +162,7 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path | None
     start = 0 if dcfg.precompute_latents > 0 else run.samples_seen
     dataset = build_dataset(data, accelerator, start, seed=cfg.seed + run.step)
     batches = iter(make_loader(dataset, cfg.batch_size, cfg.num_workers))
+    save_run_config(accelerator, config)  # only now: a run that fails to start leaves no folder behind
     cache = LatentCache(autoencoder, batches, dcfg.precompute_latents, device,
                         accelerator.is_local_main_process) if dcfg.precompute_latents else None
 
