@@ -1,15 +1,109 @@
 """Cross-attention and the spatial transformer that injects text context into the U-Net.
 
 Key names (`to_q`, `ff.net.0.proj`, `proj_in`, ...) follow the original `ldm` code.
+
+Attention itself, softmax(q k^T / sqrt(d)) v, has interchangeable backends that compute the same
+numbers with different speed and memory; `set_attention_backend(model, name)` switches every layer
+of a model that has an `attention_backend` attribute:
+
+    sdpa      torch's scaled_dot_product_attention (default): picks a fused kernel per device
+    xformers  xformers' memory-efficient kernel (CUDA only, optional dependency)
+    sliced    the explicit formula, one (batch, head) and `slice_size` queries at a time: bounded memory
+              wherever sdpa has no fused kernel and would build the whole score matrix
+    math      the explicit formula with the whole (B, H, N, M) score matrix: a reference
 """
 
 from __future__ import annotations
+
+import importlib.util
+import itertools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.errors import InputError
 from ldm.nn import zero_module
+
+ATTENTION_BACKENDS = ("sdpa", "xformers", "sliced", "math")
+# Queries per slice of "sliced" attention: 1024 x 4096 float32 scores (a 512 px SD image) are 16 MiB.
+DEFAULT_SLICE_SIZE = 1024
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v with q (..., N, d), k and v (..., M, d) -> (..., N, d).
+
+    Scores and softmax are float32 whatever the input dtype: half-precision logits can overflow.
+    """
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+
+
+def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     slice_size: int = DEFAULT_SLICE_SIZE) -> torch.Tensor:
+    """`math_attention` of q (B, H, N, d) over k, v (B, H, M, d), one (batch, head) pair and `slice_size`
+    queries at a time, so that at most slice_size x M scores exist at once."""
+    out = torch.empty_like(q)
+    batch, heads, num_queries = q.shape[:3]
+    for b, h, start in itertools.product(range(batch), range(heads), range(0, num_queries, slice_size)):
+        rows = slice(start, start + slice_size)
+        out[b, h, rows] = math_attention(q[b, h, rows], k[b, h], v[b, h])
+    return out
+
+
+def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """xformers' memory-efficient attention of q (B, H, N, d) over k, v (B, H, M, d) on a CUDA device."""
+    if not q.is_cuda:
+        raise InputError(f"xformers attention runs on CUDA tensors only, these are on {q.device}: "
+                         "use the sdpa backend")
+    import xformers.ops  # optional dependency, imported only when asked for
+
+    # xformers takes (B, N, H, d), the layout before the heads were split off.
+    out = xformers.ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
+              slice_size: int = DEFAULT_SLICE_SIZE) -> torch.Tensor:
+    """Multi-head attention of q (B, H, N, d) over keys k and values v (B, H, M, d) -> (B, H, N, d)."""
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if backend == "sliced":
+        return sliced_attention(q, k, v, slice_size)
+    if backend == "math":
+        return math_attention(q, k, v)
+    if backend == "xformers":
+        return xformers_attention(q, k, v)
+    raise InputError(_unknown_backend(backend))
+
+
+def _unknown_backend(backend: str) -> str:
+    return f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
+
+
+def set_attention_backend(model: nn.Module, backend: str, slice_size: int = DEFAULT_SLICE_SIZE) -> int:
+    """Make every attention layer of `model` (each module with an `attention_backend` attribute) use
+    `backend`, one of ATTENTION_BACKENDS; `slice_size` is the queries per slice of "sliced".
+
+    Returns the number of layers switched. Raises InputError for an unknown backend, or for xformers
+    when it is not installed or the model is not on a CUDA device.
+    """
+    if backend not in ATTENTION_BACKENDS:
+        raise InputError(_unknown_backend(backend))
+    if slice_size < 1:
+        raise InputError(f"attention slice size must be >= 1, got {slice_size}")
+    if backend == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            raise InputError("xformers is not installed (pip install xformers, CUDA only); use the sdpa backend")
+        devices = {p.device for p in model.parameters() if not p.is_cuda}
+        if devices:
+            raise InputError(f"xformers attention runs on CUDA only, the model is on {devices.pop()}: "
+                             "move it first or use the sdpa backend")
+    layers = [m for m in model.modules() if hasattr(m, "attention_backend")]
+    for layer in layers:
+        layer.attention_backend = backend
+        layer.attention_slice_size = slice_size
+    return len(layers)
 
 
 class CrossAttention(nn.Module):
@@ -25,13 +119,15 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.attention_backend = "sdpa"  # see set_attention_backend
+        self.attention_slice_size = DEFAULT_SLICE_SIZE
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         b, n, _ = x.shape
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         q, k, v = (y.unflatten(-1, (self.heads, -1)).transpose(1, 2) for y in (q, k, v))  # (B, H, N, d)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v, self.attention_backend, self.attention_slice_size)
         out = out.transpose(1, 2).reshape(b, n, -1)  # (B, N, H*d)
         return self.to_out(out)
 

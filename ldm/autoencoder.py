@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.attention import DEFAULT_SLICE_SIZE, attention
 from ldm.config import config_dict, config_kwargs
 
 # Keys of the original `first_stage_config.params` that do not shape the network.
@@ -92,12 +93,16 @@ class AttnBlock(nn.Module):
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
+        # One head as wide as the layer (512 in SD): where no fused kernel takes that width, a large
+        # image's score matrix alone is huge, so this layer follows ldm.attention.set_attention_backend.
+        self.attention_backend = "sdpa"
+        self.attention_slice_size = DEFAULT_SLICE_SIZE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
         q, k, v = (proj(y).reshape(b, 1, c, h * w).transpose(2, 3) for proj in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, h*w, C)
+        out = attention(q, k, v, self.attention_backend, self.attention_slice_size)  # (B, 1, h*w, C)
         return x + self.proj_out(out.transpose(2, 3).reshape(b, c, h, w))
 
 

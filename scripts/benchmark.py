@@ -1,0 +1,488 @@
+"""Speed and peak memory, ours vs diffusers with the same weights (not part of the test suite).
+
+    python scripts/benchmark.py                     # CPU target: SD 1.5 U-Net, fp32, batch 2, 32 x 32 latents
+    python scripts/benchmark.py --cases vae-tiled --latent-size 256 --batch 1    # a 2048 x 2048 decode
+    python scripts/benchmark.py --device cuda --dtype fp16 --latent-size 64 --compile
+
+Cases (--cases, comma-separated):
+    unet       U-Net forward, SD 1.5 architecture, no grad
+    train      U-Net training step: forward, MSE loss, backward, AdamW step
+    vae        autoencoder decode of (B, 4, L, L) latents (SD config: ch 128, ch_mult 1 2 4 4)
+    vae-tiled  the same, tiled (ldm.tiling.tiled_decode vs diffusers' enable_tiling), same tile and overlap
+    txt2img    SD 1.5 text -> image: text encoding, --steps DDIM steps with guidance 7.5, decoding
+    shapes     the bundled shapes model (ldm/weights/shapes-v1.safetensors, else random weights of the
+               configs/shapes/*.yaml architecture): 64 x 64 images, --steps DDIM steps with guidance
+
+Weights are random (N(0, 1/fan_in) matrices, norm scales near 1) unless the shapes checkpoint exists. Our
+modules are built first; their state dicts, under the original checkpoint prefixes, go through diffusers'
+own single-file conversion into diffusers / transformers models that share the tensors. Each case checks
+that both sides compute the same numbers ("check": max|ours - diffusers| / max|diffusers| of the outputs).
+
+Times: one warm-up call each (which also compiles with --compile), then --repeats calls alternating
+ours/diffusers (ours first on even repetitions, diffusers first on odd ones); the medians are reported
+and "ratio" is ours / diffusers. Peak memory is the rise above the memory in use before one call: on CUDA
+from torch.cuda.max_memory_allocated; on CPU from the kernel's resident-set high-water mark (VmHWM,
+reset through /proc/self/clear_refs), for each case and side in a fresh subprocess after a warm-up call.
+diffusers runs with its default attention (sdpa); --attention and --compile apply to our side only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import diffusers
+import torch
+import torch.nn.functional as F
+import transformers
+import yaml
+from diffusers import AutoencoderKL as ReferenceAutoencoderKL
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+    create_unet_diffusers_config_from_ldm,
+    create_vae_diffusers_config_from_ldm,
+)
+
+from ldm.attention import ATTENTION_BACKENDS, set_attention_backend
+from ldm.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.cli import PRECISIONS, resolve_device, run_main
+from ldm.config import config_kwargs
+from ldm.errors import InputError
+from ldm.generate import BUNDLED_CHECKPOINT
+from ldm.pipeline import Pipeline
+from ldm.sd_checkpoint import ModelSpec, join_state_dicts
+from ldm.text_encoder import TextEncoder, TextEncoderConfig, sd1, tiny
+from ldm.tiling import tiled_decode
+from ldm.unet import UNetConfig, UNetModel
+
+CASES = ("unet", "train", "vae", "vae-tiled", "txt2img", "shapes")
+SHAPES_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "shapes"
+SD_PROMPT = "a photograph of an astronaut riding a horse"
+SHAPES_PROMPT = "a large red circle in the top left on a black background"
+GUIDANCE_SCALE = 7.5
+Run = Callable[[], torch.Tensor]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["sd1.5", "tiny"], default="sd1.5",
+                   help="architecture of the unet, train, vae, vae-tiled and txt2img cases; tiny = SD 1.5's layout "
+                        "at a tenth of the width, to check that the script runs")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--batch", type=int, default=2, help="images per call")
+    p.add_argument("--latent-size", type=int, default=32, help="latent height and width (image = 8x)")
+    p.add_argument("--context-len", type=int, default=77, help="context tokens for the unet and train cases")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per side (after one warm-up)")
+    p.add_argument("--cases", default="unet,train,vae,txt2img,shapes", help=f"comma-separated: {', '.join(CASES)}")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the txt2img and shapes cases")
+    p.add_argument("--tile-size", type=int, default=64, help="vae-tiled: tile size in latent pixels")
+    p.add_argument("--tile-overlap", type=int, default=16, help="vae-tiled: overlap in latent pixels")
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa", help="our attention backend")
+    p.add_argument("--compile", action="store_true", help="torch.compile our U-Net (compiled in the warm-up)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-case memory subprocesses on CPU")
+    p.add_argument("--memory-probe", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+        raise InputError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    for flag in ("batch", "latent_size", "context_len", "repeats", "steps", "tile_size"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    return args
+
+
+def compile_unet(unet: UNetModel) -> UNetModel:
+    """Compile the U-Net's forward in place with torch.compile (state dict keys and attributes unchanged).
+
+    Shapes are static (dynamic=False): a sampler calls it with one shape, and a new shape recompiles.
+    """
+    unet.compile(dynamic=False)
+    return unet
+
+
+# Random weights and conversion to diffusers.
+
+def random_weights_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Fill every weight of a (possibly meta-device) module: matrices and kernels N(0, 1/fan_in), so
+    activations keep their scale through depth; norm scales 1 + N(0, 0.01); other vectors N(0, 0.01)."""
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {}
+    for name, tensor in module.state_dict().items():
+        value = torch.randn(tensor.shape, generator=generator)
+        if tensor.ndim >= 2:
+            value.mul_(tensor[0].numel() ** -0.5)
+        else:  # vectors named weight are norm scales here: linear and conv weights have 2+ dimensions
+            value.mul_(0.1).add_(1.0 if name.endswith("weight") else 0.0)
+        state_dict[name] = value
+    module.load_state_dict(state_dict, strict=True, assign=True)
+    return module
+
+
+def random_pipeline(spec: ModelSpec) -> Pipeline:
+    with torch.device("meta"):
+        unet, text_encoder, autoencoder = UNetModel(spec.unet), TextEncoder(spec.text_encoder), AutoencoderKL(
+            spec.autoencoder)
+    for seed, module in enumerate((unet, text_encoder, autoencoder)):
+        random_weights_(module, seed)
+    return Pipeline(spec, unet, text_encoder, autoencoder, name=spec.family)
+
+
+def original_config(unet: UNetConfig, autoencoder: AutoencoderConfig) -> dict:
+    """The parts of an original inference YAML that diffusers' single-file conversion reads."""
+    unet_params = unet.to_dict()
+    # diffusers takes num_heads when it is present, num_head_channels otherwise.
+    del unet_params["num_heads" if unet.num_head_channels != -1 else "num_head_channels"]
+    return {"model": {"params": {
+        "unet_config": {"params": unet_params},
+        "first_stage_config": {"params": {"embed_dim": autoencoder.embed_dim, "ddconfig": autoencoder.to_dict()}},
+        "scale_factor": autoencoder.scale_factor,
+    }}}
+
+
+def diffusers_unet(unet: UNetModel, autoencoder_config: AutoencoderConfig) -> UNet2DConditionModel:
+    checkpoint = join_state_dicts(unet.state_dict(), {}, {})
+    config = create_unet_diffusers_config_from_ldm(original_config(unet.config, autoencoder_config), checkpoint)
+    config["norm_num_groups"] = unet.config.norm_num_groups
+    return _load_meta(UNet2DConditionModel, config, convert_ldm_unet_checkpoint(checkpoint, config))
+
+
+def diffusers_vae(autoencoder: AutoencoderKL, unet_config: UNetConfig) -> ReferenceAutoencoderKL:
+    checkpoint = join_state_dicts({}, autoencoder.state_dict(), {})
+    config = create_vae_diffusers_config_from_ldm(original_config(unet_config, autoencoder.config), checkpoint)
+    config["norm_num_groups"] = autoencoder.config.norm_num_groups
+    return _load_meta(ReferenceAutoencoderKL, config, convert_ldm_vae_checkpoint(checkpoint, config))
+
+
+def diffusers_text_encoder(text_encoder: TextEncoder) -> transformers.CLIPTextModel:
+    config = text_encoder.config
+    reference = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=config.vocab_size, hidden_size=config.width, intermediate_size=4 * config.width,
+        num_hidden_layers=config.layers, num_attention_heads=config.heads,
+        max_position_embeddings=config.context_length, hidden_act=config.act))
+    converted = convert_open_clip_checkpoint(reference, join_state_dicts({}, {}, text_encoder.state_dict()))
+    expected = reference.state_dict()
+    # Newer transformers dropped CLIPTextModel's `text_model.` level; the CLIP head has no place in it.
+    if not any(k.startswith("text_model.") for k in expected):
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    reference.load_state_dict({k: v for k, v in converted.items() if k in expected}, strict=True)
+    return reference.eval()
+
+
+def _load_meta(cls: type, config: dict, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = cls(**config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+# Cases: each returns {"ours": run, "diffusers": run} for the sides asked for.
+
+def prepare_ours(unet: UNetModel, args: argparse.Namespace) -> UNetModel:
+    set_attention_backend(unet, args.attention)
+    return compile_unet(unet) if args.compile else unet
+
+
+def unet_inputs(args: argparse.Namespace, context_dim: int, device: torch.device, dtype: torch.dtype):
+    generator = torch.Generator().manual_seed(1)
+    x_t = torch.randn(args.batch, 4, args.latent_size, args.latent_size, generator=generator)
+    t = torch.randint(0, 1000, (args.batch,), generator=generator)
+    context = torch.randn(args.batch, args.context_len, context_dim, generator=generator)
+    return x_t.to(device, dtype), t.to(device), context.to(device, dtype)
+
+
+def sd_spec(args: argparse.Namespace) -> ModelSpec:
+    """SD 1.5 (the configs' defaults are its values), or its layout at a tenth of the width."""
+    if args.model == "tiny":
+        return ModelSpec(family="sd1", unet=UNetConfig(model_channels=32, num_heads=4, context_dim=64),
+                         autoencoder=AutoencoderConfig(ch=32), text_encoder=tiny(), image_size=8 * args.latent_size)
+    return ModelSpec(family="sd1", unet=UNetConfig(), autoencoder=AutoencoderConfig(), text_encoder=sd1(),
+                     image_size=8 * args.latent_size)
+
+
+def sd_unet_pair(args: argparse.Namespace) -> tuple[UNetModel, UNet2DConditionModel]:
+    spec = sd_spec(args)
+    with torch.device("meta"):
+        unet = UNetModel(spec.unet)
+    random_weights_(unet, seed=0)
+    return unet, diffusers_unet(unet, spec.autoencoder)
+
+
+def unet_case(args, device, dtype, sides) -> dict[str, Run]:
+    unet, reference = sd_unet_pair(args)
+    x_t, t, context = unet_inputs(args, unet.config.context_dim, device, dtype)
+    runs = {}
+    if "ours" in sides:
+        ours = prepare_ours(unet.to(device, dtype), args)
+        runs["ours"] = torch.no_grad()(lambda: ours(x_t, t, context))
+    if "diffusers" in sides:
+        reference = reference.to(device, dtype)
+        runs["diffusers"] = torch.no_grad()(lambda: reference(x_t, t, encoder_hidden_states=context).sample)
+    return runs
+
+
+def train_case(args, device, dtype, sides) -> dict[str, Run]:
+    # Both sides share the weight tensors on the CPU: each steps them with its own AdamW, which
+    # changes the numbers (not compared here) but not the work.
+    unet, reference = sd_unet_pair(args)
+    x_t, t, context = unet_inputs(args, unet.config.context_dim, device, dtype)
+    target = torch.randn_like(x_t)
+
+    def step(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> Run:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+        def run() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.mse_loss(forward().float(), target.float())
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+        return run
+
+    runs = {}
+    if "ours" in sides:
+        ours = prepare_ours(unet.to(device, dtype).train(), args)
+        runs["ours"] = step(ours, lambda: ours(x_t, t, context))
+    if "diffusers" in sides:
+        reference = reference.to(device, dtype).train()
+        runs["diffusers"] = step(reference, lambda: reference(x_t, t, encoder_hidden_states=context).sample)
+    return runs
+
+
+def vae_case(args, device, dtype, sides, tiled: bool = False) -> dict[str, Run]:
+    spec = sd_spec(args)
+    with torch.device("meta"):
+        autoencoder = AutoencoderKL(spec.autoencoder)
+    random_weights_(autoencoder, seed=2)
+    reference = diffusers_vae(autoencoder, spec.unet)
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(args.batch, 4, args.latent_size, args.latent_size, generator=generator).to(device, dtype)
+    runs = {}
+    if "ours" in sides:
+        ours = autoencoder.to(device, dtype)
+        if tiled:
+            runs["ours"] = torch.no_grad()(lambda: tiled_decode(ours, latents, args.tile_size, args.tile_overlap))
+        else:
+            runs["ours"] = torch.no_grad()(lambda: ours.decode(latents))
+    if "diffusers" in sides:
+        reference = reference.to(device, dtype)
+        if tiled:
+            reference.enable_tiling()
+            reference.tile_latent_min_size = args.tile_size
+            reference.tile_sample_min_size = 8 * args.tile_size
+            reference.tile_overlap_factor = args.tile_overlap / args.tile_size
+        runs["diffusers"] = torch.no_grad()(lambda: reference.decode(latents).sample)
+    return runs
+
+
+def pipeline_case(pipe: Pipeline, prompt: str, args, device, dtype, sides, image_size: int) -> dict[str, Run]:
+    """Full text -> image with the same initial noise on both sides; images compared in [0, 1]."""
+    prompts = [prompt] * args.batch
+    factor = pipe.autoencoder.config.downsampling_factor
+    shape = (args.batch, pipe.unet.config.out_channels, image_size // factor, image_size // factor)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    runs = {}
+    if "diffusers" in sides:
+        runs["diffusers"] = diffusers_txt2img(pipe, prompts, x_T, args, device, dtype, image_size)
+    if "ours" in sides:
+        pipe.to(device, dtype)
+        prepare_ours(pipe.unet, args)
+        runs["ours"] = lambda: (pipe(prompts, num_steps=args.steps, guidance_scale=GUIDANCE_SCALE, height=image_size,
+                                     width=image_size, latents=x_T, output_type="tensor", progress=False) + 1) / 2
+    return runs
+
+
+def diffusers_txt2img(pipe: Pipeline, prompts: list[str], x_T: torch.Tensor, args, device, dtype,
+                      image_size: int) -> Run:
+    text_encoder = diffusers_text_encoder(pipe.text_encoder).to(device, dtype)
+    schedule = pipe.spec.schedule
+    scheduler = DDIMScheduler(num_train_timesteps=schedule["num_timesteps"], beta_start=schedule["linear_start"],
+                              beta_end=schedule["linear_end"], beta_schedule="scaled_linear",
+                              timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+                              prediction_type="v_prediction" if pipe.spec.parameterization == "v" else "epsilon")
+    reference = StableDiffusionPipeline(
+        vae=diffusers_vae(pipe.autoencoder, pipe.unet.config), text_encoder=text_encoder, tokenizer=None,
+        unet=diffusers_unet(pipe.unet, pipe.autoencoder.config), scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False).to(device, dtype)
+    reference.set_progress_bar_config(disable=True)
+    penultimate = pipe.text_encoder.config.layer == "penultimate"
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> torch.Tensor:
+        # The same BPE ids as ours (transformers' tokenizer would need vocabulary files from the hub).
+        tokens = pipe.text_encoder.tokenize(texts).to(device)
+        if not penultimate:
+            return text_encoder(input_ids=tokens).last_hidden_state
+        hidden = text_encoder(input_ids=tokens, output_hidden_states=True).hidden_states[-2]
+        return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
+
+    def run() -> torch.Tensor:
+        return reference(prompt_embeds=encode(prompts), negative_prompt_embeds=encode([""] * len(prompts)),
+                         height=image_size, width=image_size, num_inference_steps=args.steps,
+                         guidance_scale=GUIDANCE_SCALE, latents=x_T.to(device, dtype), output_type="pt").images
+    return run
+
+
+def txt2img_case(args, device, dtype, sides) -> dict[str, Run]:
+    return pipeline_case(random_pipeline(sd_spec(args)), SD_PROMPT, args, device, dtype, sides, 8 * args.latent_size)
+
+
+def shapes_case(args, device, dtype, sides) -> dict[str, Run]:
+    if BUNDLED_CHECKPOINT.is_file():
+        pipe = Pipeline.from_checkpoint(BUNDLED_CHECKPOINT)
+    else:
+        print(f"shapes: {BUNDLED_CHECKPOINT} not found, random weights of the configs/shapes architecture")
+        pipe = random_pipeline(shapes_spec())
+    return pipeline_case(pipe, SHAPES_PROMPT, args, device, dtype, sides, pipe.spec.image_size)
+
+
+def shapes_spec() -> ModelSpec:
+    def read(name: str) -> dict:
+        return yaml.safe_load((SHAPES_CONFIGS / f"{name}.yaml").read_text())
+
+    diffusion, autoencoder = read("diffusion"), read("autoencoder")
+    text = read("clip")["clip"]["text"]
+    return ModelSpec(family="custom", unet=UNetConfig.from_dict(diffusion["unet"]),
+                     autoencoder=AutoencoderConfig.from_dict(autoencoder["autoencoder"]),
+                     text_encoder=TextEncoderConfig(**config_kwargs(TextEncoderConfig, text)),
+                     parameterization=diffusion["diffusion"]["parameterization"],
+                     image_size=int(diffusion["data"]["size"]))
+
+
+BUILDERS = {
+    "unet": unet_case, "train": train_case, "vae": vae_case,
+    "vae-tiled": lambda args, device, dtype, sides: vae_case(args, device, dtype, sides, tiled=True),
+    "txt2img": txt2img_case, "shapes": shapes_case,
+}
+
+
+# Measuring.
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(run: Run, device: torch.device) -> tuple[float, int | None, torch.Tensor]:
+    """Seconds of one call, its peak CUDA memory above what was allocated before (None on CPU), its output."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    synchronize(device)
+    start = time.perf_counter()
+    out = run()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None
+    return seconds, peak, out
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def probe_memory(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    """Child process: one side of one case; prints the rise of the RSS high-water mark during one call."""
+    run = BUILDERS[args.cases[0]](args, device, dtype, {args.memory_probe})[args.memory_probe]
+    run()  # warm-up: one-time allocations (optimizer state, kernel caches) are not per call
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = _proc_status_bytes("VmRSS")
+    run()
+    print(json.dumps({"peak_rise": _proc_status_bytes("VmHWM") - before, "peak": _proc_status_bytes("VmHWM")}))
+
+
+def cpu_peak_memory(argv: list[str], case: str, side: str) -> dict[str, int] | None:
+    """Run `probe_memory` in a fresh process; large blocks are mmap'ed there so freeing returns them to the OS."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    command = [sys.executable, __file__, *argv, "--cases", case, "--memory-probe", side]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        print(f"memory probe {case}/{side} failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    ours, ref = ours.detach().float().cpu(), ref.detach().float().cpu()
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def mib(num_bytes: int | None) -> str:
+    return "-" if num_bytes is None else f"{num_bytes / 2**20:.0f}"
+
+
+def benchmark_case(case: str, args: argparse.Namespace, argv: list[str], device: torch.device,
+                   dtype: torch.dtype) -> dict[str, str]:
+    runs = BUILDERS[case](args, device, dtype, {"ours", "diffusers"})
+    first, outputs = {}, {}
+    for side in ("ours", "diffusers"):
+        first[side], _, outputs[side] = timed(runs[side], device)
+    seconds = {"ours": [], "diffusers": []}
+    peaks = {"ours": [], "diffusers": []}
+    for repeat in range(args.repeats):
+        for side in ("ours", "diffusers") if repeat % 2 == 0 else ("diffusers", "ours"):
+            elapsed, peak, _ = timed(runs[side], device)
+            seconds[side].append(elapsed)
+            peaks[side].append(peak)
+    del runs
+    gc.collect()
+    median = {side: statistics.median(values) for side, values in seconds.items()}
+    row = {"case": case, "ours ms": f"{1e3 * median['ours']:.1f}", "diffusers ms": f"{1e3 * median['diffusers']:.1f}",
+           "ratio": f"{median['ours'] / median['diffusers']:.2f}", "ours 1st ms": f"{1e3 * first['ours']:.0f}"}
+    if device.type == "cuda":
+        row.update({f"{side} peak MiB": mib(max(peaks[side])) for side in peaks})
+    elif not args.no_memory:
+        for side in ("ours", "diffusers"):
+            probe = cpu_peak_memory(argv, case, side)
+            row[f"{side} peak MiB"] = mib(probe and probe["peak_rise"])
+    comparable = case not in ("train", "vae-tiled")  # different updates / tiling schemes
+    row["check"] = f"{relative_error(outputs['ours'], outputs['diffusers']):.1e}" if comparable else "-"
+    return row
+
+
+def print_table(rows: list[dict[str, str]]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    widths = {c: max(len(c), *(len(row.get(c, "")) for row in rows)) for c in columns}
+    for row in [dict(zip(columns, columns, strict=True)), *rows]:
+        print("  ".join(row.get(c, "").ljust(widths[c]) for c in columns))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    device, dtype = resolve_device(args.device), PRECISIONS[args.dtype]
+    diffusers.utils.logging.set_verbosity_error()  # its advice on from_pretrained dtypes does not apply here
+    torch.manual_seed(0)
+    if args.memory_probe:
+        probe_memory(args, device, dtype)
+        return
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {device}, {args.dtype}, "
+          f"{torch.get_num_threads()} threads, batch {args.batch}, latents {args.latent_size}, "
+          f"context {args.context_len}, attention {args.attention}, compile {args.compile}, steps {args.steps}, "
+          f"repeats {args.repeats}", flush=True)
+    rows = []
+    for case in args.cases:
+        rows.append(benchmark_case(case, args, argv, device, dtype))
+        print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+    print()
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
