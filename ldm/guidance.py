@@ -1,4 +1,5 @@
-"""Classifier-free guidance (Ho & Salimans 2022) as a denoiser for ``ldm.samplers``."""
+"""Classifier-free guidance (Ho & Salimans 2022) as a denoiser for ``ldm.samplers``, with the
+optional guidance rescale of Lin et al. 2023."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class ClassifierFreeGuidance:
             ``guidance_scale`` is 1.
         guidance_scale: 1 means the conditional prediction alone (the unconditional half is
             then skipped); SD commonly uses 7.5.
+        guidance_rescale: phi of ``rescale_guidance``, in [0, 1]; 0 leaves the guided output as is.
 
     Conditional and unconditional predictions come from one U-Net call on a batch of 2B.
     """
@@ -31,10 +33,14 @@ class ClassifierFreeGuidance:
         context: Tensor,
         uncond_context: Tensor | None,
         guidance_scale: float,
+        guidance_rescale: float = 0.0,
     ) -> None:
+        if not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         self.unet = unet
         self.context = context
         self.guidance_scale = guidance_scale
+        self.guidance_rescale = guidance_rescale
         self._both_contexts: Tensor | None = None
         if guidance_scale != 1.0:
             if uncond_context is None or uncond_context.shape != context.shape:
@@ -58,4 +64,20 @@ class ClassifierFreeGuidance:
         uncond, cond = self.unet(
             torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), self._both_contexts
         ).to(x_t.dtype).chunk(2)
-        return uncond + self.guidance_scale * (cond - uncond)
+        guided = uncond + self.guidance_scale * (cond - uncond)
+        if self.guidance_rescale == 0:
+            return guided
+        return rescale_guidance(guided, cond, self.guidance_rescale)
+
+
+def rescale_guidance(guided: Tensor, cond: Tensor, guidance_rescale: float) -> Tensor:
+    """Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"), eq. 15-16.
+
+    ``guided`` and ``cond`` are (B, C, h, w). Each sample of ``guided`` is scaled to the standard
+    deviation of its conditional prediction, which large guidance scales inflate (over-exposure),
+    and the result is mixed with ``guided`` by ``guidance_rescale`` (phi): 0 returns ``guided``,
+    1 the fully rescaled output.
+    """
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return torch.lerp(guided, rescaled, guidance_rescale)

@@ -1,4 +1,5 @@
-"""Text -> latents -> images: the three stages chained by DDIM with classifier-free guidance."""
+"""Text (and optionally an image) -> latents -> images: the three stages chained by a sampler with
+classifier-free guidance."""
 
 from __future__ import annotations
 
@@ -8,13 +9,25 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ldm.attention import DEFAULT_SLICE_SIZE, set_attention_backend
 from ldm.autoencoder import AutoencoderKL
 from ldm.errors import InputError
 from ldm.guidance import ClassifierFreeGuidance
-from ldm.samplers import randn, sample_ddim
+from ldm.img2img import (
+    InpaintingUNet,
+    LatentBlend,
+    UNet,
+    default_strength,
+    latent_masks,
+    masked_images,
+    start_step,
+)
+from ldm.prompts import encode_prompts
+from ldm.samplers import randn, sample
 from ldm.schedule import NoiseSchedule
 from ldm.sd_checkpoint import ModelSpec, detect_spec, read_checkpoint, split_state_dict, write_checkpoint
 from ldm.text_encoder import TextEncoder
+from ldm.tiling import tiled_decode, tiled_encode
 from ldm.unet import UNetModel
 
 
@@ -47,6 +60,7 @@ class Pipeline:
         self.autoencoder = autoencoder.eval()
         self.schedule = NoiseSchedule(**spec.schedule)
         self.name = name or spec.family
+        self.tiling: tuple[int, int] | None = None  # (tile size, overlap) in latent pixels; None = whole images
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, name: str = "") -> Pipeline:
@@ -87,36 +101,90 @@ class Pipeline:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    def set_attention_backend(self, backend: str, slice_size: int = DEFAULT_SLICE_SIZE) -> Pipeline:
+        """Attention of the U-Net and the autoencoder: "sdpa" (default), "xformers", "sliced" or "math"."""
+        for module in (self.unet, self.autoencoder):
+            set_attention_backend(module, backend, slice_size)
+        return self
+
+    def enable_tiling(self, tile_size: int = 64, overlap: int = 16) -> Pipeline:
+        """Encode and decode in overlapping tiles of `tile_size` latent pixels: memory is bounded by the
+        tile, not the image (for large images on small machines)."""
+        self.tiling = (tile_size, overlap)
+        return self
+
+    def compile_unet(self) -> Pipeline:
+        """torch.compile the U-Net in place (keys unchanged); the first call per shape is slow."""
+        self.unet.compile(dynamic=False)
+        return self
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8) (posterior mean)."""
-        return self.autoencoder.encode(images).mode() * self.autoencoder.scale_factor
+        if self.tiling is None:
+            posterior = self.autoencoder.encode(images)
+        else:
+            factor = self.autoencoder.config.downsampling_factor
+            posterior = tiled_encode(self.autoencoder, images, *(n * factor for n in self.tiling))
+        return posterior.mode() * self.autoencoder.scale_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1]."""
-        return self.autoencoder.decode(latents / self.autoencoder.scale_factor).clamp(-1, 1)
+        z = latents / self.autoencoder.scale_factor
+        images = self.autoencoder.decode(z) if self.tiling is None else tiled_decode(self.autoencoder, z, *self.tiling)
+        return images.clamp(-1, 1)
+
+    @property
+    def is_inpainting(self) -> bool:
+        """An SD 2 inpainting U-Net: latents + mask + masked-image latents in (4 + 1 + 4 channels)."""
+        return self.unet.config.in_channels == 2 * self.unet.config.out_channels + 1
 
     @torch.no_grad()
     def __call__(self, prompts: str | Sequence[str], num_steps: int = 50, guidance_scale: float = 7.5,
                  eta: float = 0.0, seed: int | Sequence[int] = 0, height: int | None = None,
                  width: int | None = None, latents: torch.Tensor | None = None,
                  negative_prompts: str | Sequence[str] = "", output_type: str = "pil",
-                 progress: bool = True) -> list[Image.Image] | torch.Tensor:
+                 progress: bool = True, sampler: str = "ddim", karras: bool = False,
+                 guidance_rescale: float = 0.0, init_images: torch.Tensor | None = None,
+                 masks: torch.Tensor | None = None, strength: float | None = None) -> list[Image.Image] | torch.Tensor:
         """Generate one image per prompt.
 
         `seed` is the seed of the first image; image k uses seed + k (or pass one seed per prompt).
         `latents` (B, 4, h, w), if given, replace the seeded initial noise. `negative_prompts` (one for
-        all, or one per prompt) replace the empty unconditional prompt of guidance. Returns PIL images, or
-        with `output_type="tensor"` images (B, 3, H, W) in [-1, 1], or with "latent" the latents.
+        all, or one per prompt) replace the empty unconditional prompt of guidance. Prompts may carry
+        `(text:1.3)` weights and be longer than the text encoder's context (see `ldm.prompts`).
+        `sampler` is one of `ldm.samplers.SAMPLERS`; `karras` picks Karras et al.'s noise levels;
+        `guidance_rescale` is phi of Lin et al. (0 = plain guidance).
+
+        img2img: `init_images` (1 or B, 3, H, W) in [-1, 1] set the size; `strength` in (0, 1] is how
+        much of the sampler's schedule reruns (default 0.75). Inpainting: also `masks` (1 or B, 1, H, W)
+        in [0, 1], 1 where to repaint (default strength 1). Both work with every sampler.
+
+        Returns PIL images, or with `output_type="tensor"` images (B, 3, H, W) in [-1, 1], or with
+        "latent" the latents.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        factor = self.autoencoder.config.downsampling_factor
-        height = self.spec.image_size if height is None else height
-        width = self.spec.image_size if width is None else width
-        check_size(height, width, factor)
+        if not prompts:
+            raise InputError("no prompts given")
         if num_steps < 1:
             raise InputError(f"steps must be >= 1, got {num_steps}")
         if guidance_scale < 0:
             raise InputError(f"guidance scale must be >= 0, got {guidance_scale}")
+        if not 0 <= guidance_rescale <= 1:
+            raise InputError(f"guidance rescale must be in [0, 1], got {guidance_rescale}")
+        first_step = 0
+        if init_images is not None:
+            height, width = self._check_images(init_images, masks, len(prompts), height, width)
+            first_step = start_step(num_steps, default_strength(masks is not None) if strength is None else strength)
+        elif masks is not None:
+            raise InputError("a mask needs an init image to inpaint (pass init_images)")
+        elif strength is not None:
+            raise InputError("strength needs an init image (pass init_images)")
+        if self.is_inpainting and masks is None:
+            raise InputError(f"{self.name} is an inpainting model: pass an init image and a mask")
+        factor = self.autoencoder.config.downsampling_factor
+        height = self.spec.image_size if height is None else height
+        width = self.spec.image_size if width is None else width
+        check_size(height, width, factor)
         seeds = [seed + k for k in range(len(prompts))] if isinstance(seed, int) else list(seed)
         if len(seeds) != len(prompts):
             raise InputError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
@@ -127,27 +195,70 @@ class Pipeline:
             raise InputError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts")
 
         # 1. Prompts -> context; the negative (by default empty) prompt is the unconditional context.
-        context = self.text_encoder(prompts).to(self.dtype)
-        uncond_context = self.text_encoder(list(negative_prompts)).to(self.dtype) if guidance_scale != 1 else None
-        # 2. Initial noise x_T in float32 from one CPU generator per image, which then also draws
+        context, uncond_context = encode_prompts(self.text_encoder, prompts,
+                                                 list(negative_prompts) if guidance_scale != 1 else None)
+        context = context.to(self.dtype)
+        uncond_context = None if uncond_context is None else uncond_context.to(self.dtype)
+        # 2. Initial noise in float32 from one CPU generator per image, which then also draws
         #    that image's sampler noise (eta > 0): image k is reproducible alone, on any device.
-        shape = (len(prompts), self.unet.config.in_channels, height // factor, width // factor)
+        shape = (len(prompts), self.unet.config.out_channels, height // factor, width // factor)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         if latents is None:
-            x_T = randn(shape, generators, self.device, torch.float32)
+            noise = randn(shape, generators, self.device, torch.float32)
         elif tuple(latents.shape) != shape:
             raise InputError(f"initial latents must have shape {shape}, got {tuple(latents.shape)}")
         else:
-            x_T = latents.to(self.device, torch.float32)
-        # 3. Denoise with guidance.
-        denoiser = ClassifierFreeGuidance(self.unet, context, uncond_context, guidance_scale)
-        z = sample_ddim(denoiser, x_T, self.schedule, num_steps, eta=eta, generator=generators,
-                        parameterization=self.spec.parameterization, progress=progress)
+            noise = latents.to(self.device, torch.float32)
+        # 3. Denoise with guidance, from noise or, from step `first_step` on, from the init images' latents
+        #    noised to that step's level.
+        unet, x0, blend = self.unet, None, None
+        if init_images is not None:
+            unet, x0, blend = self._start_from_images(init_images, masks, len(prompts))
+        denoiser = ClassifierFreeGuidance(unet, context, uncond_context, guidance_scale, guidance_rescale)
+        z = sample(sampler, denoiser, noise, self.schedule, num_steps, eta=eta, karras=karras, generator=generators,
+                   parameterization=self.spec.parameterization, progress=progress, init_latents=x0,
+                   start_step=first_step, x0_transform=blend)
+        if blend is not None:
+            z = blend(z)
         if output_type == "latent":
             return z
         # 4. Latents -> images.
         images = self.decode(z.to(self.dtype))
         return images if output_type == "tensor" else to_pil(images)
+
+    def _check_images(self, init_images: torch.Tensor, masks: torch.Tensor | None, batch_size: int,
+                      height: int | None, width: int | None) -> tuple[int, int]:
+        """The init images' (height, width), after checking them against the masks and the requested size."""
+        if init_images.ndim != 4 or init_images.shape[1] != 3 or init_images.shape[0] not in (1, batch_size):
+            raise InputError(f"init images must be (1 or {batch_size}, 3, H, W), got {tuple(init_images.shape)}")
+        image_height, image_width = init_images.shape[-2:]
+        factor = self.autoencoder.config.downsampling_factor
+        if image_height % factor or image_width % factor:
+            raise InputError(f"the init image is {image_width}x{image_height}; its sides must be multiples of "
+                             f"{factor} (crop or resize it)")
+        if height not in (None, image_height) or width not in (None, image_width):
+            raise InputError(f"the init image is {image_width}x{image_height} but {width}x{height} was asked "
+                             "for; resize the image or leave the size out")
+        if masks is not None and (masks.ndim != 4 or masks.shape[1] != 1 or masks.shape[0] not in (1, batch_size)
+                                  or masks.shape[-2:] != init_images.shape[-2:]):
+            raise InputError(f"masks must be (1 or {batch_size}, 1, {image_height}, {image_width}) like the init "
+                             f"image, got {tuple(masks.shape)}")
+        return image_height, image_width
+
+    def _start_from_images(self, init_images: torch.Tensor, masks: torch.Tensor | None, batch_size: int
+                           ) -> tuple[UNet, torch.Tensor, LatentBlend | None]:
+        """What sampling from init images needs: the U-Net to guide (an SD 2 inpainting U-Net sees the mask
+        and the masked image), the init images' latents (B, 4, h, w) float32, and for inpainting with a
+        plain U-Net the `LatentBlend` that keeps the unmasked region."""
+        init_images = init_images.to(self.device, self.dtype).expand(batch_size, -1, -1, -1)
+        x0 = self.encode(init_images).float()
+        if masks is None:
+            return self.unet, x0, None
+        masks = masks.to(self.device, self.dtype).expand(batch_size, -1, -1, -1)
+        small_masks = latent_masks(masks, x0.shape[-2:])
+        if self.is_inpainting:
+            return InpaintingUNet(self.unet, small_masks, self.encode(masked_images(init_images, masks))), x0, None
+        return self.unet, x0, LatentBlend(x0, small_masks)
 
 
 def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], part: str, path: str | Path) -> None:

@@ -6,10 +6,25 @@ Every sampler shares one contract, so new ones can be added as sibling functions
   indices on ``x_t``'s device; the output is eps or v according to ``parameterization``.
   Conditioning (e.g. classifier-free guidance, see ``ldm.guidance``) lives inside the denoiser.
 - ``sample_<name>(denoiser, x_T, schedule, num_steps, ..., generator=None,
-  parameterization="eps", progress=True, callback=None) -> latents`` (B, C, h, w).
+  parameterization="eps", progress=True, callback=None, init_latents=None, start_step=0,
+  x0_transform=None) -> latents`` (B, C, h, w), with ``x_T`` ~ N(0, I) and
+  ``callback(step_index, x_t)`` after every step.
+- A start point (img2img, inpainting): with ``init_latents`` (B, C, h, w) the sampler runs only
+  its steps ``start_step .. num_steps - 1`` (the callback sees these step indices), from
+  ``init_latents`` noised with the noise ``x_T`` to the noise level of step ``start_step``
+  (``noised_start``; the sigma samplers do the same in their units). Nothing from the skipped
+  steps carries over, e.g. PLMS's multistep history starts empty, as in ldm's truncated PLMS runs.
+- ``x0_transform(x0) -> x0`` (B, C, h, w), if given, edits every prediction of x0 before a step
+  uses it, and eps is re-derived from the edited x0 at the sampler's own noise level (see
+  ``predict``). Latent-blending inpainting pastes the known region there, which works the same
+  for every sampler, also between training timesteps (Karras sigmas).
 - Per-step scalars are built before the loop, so the loop never syncs host and device.
 - Randomness comes only from ``generator``: one torch.Generator on ``x_T``'s device, or one per
   batch row so that each sample is reproducible on its own (see ``randn``).
+
+This module holds the samplers over discrete timesteps (DDIM, DDPM, PLMS) and ``sample``, the one
+entry point by name; the sigma-space samplers (Euler, Euler ancestral, Heun, DPM++ 2M) live in
+``ldm.k_samplers``.
 """
 
 from __future__ import annotations
@@ -20,12 +35,15 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ldm.errors import InputError
 from ldm.schedule import NoiseSchedule, check_parameterization, x0_and_eps_from_output
+
+SAMPLERS: tuple[str, ...] = ("ddim", "ddpm", "plms", "euler", "euler_a", "heun", "dpmpp_2m")
+SIGMA_SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "heun", "dpmpp_2m")
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, Tensor], None]
-
-
+X0Transform = Callable[[Tensor], Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
@@ -39,16 +57,51 @@ def randn(shape: Sequence[int], generator: Generators, device: torch.device, dty
     return torch.stack(rows).to(device)
 
 
-def _check_num_steps(num_steps: int, num_train_timesteps: int) -> None:
+def check_num_steps(num_steps: int, num_train_timesteps: int) -> None:
+    """Raise InputError unless 1 <= ``num_steps`` <= ``num_train_timesteps``."""
     if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(
-            f"num_steps must be between 1 and {num_train_timesteps}, got {num_steps}"
-        )
+        raise InputError(f"num_steps must be between 1 and {num_train_timesteps}, got {num_steps}")
 
 
-def _per_step(values: Tensor, like: Tensor) -> Tensor:
+def per_step(values: Tensor, like: Tensor) -> Tensor:
     """Move a float64 CPU vector of per-step scalars to ``like``'s dtype and device, once."""
     return values.to(dtype=like.dtype).to(device=like.device)
+
+
+def check_start(num_steps: int, start_step: int, init_latents: Tensor | None, x_T: Tensor) -> None:
+    """Raise InputError unless ``start_step`` is one of the ``num_steps`` steps and ``init_latents``,
+    which a start past step 0 needs, have the shape of ``x_T``."""
+    if not 0 <= start_step < num_steps:
+        raise InputError(f"start_step must be between 0 and num_steps - 1 = {num_steps - 1}, got {start_step}")
+    if init_latents is None:
+        if start_step:
+            raise InputError(f"start_step {start_step} needs init_latents to start from; pass them or start at 0")
+    elif init_latents.shape != x_T.shape:
+        raise InputError(f"init_latents must have the shape of x_T {tuple(x_T.shape)}, "
+                         f"got {tuple(init_latents.shape)}")
+
+
+def noised_start(x_T: Tensor, schedule: NoiseSchedule, timesteps: Tensor, init_latents: Tensor | None,
+                 start_step: int) -> Tensor:
+    """The first ``x_t`` (B, C, h, w) of a sampler over ``timesteps`` (num_steps,): ``x_T`` itself, or
+    ``init_latents`` noised with the noise ``x_T`` to ``timesteps[start_step]`` (``schedule.add_noise``)."""
+    check_start(len(timesteps), start_step, init_latents, x_T)
+    if init_latents is None:
+        return x_T
+    t = timesteps[start_step].expand(x_T.shape[0])
+    return schedule.add_noise(init_latents.to(x_T), x_T, t)
+
+
+def predict(denoiser: Denoiser, x_t: Tensor, t: Tensor, sqrt_alpha: Tensor, sqrt_one_minus_alpha: Tensor,
+            parameterization: str, x0_transform: X0Transform | None = None) -> tuple[Tensor, Tensor]:
+    """``(x0, eps)`` (B, C, h, w) from the denoiser at ``x_t`` (B, C, h, w) of noise level
+    ``sqrt_alpha``, ``sqrt_one_minus_alpha`` (the sampler's own, which between training timesteps
+    need not be ``t``'s). ``x0_transform`` edits x0, and eps follows from it at that noise level."""
+    x0, eps = x0_and_eps_from_output(denoiser(x_t, t), x_t, sqrt_alpha, sqrt_one_minus_alpha, parameterization)
+    if x0_transform is None:
+        return x0, eps
+    x0 = x0_transform(x0)
+    return x0, (x_t - sqrt_alpha * x0) / sqrt_one_minus_alpha
 
 
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> Tensor:
@@ -59,7 +112,7 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> Tensor:
     offset is dropped when it would step past the last index, i.e. for ``num_steps`` equal to
     ``num_train_timesteps``.
     """
-    _check_num_steps(num_steps, num_train_timesteps)
+    check_num_steps(num_steps, num_train_timesteps)
     stride = num_train_timesteps // num_steps
     offset = 1 if (num_steps - 1) * stride + 1 < num_train_timesteps else 0
     return torch.arange(num_steps - 1, -1, -1, dtype=torch.long) * stride + offset
@@ -76,41 +129,44 @@ def sample_ddim(
     parameterization: str = "eps",
     progress: bool = True,
     callback: StepCallback | None = None,
+    init_latents: Tensor | None = None,
+    start_step: int = 0,
+    x0_transform: X0Transform | None = None,
 ) -> Tensor:
     """DDIM (Song et al. 2021) from ``x_T`` (B, C, h, w) to latents (B, C, h, w).
 
     ``eta`` = 0 is the deterministic sampler, ``eta`` = 1 has DDPM's posterior variance. The
     step after the last timestep goes to the noise level ``alphas_cumprod[0]`` (SD's
     ``set_alpha_to_one=False``). ``callback(step_index, x_t)`` is called after every step with
-    the new ``x_t``. Runs under ``torch.no_grad``.
+    the new ``x_t``. ``init_latents``, ``start_step`` and ``x0_transform`` as in the module
+    docstring: from step ``start_step`` on, ``num_steps - start_step`` denoiser calls. Runs under
+    ``torch.no_grad``.
     """
-    _check_num_steps(num_steps, schedule.num_timesteps)
+    check_num_steps(num_steps, schedule.num_timesteps)
     if eta < 0:
-        raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
+        raise InputError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
     check_parameterization(parameterization)
 
     timesteps = ddim_timesteps(num_steps, schedule.num_timesteps)
+    x_t = noised_start(x_T, schedule, timesteps, init_latents, start_step)
     alphas = schedule.alphas_cumprod[timesteps]
     alphas_prev = torch.cat([alphas[1:], schedule.alphas_cumprod[:1]])
     sigmas = eta * ((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev)).sqrt()
     direction_variances = 1 - alphas_prev - sigmas**2
     if (direction_variances < 0).any():
-        raise ValueError(f"eta={eta} adds more noise than a DDIM step allows; use eta <= 1")
+        raise InputError(f"eta={eta} adds more noise than a DDIM step allows; use eta <= 1")
 
-    sqrt_alphas = _per_step(alphas.sqrt(), x_T)
-    sqrt_one_minus_alphas = _per_step((1 - alphas).sqrt(), x_T)
-    sqrt_alphas_prev = _per_step(alphas_prev.sqrt(), x_T)
-    direction_scales = _per_step(direction_variances.sqrt(), x_T)
-    noise_scales = _per_step(sigmas, x_T)
+    sqrt_alphas = per_step(alphas.sqrt(), x_T)
+    sqrt_one_minus_alphas = per_step((1 - alphas).sqrt(), x_T)
+    sqrt_alphas_prev = per_step(alphas_prev.sqrt(), x_T)
+    direction_scales = per_step(direction_variances.sqrt(), x_T)
+    noise_scales = per_step(sigmas, x_T)
     timesteps = timesteps.to(x_T.device)
 
-    x_t = x_T
     batch_size = x_T.shape[0]
-    for i in tqdm(range(num_steps), desc="DDIM", disable=not progress):
-        model_output = denoiser(x_t, timesteps[i].expand(batch_size))
-        x0, eps = x0_and_eps_from_output(
-            model_output, x_t, sqrt_alphas[i], sqrt_one_minus_alphas[i], parameterization
-        )
+    for i in tqdm(range(start_step, num_steps), desc="DDIM", disable=not progress):
+        x0, eps = predict(denoiser, x_t, timesteps[i].expand(batch_size), sqrt_alphas[i], sqrt_one_minus_alphas[i],
+                          parameterization, x0_transform)
         x_t = sqrt_alphas_prev[i] * x0 + direction_scales[i] * eps
         if eta > 0:
             noise = randn(x_t.shape, generator, x_t.device, x_t.dtype)
@@ -118,3 +174,176 @@ def sample_ddim(
         if callback is not None:
             callback(i, x_t)
     return x_t
+
+
+@torch.no_grad()
+def sample_ddpm(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    generator: Generators = None,
+    parameterization: str = "eps",
+    progress: bool = True,
+    callback: StepCallback | None = None,
+    init_latents: Tensor | None = None,
+    start_step: int = 0,
+    x0_transform: X0Transform | None = None,
+) -> Tensor:
+    """Ancestral DDPM sampling (Ho et al. 2020) over a subset of timesteps, ``x_T`` (B, C, h, w) -> latents.
+
+    Uses ``ddim_timesteps`` (diffusers' DDPMScheduler with SD's "leading" spacing and offset 1);
+    each step draws from the posterior q(x_prev | x_t, x0) at the predicted x0, with the betas of
+    the skipped stretch of timesteps and DDPM's posterior ("fixed small") variance. The last step
+    lands on clean data (noise level 1, as DDPM's t = 0 step) and adds no noise; the others draw
+    ``randn`` from ``generator``. ``callback``, ``init_latents``, ``start_step`` and
+    ``x0_transform`` as in ``sample_ddim``.
+    """
+    check_num_steps(num_steps, schedule.num_timesteps)
+    check_parameterization(parameterization)
+
+    timesteps = ddim_timesteps(num_steps, schedule.num_timesteps)
+    x_t = noised_start(x_T, schedule, timesteps, init_latents, start_step)
+    alphas = schedule.alphas_cumprod[timesteps]
+    alphas_prev = torch.cat([alphas[1:], alphas.new_ones(1)])
+    betas = 1 - alphas / alphas_prev
+    x0_scales = per_step(alphas_prev.sqrt() * betas / (1 - alphas), x_T)
+    x_t_scales = per_step((1 - betas).sqrt() * (1 - alphas_prev) / (1 - alphas), x_T)
+    noise_scales = per_step(((1 - alphas_prev) / (1 - alphas) * betas).sqrt(), x_T)
+    sqrt_alphas = per_step(alphas.sqrt(), x_T)
+    sqrt_one_minus_alphas = per_step((1 - alphas).sqrt(), x_T)
+    timesteps = timesteps.to(x_T.device)
+
+    batch_size = x_T.shape[0]
+    for i in tqdm(range(start_step, num_steps), desc="DDPM", disable=not progress):
+        x0, _ = predict(denoiser, x_t, timesteps[i].expand(batch_size), sqrt_alphas[i], sqrt_one_minus_alphas[i],
+                        parameterization, x0_transform)
+        x_t = x0_scales[i] * x0 + x_t_scales[i] * x_t
+        if i < num_steps - 1:
+            x_t = x_t + noise_scales[i] * randn(x_t.shape, generator, x_t.device, x_t.dtype)
+        if callback is not None:
+            callback(i, x_t)
+    return x_t
+
+
+# Adams-Bashforth weights for the newest eps first, by the number of earlier eps available.
+_ADAMS_BASHFORTH = {
+    1: (3 / 2, -1 / 2),
+    2: (23 / 12, -16 / 12, 5 / 12),
+    3: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+@torch.no_grad()
+def sample_plms(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    parameterization: str = "eps",
+    progress: bool = True,
+    callback: StepCallback | None = None,
+    init_latents: Tensor | None = None,
+    start_step: int = 0,
+    x0_transform: X0Transform | None = None,
+) -> Tensor:
+    """PLMS (Liu et al. 2022, as the original ldm PLMSSampler), ``x_T`` (B, C, h, w) -> latents.
+
+    DDIM (eta = 0) steps over ``ddim_timesteps``, each driven by a linear multistep combination of
+    the eps predictions so far (Adams-Bashforth of order up to 4). The first step has no history
+    and uses a pseudo improved Euler step instead: the mean of eps at ``x_t`` and at the DDIM step's
+    landing point, which costs one extra denoiser call (``num_steps + 1`` in all). v-predictions are
+    turned into eps first. With ``num_steps = 1`` that extra call sees timestep 0, the level the step
+    lands on (ldm reuses the current timestep there). ``callback``, ``init_latents``, ``start_step``
+    and ``x0_transform`` as in ``sample_ddim``; a run from ``start_step`` begins without history, so
+    it makes ``num_steps - start_step + 1`` calls.
+    """
+    check_num_steps(num_steps, schedule.num_timesteps)
+    check_parameterization(parameterization)
+
+    timesteps = ddim_timesteps(num_steps, schedule.num_timesteps)
+    prev_timesteps = torch.cat([timesteps[1:], timesteps.new_zeros(1)])
+    x_t = noised_start(x_T, schedule, timesteps, init_latents, start_step)
+    alphas = schedule.alphas_cumprod[timesteps]
+    alphas_prev = schedule.alphas_cumprod[prev_timesteps]
+    # A DDIM step written in eps alone: x_prev = sqrt(a_prev / a) x_t + eps_scale * eps.
+    x_t_scales = per_step((alphas_prev / alphas).sqrt(), x_T)
+    eps_scales = per_step((1 - alphas_prev).sqrt() - (alphas_prev * (1 - alphas) / alphas).sqrt(), x_T)
+    sqrt_alphas = per_step(alphas.sqrt(), x_T)
+    sqrt_one_minus_alphas = per_step((1 - alphas).sqrt(), x_T)
+    sqrt_alphas_prev = per_step(alphas_prev.sqrt(), x_T)
+    sqrt_one_minus_alphas_prev = per_step((1 - alphas_prev).sqrt(), x_T)
+    timesteps = timesteps.to(x_T.device)
+    prev_timesteps = prev_timesteps.to(x_T.device)
+
+    batch_size = x_T.shape[0]
+    earlier_eps: list[Tensor] = []  # newest first, at most 3
+    for i in tqdm(range(start_step, num_steps), desc="PLMS", disable=not progress):
+        _, eps = predict(denoiser, x_t, timesteps[i].expand(batch_size), sqrt_alphas[i], sqrt_one_minus_alphas[i],
+                         parameterization, x0_transform)
+        if earlier_eps:
+            weights = _ADAMS_BASHFORTH[len(earlier_eps)]
+            eps_prime = sum(w * e for w, e in zip(weights, [eps, *earlier_eps], strict=True))
+        else:
+            x_euler = x_t_scales[i] * x_t + eps_scales[i] * eps
+            _, eps_euler = predict(denoiser, x_euler, prev_timesteps[i].expand(batch_size), sqrt_alphas_prev[i],
+                                   sqrt_one_minus_alphas_prev[i], parameterization, x0_transform)
+            eps_prime = (eps + eps_euler) / 2
+        x_t = x_t_scales[i] * x_t + eps_scales[i] * eps_prime
+        earlier_eps = [eps, *earlier_eps[:2]]
+        if callback is not None:
+            callback(i, x_t)
+    return x_t
+
+
+def sample(
+    name: str,
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    *,
+    eta: float = 0.0,
+    karras: bool = False,
+    generator: Generators = None,
+    parameterization: str = "eps",
+    progress: bool = True,
+    callback: StepCallback | None = None,
+    init_latents: Tensor | None = None,
+    start_step: int = 0,
+    x0_transform: X0Transform | None = None,
+) -> Tensor:
+    """Run the sampler called ``name`` (one of SAMPLERS) from ``x_T`` (B, C, h, w) ~ N(0, I) to latents.
+
+    ``eta`` applies to "ddim" only, ``karras`` (Karras et al. sigmas) to SIGMA_SAMPLERS only;
+    ``generator`` feeds the stochastic ones (ddim with eta > 0, ddpm, euler_a) and is ignored by the
+    others. img2img and inpainting: ``init_latents`` (B, C, h, w) noised with ``x_T`` to the level of
+    step ``start_step``, from where the sampler runs its remaining steps; ``x0_transform`` edits each
+    prediction of x0 (see the module docstring). Raises InputError for an unknown name or an option
+    the sampler does not take.
+    """
+    # Imported here: ldm.k_samplers builds on this module's helpers.
+    from ldm import k_samplers
+
+    if name not in SAMPLERS:
+        raise InputError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if karras and name not in SIGMA_SAMPLERS:
+        raise InputError(f"karras sigmas work only with the samplers {', '.join(SIGMA_SAMPLERS)}; "
+                         f"drop karras for {name!r}")
+    if eta != 0 and name != "ddim":
+        raise InputError(f"eta applies only to the ddim sampler; set eta to 0 for {name!r}")
+
+    common = {"parameterization": parameterization, "progress": progress, "callback": callback,
+              "init_latents": init_latents, "start_step": start_step, "x0_transform": x0_transform}
+    if name == "ddim":
+        return sample_ddim(denoiser, x_T, schedule, num_steps, eta=eta, generator=generator, **common)
+    if name == "ddpm":
+        return sample_ddpm(denoiser, x_T, schedule, num_steps, generator=generator, **common)
+    if name == "plms":
+        return sample_plms(denoiser, x_T, schedule, num_steps, **common)
+    if name == "euler_a":
+        return k_samplers.sample_euler_ancestral(denoiser, x_T, schedule, num_steps, karras=karras,
+                                                 generator=generator, **common)
+    ode_samplers = {"euler": k_samplers.sample_euler, "heun": k_samplers.sample_heun,
+                    "dpmpp_2m": k_samplers.sample_dpmpp_2m}
+    return ode_samplers[name](denoiser, x_T, schedule, num_steps, karras=karras, **common)

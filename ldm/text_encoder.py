@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -130,8 +131,7 @@ class TextEncoder(TextTransformer):
             raise ValueError("tokenize takes a list of prompts; wrap a single prompt as [prompt]")
         tok = self.tokenizer
         num_fit = self.config.context_length - 2  # room left by the start and end tokens
-        pad = tok.eot_token_id if self.config.pad_with_eot else 0
-        tokens = torch.full((len(prompts), self.config.context_length), pad, dtype=torch.long)
+        rows = []
         for i, prompt in enumerate(prompts):
             ids = tok.encode(prompt)
             if len(ids) > num_fit:
@@ -142,9 +142,19 @@ class TextEncoder(TextTransformer):
                     stacklevel=2,
                 )
                 ids = ids[:num_fit]
-            row = [tok.sot_token_id, *ids, tok.eot_token_id]
-            tokens[i, : len(row)] = torch.tensor(row)
-        return tokens
+            rows.append(self.token_row(ids))
+        return torch.stack(rows) if rows else torch.empty(0, self.config.context_length, dtype=torch.long)
+
+    def token_row(self, ids: Sequence[int]) -> Tensor:
+        """BPE ids (at most context_length - 2) -> one row (context_length,) int64: start-of-text,
+        the ids, end-of-text, then the padding of `tokenize`."""
+        if len(ids) > self.config.context_length - 2:
+            raise ValueError(f"{len(ids)} ids do not fit in a row of {self.config.context_length} tokens")
+        tok = self.tokenizer
+        pad = tok.eot_token_id if self.config.pad_with_eot else 0
+        row = torch.full((self.config.context_length,), pad, dtype=torch.long)
+        row[: len(ids) + 2] = torch.tensor([tok.sot_token_id, *ids, tok.eot_token_id])
+        return row
 
     def encode_tokens(self, tokens: Tensor) -> Tensor:
         """Token ids (B, context_length) -> context (B, context_length, width).

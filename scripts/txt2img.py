@@ -1,28 +1,54 @@
-"""Generate images from text prompts: python scripts/txt2img.py --prompt "a red circle"."""
+"""Generate images from text prompts: python scripts/txt2img.py --prompt "a red circle".
+
+img2img: add --init-img IMAGE [--strength 0.75]; inpainting: also --mask MASK (white = repaint).
+--replay IMAGE.png regenerates an image from the settings in its PNG metadata.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
-from ldm.cli import resolve_device, resolve_dtype, run_main
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ldm.attention import ATTENTION_BACKENDS
+from ldm.cli import ScriptParser, resolve_device, resolve_dtype, run_main
 from ldm.errors import InputError
 from ldm.generate import BUNDLED_CHECKPOINT, make_grid, prepare_outdir, save_png
+from ldm.img2img import default_strength
 from ldm.pipeline import Pipeline
+from ldm.prompts import parse_weights
+from ldm.samplers import SAMPLERS
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--prompt", type=str, help="the prompt to render")
+def build_parser() -> argparse.ArgumentParser:
+    p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", type=str, help="the prompt to render; (text:1.3) weights text, \\( is a literal (")
     p.add_argument("--negative_prompt", type=str, default="", help="what to steer away from (replaces the empty "
                    "unconditional prompt of guidance)")
     p.add_argument("--from-file", "--from_file", dest="from_file", type=Path,
                    help="a text file with one prompt per line (instead of --prompt)")
+    p.add_argument("--replay", type=Path, help="regenerate a PNG written by this script from its metadata "
+                   "(flags given as well override the recorded settings)")
     p.add_argument("--outdir", type=Path, default=Path("outputs/txt2img-samples"))
-    p.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=50, help="DDIM sampling steps")
+    p.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="the sampler")
+    p.add_argument("--karras", action="store_true", help="Karras et al. noise levels (euler, euler_a, heun, "
+                   "dpmpp_2m)")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (1 = no guidance)")
+    p.add_argument("--guidance_rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1] of Lin et "
+                   "al. 2023 (0 = off; 0.7 against over-exposure at high scales)")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--init-img", "--init_img", dest="init_img", type=Path, help="img2img: start from this image "
+                   "(its size is the output size, sides multiples of 8)")
+    p.add_argument("--strength", type=float, default=None, help="img2img: how much of the schedule reruns, in "
+                   "(0, 1] (1 = repaint fully); default 0.75, with --mask 1")
+    p.add_argument("--mask", type=Path, help="inpainting: an image of the init image's size, white where to "
+                   "repaint (needs --init-img)")
     p.add_argument("--n_samples", type=int, default=1, help="images per prompt in one batch")
     p.add_argument("--n_iter", type=int, default=1, help="how many times to repeat the batches")
     p.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's)")
@@ -36,8 +62,112 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto")
     p.add_argument("--precision", choices=["full", "autocast", "fp32", "fp16", "bf16"], default="autocast",
                    help="autocast = fp16 on GPU, fp32 on CPU")
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa", help="attention kernels: sdpa, "
+                   "xformers (CUDA, if installed), sliced (low memory), math")
+    p.add_argument("--vae_tile_size", type=int, default=0, help="decode (and encode) in overlapping tiles of this "
+                   "many latent pixels, for large images on small machines (0 = whole image; 64 = 512 px)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (a slow first image, then faster)")
     p.add_argument("--skip_grid", action="store_true", help="do not write a grid of all images")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.replay is not None:
+        # The recorded settings become the defaults, so flags on the command line still win.
+        parser.set_defaults(**replay_settings(args.replay))
+        args = parser.parse_args(argv)
+    return args
+
+
+def _flag(text: str) -> bool:
+    if text not in ("True", "False"):
+        raise ValueError(text)
+    return text == "True"
+
+
+# PNG text key -> (argument, type) of the settings that determine an image.
+REPLAYED = {"prompt": ("prompt", str), "negative_prompt": ("negative_prompt", str), "seed": ("seed", int),
+            "steps": ("steps", int), "scale": ("scale", float), "sampler": ("sampler", str),
+            "karras": ("karras", _flag), "eta": ("ddim_eta", float), "height": ("H", int), "width": ("W", int),
+            "guidance_rescale": ("guidance_rescale", float), "init_img": ("init_img", Path),
+            "strength": ("strength", float), "mask": ("mask", Path), "model_file": ("replay_model_file", str),
+            "batch_size": ("n_samples", int), "batch_index": ("replay_index", int)}
+
+
+def replay_settings(png: Path) -> dict[str, object]:
+    """Argument defaults from the metadata `save_png` wrote into `png`."""
+    try:
+        with Image.open(png) as image:
+            text = dict(getattr(image, "text", {}))
+    except (OSError, UnidentifiedImageError) as e:
+        raise InputError(f"cannot read {png} to replay it: {e.strerror or e} (pass a PNG written by txt2img)") from None
+    if "prompt" not in text or "seed" not in text:
+        raise InputError(f"{png} has no generation metadata (prompt, seed, ...); pass a PNG written by txt2img, "
+                         "not a grid")
+    settings = {}
+    for key, (dest, convert) in REPLAYED.items():
+        if key in text:
+            try:
+                settings[dest] = convert(text[key])
+            except ValueError:
+                raise InputError(f"{png}: unreadable {key} {text[key]!r} in its metadata") from None
+    # Row k of a batch can differ from the same image made alone in the last bit (batched kernels round
+    # differently), so the whole batch is made again, from its first seed, and row k kept.
+    settings["seed"] -= settings.get("replay_index", 0)
+    if settings.get("sampler", "ddim") not in SAMPLERS:
+        raise InputError(f"{png} was made with the sampler {settings['sampler']!r}, which this version does not "
+                         f"have ({', '.join(SAMPLERS)})")
+    return settings
+
+
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    """--ckpt, else the bundled model; a replay names the file its image was made with."""
+    recorded = getattr(args, "replay_model_file", None)
+    if args.ckpt is not None:
+        if recorded is not None and args.ckpt.name != recorded:
+            warnings.warn(f"{args.replay} was made with {recorded}, not {args.ckpt.name}: the pixels will differ",
+                          stacklevel=2)
+        return args.ckpt
+    if recorded is not None and recorded != BUNDLED_CHECKPOINT.name:
+        raise InputError(f"{args.replay} was made with the model {recorded}; pass that file with --ckpt PATH")
+    if not BUNDLED_CHECKPOINT.is_file():
+        raise InputError("no bundled model in this install yet: pass a checkpoint with --ckpt PATH "
+                         "(a Stable Diffusion 1.x/2.x .ckpt/.safetensors or one trained with this project)")
+    return BUNDLED_CHECKPOINT
+
+
+def read_image(path: Path, mode: str) -> torch.Tensor:
+    """An image file as (1, C, H, W) float32 in [0, 1]; `mode` "RGB" or "L" (a mask)."""
+    if not path.is_file():
+        raise InputError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert(mode), dtype=np.float32) / 255
+    except (OSError, UnidentifiedImageError) as e:
+        raise InputError(f"cannot read image {path}: {e.strerror or e} (pass a PNG or JPEG file)") from None
+    tensor = torch.from_numpy(array)
+    return (tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)).unsqueeze(0)
+
+
+def read_init_images(args: argparse.Namespace) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """--init-img as (1, 3, H, W) in [-1, 1] and --mask as (1, 1, H, W) in [0, 1], either None if not given."""
+    if args.init_img is None:
+        for flag, value in (("--mask", args.mask), ("--strength", args.strength)):
+            if value is not None:
+                raise InputError(f"{flag} needs --init-img IMAGE")
+        return None, None
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise InputError(f"--strength must be in (0, 1] (1 = repaint fully), got {args.strength}")
+    image = read_image(args.init_img, "RGB") * 2 - 1
+    if args.mask is None:
+        return image, None
+    mask = read_image(args.mask, "L")
+    if mask.shape[-2:] != image.shape[-2:]:
+        raise InputError(f"the mask {args.mask} is {mask.shape[-1]}x{mask.shape[-2]} but the init image "
+                         f"{args.init_img} is {image.shape[-1]}x{image.shape[-2]}; give a mask of the image's size")
+    return image, mask
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -63,30 +193,55 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError(f"--scale must be >= 0, got {args.scale}")
     if args.ddim_eta < 0:
         raise InputError(f"--ddim_eta must be >= 0, got {args.ddim_eta}")
-    ckpt = args.ckpt or BUNDLED_CHECKPOINT
-    if args.ckpt is None and not BUNDLED_CHECKPOINT.is_file():
-        raise InputError("no bundled model in this install yet: pass a checkpoint with --ckpt PATH "
-                         "(a Stable Diffusion 1.x/2.x .ckpt/.safetensors or one trained with this project)")
+    if not 0 <= args.guidance_rescale <= 1:
+        raise InputError(f"--guidance_rescale must be in [0, 1], got {args.guidance_rescale}")
+    if args.vae_tile_size < 0 or args.vae_tile_size % 4:
+        raise InputError(f"--vae_tile_size must be 0 (off) or a positive multiple of 4, got {args.vae_tile_size}")
+    for prompt in [*prompts, args.negative_prompt]:
+        parse_weights(prompt)  # a syntax error stops the run before the model loads
+    keep = getattr(args, "replay_index", None)  # with --replay, only the replayed row of each batch is written
+    if keep is not None and not 0 <= keep < args.n_samples:
+        raise InputError(f"{args.replay} is image {keep + 1} of its batch: keep --n_samples at least {keep + 1}")
+    init_image, mask = read_init_images(args)
+    ckpt = checkpoint_path(args)
     outdir = prepare_outdir(args.outdir)
     device = resolve_device(args.device)
     pipe = Pipeline.from_checkpoint(ckpt, config=args.config, prediction=args.prediction, device=device,
                                     dtype=resolve_dtype(args.precision, device))
+    pipe.set_attention_backend(args.attention)
+    if args.vae_tile_size:
+        pipe.enable_tiling(args.vae_tile_size, args.vae_tile_size // 4)
+    if args.compile:
+        pipe.compile_unet()
 
+    settings = {"steps": args.steps, "scale": args.scale, "sampler": args.sampler, "karras": args.karras,
+                "eta": args.ddim_eta, "guidance_rescale": args.guidance_rescale, "model": pipe.name,
+                "model_file": ckpt.name, "negative_prompt": args.negative_prompt}
+    strength = args.strength
+    if init_image is not None:
+        strength = default_strength(mask is not None) if strength is None else strength
+        settings.update({"init_img": args.init_img.resolve(), "strength": strength})
+        if mask is not None:
+            settings["mask"] = args.mask.resolve()
     seed, images = args.seed, []
     for _ in range(args.n_iter):
         for prompt in prompts:
             batch = pipe([prompt] * args.n_samples, num_steps=args.steps, guidance_scale=args.scale,
                          eta=args.ddim_eta, seed=seed, height=args.H, width=args.W,
-                         negative_prompts=args.negative_prompt)
+                         negative_prompts=args.negative_prompt, sampler=args.sampler, karras=args.karras,
+                         guidance_rescale=args.guidance_rescale, init_images=init_image, masks=mask,
+                         strength=strength)
             for k, image in enumerate(batch):
-                metadata = {"prompt": prompt, "seed": seed + k, "steps": args.steps, "scale": args.scale,
-                            "sampler": "ddim", "eta": args.ddim_eta, "model": pipe.name,
-                            "height": image.height, "width": image.width, "negative_prompt": args.negative_prompt}
+                if keep is not None and k != keep:
+                    continue
+                metadata = {"prompt": prompt, "seed": seed + k, **settings, "height": image.height,
+                            "width": image.width, "batch_size": args.n_samples, "batch_index": k}
                 print(save_png(image, outdir, metadata))
+                images.append(image)
             seed += args.n_samples
-            images.extend(batch)
     if len(images) > 1 and not args.skip_grid:
-        print(save_png(make_grid(images, args.n_samples), outdir, {"prompts": " | ".join(prompts)}, "grid-"))
+        num_columns = args.n_samples if keep is None else 1
+        print(save_png(make_grid(images, num_columns), outdir, {"prompts": " | ".join(prompts)}, "grid-"))
 
 
 if __name__ == "__main__":

@@ -133,3 +133,19 @@ def test_encode_tiles_must_align_with_the_latent_grid():
         tiled_encode(autoencoder, torch.zeros(1, 3, 64, 64), tile_size=60, overlap=16)
     with pytest.raises(InputError, match="height must be a multiple of 8"):
         tiled_encode(autoencoder, torch.zeros(1, 3, 60, 64), tile_size=64, overlap=16)
+
+
+def test_pipeline_tiling_decodes_and_encodes_through_the_tiles(monkeypatch):
+    from ldm import pipeline as pipeline_module
+    from ldm.pipeline import Pipeline
+
+    pipe = Pipeline.from_spec(tiny_spec())
+    calls = []
+    monkeypatch.setattr(pipeline_module, "tiled_decode", lambda ae, z, size, overlap: calls.append((size, overlap))
+                        or torch.zeros(z.shape[0], 3, 8 * z.shape[2], 8 * z.shape[3]))
+    monkeypatch.setattr(pipeline_module, "tiled_encode", lambda ae, x, size, overlap: calls.append((size, overlap))
+                        or ae.encode(x))
+    pipe.enable_tiling(4, 1)
+    pipe.decode(torch.zeros(1, 4, 8, 8))
+    pipe.encode(torch.zeros(1, 3, 64, 64))
+    assert calls == [(4, 1), (32, 8)]  # latent pixels for decoding, image pixels for encoding
