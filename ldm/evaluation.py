@@ -1,18 +1,28 @@
-"""Evaluating a trained pipeline: prompt following on shapes-v1 (pixel-rule checker), FID features."""
+"""Evaluating a trained pipeline on shapes-v1: prompt following (pixel-rule checker), samplers against a
+long DDIM run, negative prompts, img2img; FID features."""
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
-from ldm.data.shape_checker import check, parse_caption
-from ldm.data.shapes import canonical_caption, sample_attributes
+from ldm.cli import check_output_folder
+from ldm.data.loader import to_tensor
+from ldm.data.shape_checker import check, parse_caption, read_attributes
+from ldm.data.shapes import ATTRIBUTES, canonical_caption, render, sample_attributes
 from ldm.errors import InputError
 from ldm.pipeline import Pipeline
+
+Images = Sequence[Image.Image | np.ndarray]
 
 
 def canonical_captions(split: str, num_samples: int) -> list[str]:
@@ -21,16 +31,18 @@ def canonical_captions(split: str, num_samples: int) -> list[str]:
 
 
 def prompt_following(pipe: Pipeline, captions: list[str], num_steps: int = 50, guidance_scale: float = 5.0,
-                     batch_size: int = 50, seed: int = 0, progress: bool = True) -> dict[str, float]:
+                     batch_size: int = 50, seed: int = 0, progress: bool = True, sampler: str = "ddim",
+                     karras: bool = False) -> dict[str, float]:
     """Share of images with every requested attribute right (`all`), and per attribute.
 
-    Image k is generated with seed `seed + k`, so the figure is reproducible.
+    Image k is generated with seed `seed + k`, so the figure is reproducible and the same for every sampler.
     """
     correct: dict[str, int] = defaultdict(int)
     counts: dict[str, int] = defaultdict(int)
     for start in tqdm(range(0, len(captions), batch_size), desc="prompt following", disable=not progress):
         batch = captions[start : start + batch_size]
-        images = pipe(batch, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed + start, progress=False)
+        images = pipe(batch, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed + start, progress=False,
+                      sampler=sampler, karras=karras)
         for caption, image in zip(batch, images, strict=True):
             result = check(image, parse_caption(caption))
             for name, ok in result.items():
@@ -39,6 +51,166 @@ def prompt_following(pipe: Pipeline, captions: list[str], num_steps: int = 50, g
             correct["all"] += all(result.values())
             counts["all"] += 1
     return {name: correct[name] / counts[name] for name in sorted(counts)}
+
+
+class CallCounter:
+    """Counts a module's forward calls inside a `with` block (`count`)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.count = 0
+
+    def __enter__(self) -> CallCounter:
+        self._handle = self.module.register_forward_pre_hook(self._count)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._handle.remove()
+
+    def _count(self, module: torch.nn.Module, args: tuple) -> None:
+        self.count += 1
+
+
+@dataclass(frozen=True)
+class SamplerSetting:
+    """One sampler configuration to compare: `sampler` (one of `ldm.samplers.SAMPLERS`), steps, Karras sigmas."""
+
+    sampler: str
+    num_steps: int
+    karras: bool = False
+
+
+# Samplers that map one initial noise to one result; ddpm and euler_a draw fresh noise on every step.
+DETERMINISTIC_SAMPLERS: tuple[str, ...] = ("ddim", "plms", "euler", "heun", "dpmpp_2m")
+# The issue's grid of deterministic samplers and step counts for `sampler_quality`.
+QUALITY_SETTINGS: tuple[SamplerSetting, ...] = (
+    *(SamplerSetting("ddim", n) for n in (10, 20, 50)),
+    *(SamplerSetting("dpmpp_2m", n, karras) for karras in (False, True) for n in (10, 20)),
+    *(SamplerSetting(name, n) for name in ("euler", "heun", "plms") for n in (20, 50)),
+)
+
+
+@torch.no_grad()
+def sampler_quality(pipe: Pipeline, captions: list[str], settings: Sequence[SamplerSetting] = QUALITY_SETTINGS,
+                    reference_steps: int = 1000, guidance_scale: float = 5.0, batch_size: int = 100, seed: int = 0,
+                    progress: bool = True) -> list[dict[str, object]]:
+    """How close each setting lands to a DDIM (eta 0) run of `reference_steps` steps, from the same noise.
+
+    Image k has caption k and initial noise from seed `seed + k` in every run. The error is the latent RMSE,
+    the root of the mean squared difference over all latent elements (B, 4, h, w) of all images. Returns one
+    row per setting: sampler, karras, steps, evaluations (U-Net passes per image, each over the conditional
+    and the unconditional prompt: Heun makes two per step but the last, PLMS one extra) and rmse.
+    Only `DETERMINISTIC_SAMPLERS` have one result to compare.
+    """
+    for setting in settings:
+        if setting.sampler not in DETERMINISTIC_SAMPLERS:
+            raise InputError(f"sampler {setting.sampler!r} draws noise on every step, so it has no single result to "
+                             f"compare; use one of {', '.join(DETERMINISTIC_SAMPLERS)}")
+    squared_errors = [0.0] * len(settings)
+    evaluations = [0] * len(settings)
+    num_elements = 0
+    for start in tqdm(range(0, len(captions), batch_size), desc="sampler quality", disable=not progress):
+        batch = captions[start : start + batch_size]
+        common = {"guidance_scale": guidance_scale, "seed": seed + start, "output_type": "latent", "progress": False}
+        reference = pipe(batch, num_steps=reference_steps, sampler="ddim", **common).double()
+        num_elements += reference.numel()
+        for k, setting in enumerate(settings):
+            with CallCounter(pipe.unet) as counter:
+                latents = pipe(batch, num_steps=setting.num_steps, sampler=setting.sampler, karras=setting.karras,
+                               **common)
+            squared_errors[k] += (latents.double() - reference).square().sum().item()
+            evaluations[k] = counter.count  # one guided U-Net pass per evaluation, whatever the batch size
+    return [{"sampler": setting.sampler, "karras": setting.karras, "steps": setting.num_steps,
+             "evaluations": evaluations[k], "rmse": (squared_errors[k] / num_elements) ** 0.5}
+            for k, setting in enumerate(settings)]
+
+
+def prompt_following_by_sampler(pipe: Pipeline, captions: list[str], steps: dict[str, int],
+                                guidance_scale: float = 5.0, batch_size: int = 100, seed: int = 0,
+                                progress: bool = True) -> dict[str, dict[str, float]]:
+    """`prompt_following` for each sampler at its step count in `steps` (e.g. `ldm.samplers.DEFAULT_STEPS`), from
+    the same seeds. Returns, per sampler, its steps, evaluations (U-Net passes per image) and the shares."""
+    num_batches = -(-len(captions) // batch_size)
+    results = {}
+    for name, num_steps in steps.items():
+        with CallCounter(pipe.unet) as counter:
+            scores = prompt_following(pipe, captions, num_steps=num_steps, guidance_scale=guidance_scale,
+                                      batch_size=batch_size, seed=seed, progress=progress, sampler=name)
+        results[name] = {"steps": num_steps, "evaluations": counter.count // num_batches, **scores}
+    return results
+
+
+def color_share(images: Images, color: str) -> float:
+    """Share of `images` (64 x 64 RGB) whose object the checker reads as `color`; an image in which it finds no
+    object counts as not `color`."""
+    if not images:
+        raise InputError("no images to count colours in")
+    return sum(read_attributes(image)["color"] == color for image in images) / len(images)
+
+
+def negative_prompt_effect(pipe: Pipeline, prompt: str = "a circle", negative_prompt: str = "red",
+                           color: str = "red", num_samples: int = 200, num_steps: int = 50,
+                           guidance_scale: float = 5.0, batch_size: int = 100, seed: int = 0,
+                           progress: bool = True) -> dict[str, float]:
+    """Share of `color` objects among `num_samples` images of `prompt` (image k from seed `seed + k`), without
+    (`"without"`) and with (`"with"`) `negative_prompt` in place of the empty unconditional prompt."""
+    shares = {}
+    for key, negative in (("without", ""), ("with", negative_prompt)):
+        images = []
+        for start in tqdm(range(0, num_samples, batch_size), desc=f"{key} negative prompt", disable=not progress):
+            num = min(batch_size, num_samples - start)
+            images += pipe([prompt] * num, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed + start,
+                           negative_prompts=negative, progress=False)
+        shares[key] = color_share(images, color)
+    return shares
+
+
+def attributes_kept(inputs: Images, outputs: Images) -> dict[str, float]:
+    """Share of (input, output) pairs in which the checker reads the same value of each attribute in the output
+    as in the input, and of all five at once (`all`). No object found in one of them counts as a change."""
+    if len(inputs) != len(outputs) or not inputs:
+        raise InputError(f"need as many outputs as inputs, at least one, got {len(inputs)} and {len(outputs)}")
+    kept: dict[str, int] = defaultdict(int)
+    for before, after in zip(inputs, outputs, strict=True):
+        read_before, read_after = read_attributes(before), read_attributes(after)
+        same = {name: read_before[name] is not None and read_before[name] == read_after[name] for name in ATTRIBUTES}
+        for name, ok in same.items():
+            kept[name] += ok
+        kept["all"] += all(same.values())
+    return {name: kept[name] / len(inputs) for name in ("all", *ATTRIBUTES)}
+
+
+def img2img_keep_rates(pipe: Pipeline, num_samples: int = 100, strengths: Sequence[float] = (0.3, 0.6, 0.9),
+                       num_steps: int = 50, guidance_scale: float = 5.0, batch_size: int = 100, seed: int = 0,
+                       split: str = "val", progress: bool = True) -> dict[str, dict[str, float]]:
+    """img2img of the first `num_samples` rendered images of `split`, each prompted with its own canonical
+    caption: `attributes_kept` between input and output, per strength (keyed by e.g. "0.3")."""
+    inputs = [render(sample_attributes(split, index)[0]) for index in range(num_samples)]
+    captions = canonical_captions(split, num_samples)
+    results = {}
+    for strength in strengths:
+        outputs = []
+        for start in tqdm(range(0, num_samples, batch_size), desc=f"img2img {strength:g}", disable=not progress):
+            batch = inputs[start : start + batch_size]
+            init_images = torch.stack([to_tensor(image) for image in batch])
+            outputs += pipe(captions[start : start + batch_size], num_steps=num_steps, guidance_scale=guidance_scale,
+                            seed=seed + start, init_images=init_images, strength=strength, progress=False)
+        results[f"{strength:g}"] = attributes_kept(inputs, outputs)
+    return results
+
+
+def check_json_path(path: Path, flag: str = "--out") -> None:
+    """Raise InputError when the JSON file `path` (given as `flag`) cannot be written, before any slow work."""
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; give the path of the JSON file to write")
+    check_output_folder(path.parent, flag)
+
+
+def write_json(path: Path, results: dict[str, object]) -> None:
+    """Written beside `path` and renamed, so a failed write never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
 
 
 # torchvision's ImageNet Inception v3 weights, the network FID is defined with.

@@ -255,8 +255,9 @@ def load_module_file(path: str | Path, kind: str) -> tuple[dict[str, torch.Tenso
     return state_dict, json.loads(metadata["config"]), metadata
 
 
-def convert_to_safetensors(src: str | Path, dst: str | Path) -> Path:
-    """Write a .safetensors copy of a checkpoint (e.g. a pickled .ckpt), keeping its metadata.
+def convert_to_safetensors(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a .safetensors copy of a checkpoint (e.g. a pickled .ckpt), keeping its metadata;
+    with `dtype` (e.g. torch.float16, half the size) its floating-point tensors are cast.
 
     The source is read with `read_checkpoint`, so a pickle that tries to run code is refused.
     """
@@ -264,6 +265,8 @@ def convert_to_safetensors(src: str | Path, dst: str | Path) -> Path:
     if dst.suffix != ".safetensors":
         raise InputError(f"the converted file must end in .safetensors, got {dst}")
     state_dict, metadata = read_checkpoint(src)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     return save_atomic(dst, state_dict, metadata)
 
 

@@ -1,6 +1,7 @@
 """Convert a pickled .ckpt to .safetensors, so the pickle can be left behind.
 
     python scripts/convert_checkpoint.py v1-5-pruned-emaonly.ckpt v1-5-pruned-emaonly.safetensors
+    python scripts/convert_checkpoint.py model.safetensors model-fp16.safetensors --dtype fp16
 
 The .ckpt is read with torch.load(weights_only=True): a file that would run code when unpickled
 is refused instead of executed. An existing output file is kept unless --force is given.
@@ -12,9 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from ldm.cli import ScriptParser, check_output_folder, run_main
 from ldm.errors import InputError
 from ldm.sd_checkpoint import convert_to_safetensors
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def check_paths(src: Path, dst: Path, force: bool) -> None:
@@ -35,10 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("src", type=Path, help="checkpoint to convert (.ckpt, .pt or .safetensors)")
     p.add_argument("dst", type=Path, nargs="?", help="output .safetensors (default: next to src)")
     p.add_argument("--force", action="store_true", help="replace the output file if it exists")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="cast floating-point weights (fp16: half the size; loaders cast back as asked)")
     args = p.parse_args(argv)
     dst = args.dst or args.src.with_suffix(".safetensors")
     check_paths(args.src, dst, args.force)
-    print(convert_to_safetensors(args.src, dst))
+    print(convert_to_safetensors(args.src, dst, DTYPES.get(args.dtype)))
 
 
 if __name__ == "__main__":

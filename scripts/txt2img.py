@@ -22,7 +22,7 @@ from ldm.generate import BUNDLED_CHECKPOINT, make_grid, prepare_outdir, save_png
 from ldm.img2img import default_strength
 from ldm.pipeline import Pipeline
 from ldm.prompts import parse_weights
-from ldm.samplers import SAMPLERS
+from ldm.samplers import DEFAULT_STEPS, SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay", type=Path, help="regenerate a PNG written by this script from its metadata "
                    "(flags given as well override the recorded settings)")
     p.add_argument("--outdir", type=Path, default=Path("outputs/txt2img-samples"))
-    p.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=50, help="sampling steps")
+    default_steps = ", ".join(f"{name} {steps}" for name, steps in DEFAULT_STEPS.items())
+    p.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=None,
+                   help=f"sampling steps (default: the sampler's: {default_steps})")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="the sampler")
     p.add_argument("--karras", action="store_true", help="Karras et al. noise levels (euler, euler_a, heun, "
                    "dpmpp_2m)")
@@ -78,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         # The recorded settings become the defaults, so flags on the command line still win.
         parser.set_defaults(**replay_settings(args.replay))
         args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS[args.sampler]
     return args
 
 

@@ -70,6 +70,17 @@ def test_convert_keeps_tensors_and_global_step(tmp_path, capsys):
         assert f.metadata() == {"global_step": "875000"}
 
 
+def test_convert_to_half_precision_casts_only_floats(tmp_path):
+    src, dst = tmp_path / "model.safetensors", tmp_path / "half.safetensors"
+    tensors = {"w": torch.randn(4, 5, dtype=torch.float64).float(), "ids": torch.arange(3)}
+    save_atomic(src, tensors, {"config": "{}"})
+    assert run_main(convert_checkpoint.main, [str(src), str(dst), "--dtype", "fp16"]) == 0
+    converted, metadata = read_checkpoint(dst)
+    assert converted["w"].dtype == torch.float16 and torch.equal(converted["w"], tensors["w"].half())
+    assert torch.equal(converted["ids"], tensors["ids"]) and metadata == {"config": "{}"}
+    assert dst.stat().st_size < src.stat().st_size
+
+
 def test_convert_refuses_bad_input_in_one_line(tmp_path, capsys):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"

@@ -1,15 +1,38 @@
-"""Evaluation: prompt following judged by the checker, FID's Fréchet distance, PSNR."""
+"""Evaluation: prompt following judged by the checker, sampler comparisons, negative prompts, img2img, FID's
+Fréchet distance, PSNR."""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
+from ldm.cli import run_main
 from ldm.data.shape_checker import parse_caption
-from ldm.data.shapes import ShapeSample, render
+from ldm.data.shapes import BACKGROUNDS, ShapeSample, render
 from ldm.errors import InputError
-from ldm.evaluation import canonical_captions, inception_features_model, prompt_following
+from ldm.evaluation import (
+    SamplerSetting,
+    attributes_kept,
+    canonical_captions,
+    color_share,
+    img2img_keep_rates,
+    inception_features_model,
+    negative_prompt_effect,
+    prompt_following,
+    prompt_following_by_sampler,
+    sampler_quality,
+)
 from ldm.metrics import frechet_distance, psnr
+from ldm.pipeline import Pipeline, to_pil
+from tests.conftest import randomize_, tiny_spec
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import evaluate_samplers  # noqa: E402
 
 
 class DrawingPipeline:
@@ -20,7 +43,7 @@ class DrawingPipeline:
         self.wrong_every = wrong_every
         self.count = 0
 
-    def __call__(self, captions, num_steps, guidance_scale, seed, progress):
+    def __call__(self, captions, num_steps, guidance_scale, seed, progress, sampler="ddim", karras=False):
         images = []
         for caption in captions:
             attrs = parse_caption(caption)
@@ -57,3 +80,223 @@ def test_fid_without_inception_weights_says_where_to_put_them(tmp_path, monkeypa
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(InputError, match="inception_v3_google"):
         inception_features_model()
+
+
+class GaussianDataUNet(torch.nn.Module):
+    """The exact eps of latents ~ N(mean, std^2) per channel, whatever the prompt: a perfect model of that data,
+    so every sampler integrates the same probability-flow ODE and more steps must land closer to its end."""
+
+    def __init__(self, config, alphas_cumprod: torch.Tensor, mean: torch.Tensor, std: float):
+        super().__init__()
+        self.config = config
+        self.mean = torch.nn.Parameter(mean.view(1, -1, 1, 1), requires_grad=False)
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float())
+        self.std = std
+
+    def forward(self, x_t, t, context):
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        # E[x0 | x_t] of Gaussian data is linear in x_t.
+        x0 = self.mean + a.sqrt() * self.std**2 / (a * self.std**2 + 1 - a) * (x_t - a.sqrt() * self.mean)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+@pytest.fixture
+def oracle_pipeline(tiny_pipeline) -> Pipeline:
+    tiny_pipeline.unet = GaussianDataUNet(tiny_pipeline.unet.config, tiny_pipeline.schedule.alphas_cumprod,
+                                          torch.tensor([0.5, -0.3, 0.2, 0.0]), std=0.5)
+    return tiny_pipeline
+
+
+def test_sampler_quality_on_an_exact_model(oracle_pipeline):
+    settings = [SamplerSetting("ddim", 1000), *(SamplerSetting("ddim", n) for n in (10, 50)),
+                *(SamplerSetting("dpmpp_2m", n, karras=True) for n in (10, 20)),
+                *(SamplerSetting(name, n) for name in ("heun", "plms") for n in (10, 20))]
+    rows = sampler_quality(oracle_pipeline, ["a red circle", "a blue square", "a square"], settings,
+                           reference_steps=1000, batch_size=2, progress=False)
+    assert [(r["sampler"], r["karras"], r["steps"]) for r in rows] == [
+        (s.sampler, s.karras, s.num_steps) for s in settings]
+    rmse = {(r["sampler"], r["steps"]): r["rmse"] for r in rows}
+    assert rmse[("ddim", 1000)] == 0.0  # the reference itself, from the same seeds
+    for name, few, many in (("ddim", 10, 50), ("dpmpp_2m", 10, 20), ("heun", 10, 20), ("plms", 10, 20)):
+        assert rmse[(name, many)] < 0.6 * rmse[(name, few)], name
+    # Heun's last step is a single Euler step; PLMS's first step makes a second call.
+    evaluations = {(r["sampler"], r["steps"]): r["evaluations"] for r in rows}
+    assert evaluations == {("ddim", 1000): 1000, ("ddim", 10): 10, ("ddim", 50): 50, ("dpmpp_2m", 10): 10,
+                           ("dpmpp_2m", 20): 20, ("heun", 10): 19, ("heun", 20): 39, ("plms", 10): 11,
+                           ("plms", 20): 21}
+
+
+def test_sampler_quality_is_the_rmse_over_all_images(tiny_pipeline):
+    captions = ["a red circle", "a small blue square in the center on a white background", "a green triangle"]
+    (row,) = sampler_quality(tiny_pipeline, captions, [SamplerSetting("euler", 3)], reference_steps=6,
+                             guidance_scale=3.0, batch_size=2, seed=4, progress=False)
+    # The same runs made directly, as one batch: image k from seed 4 + k.
+    common = {"guidance_scale": 3.0, "seed": 4, "output_type": "latent", "progress": False}
+    reference = tiny_pipeline(captions, num_steps=6, sampler="ddim", **common)
+    latents = tiny_pipeline(captions, num_steps=3, sampler="euler", **common)
+    expected = ((latents - reference) ** 2).mean().sqrt().item()
+    assert expected > 0.01
+    assert row == {"sampler": "euler", "karras": False, "steps": 3, "evaluations": 3,
+                   "rmse": pytest.approx(expected, rel=1e-4)}
+
+
+def test_sampler_quality_refuses_stochastic_samplers(tiny_pipeline):
+    with pytest.raises(InputError, match="no single result"):
+        sampler_quality(tiny_pipeline, ["a red circle"], [SamplerSetting("euler_a", 2)], reference_steps=2)
+
+
+class SamplerDrawingPipeline:
+    """Draws what the caption asks, except that `bad_sampler` gets every colour wrong; calls its `unet` once
+    per step, so that the evaluations can be counted, and records each call's settings."""
+
+    def __init__(self, bad_sampler: str):
+        self.bad_sampler = bad_sampler
+        self.unet = torch.nn.Identity()
+        self.calls = []
+
+    def __call__(self, captions, num_steps, guidance_scale, seed, progress, sampler="ddim", karras=False):
+        self.calls.append((sampler, num_steps, guidance_scale, seed))
+        for _ in range(num_steps):
+            self.unet(torch.zeros(1))
+        images = []
+        for caption in captions:
+            attrs = parse_caption(caption)
+            if sampler == self.bad_sampler:
+                attrs["color"] = "blue" if attrs["color"] != "blue" else "red"
+            images.append(render(ShapeSample(**attrs)))
+        return images
+
+
+def test_prompt_following_by_sampler_runs_each_at_its_steps():
+    pipe = SamplerDrawingPipeline(bad_sampler="heun")
+    results = prompt_following_by_sampler(pipe, canonical_captions("val", 5), {"ddim": 4, "heun": 2},
+                                          guidance_scale=3.0, batch_size=2, seed=10, progress=False)
+    assert results["ddim"] == {"steps": 4, "evaluations": 4, "all": 1.0, "color": 1.0, "shape": 1.0, "size": 1.0,
+                               "position": 1.0, "background": 1.0}
+    assert results["heun"]["steps"] == 2 and results["heun"]["evaluations"] == 2
+    assert results["heun"]["all"] == results["heun"]["color"] == 0.0 and results["heun"]["shape"] == 1.0
+    assert pipe.calls == [("ddim", 4, 3.0, 10), ("ddim", 4, 3.0, 12), ("ddim", 4, 3.0, 14),
+                          ("heun", 2, 3.0, 10), ("heun", 2, 3.0, 12), ("heun", 2, 3.0, 14)]
+
+
+def _shape(color: str, shape: str = "circle", size: str = "large", position: str = "center",
+           background: str = "white"):
+    return render(ShapeSample(color, shape, size, position, background))
+
+
+def _blank(background: str = "white") -> np.ndarray:
+    return np.full((64, 64, 3), BACKGROUNDS[background], dtype=np.uint8)
+
+
+def test_color_share_counts_checker_colours():
+    images = [_shape("red"), _shape("blue", "square"), np.asarray(_shape("red", "triangle", "small", "top left",
+                                                                       "black")), _blank()]
+    assert color_share(images, "red") == 0.5
+    assert color_share(images, "blue") == 0.25
+    assert color_share(images, "green") == 0.0
+    with pytest.raises(InputError):
+        color_share([], "red")
+
+
+class NegativePromptPipeline:
+    """Draws red circles, except with the negative prompt "red", where images from odd seeds come out blue."""
+
+    def __call__(self, prompts, num_steps, guidance_scale, seed, negative_prompts, progress):
+        colors = ["blue" if negative_prompts == "red" and (seed + k) % 2 else "red" for k in range(len(prompts))]
+        return [_shape(color) for color in colors]
+
+
+def test_negative_prompt_effect_counts_both_runs_from_the_same_seeds():
+    shares = negative_prompt_effect(NegativePromptPipeline(), num_samples=5, batch_size=2, seed=0, progress=False)
+    assert shares == {"without": 1.0, "with": 0.6}  # seeds 0, 2 and 4 of 0 .. 4 stay red
+    shares = negative_prompt_effect(NegativePromptPipeline(), num_samples=5, batch_size=3, seed=1, progress=False)
+    assert shares == {"without": 1.0, "with": 0.4}  # seeds 2 and 4 of 1 .. 5
+
+
+def test_attributes_kept_on_a_hand_made_mix():
+    inputs = [_shape("red"), _shape("green", "square"), _shape("blue", "triangle", "small", "top left"),
+              _shape("yellow", background="black")]
+    outputs = [_shape("red"),  # all kept
+               _shape("pink", "square"),  # colour changed
+               _shape("blue", "triangle", "large", "bottom right"),  # size and position changed
+               _blank("black")]  # the object is gone: only the background stays
+    assert attributes_kept(inputs, outputs) == {"all": 0.25, "color": 0.5, "shape": 0.75, "size": 0.5,
+                                                "position": 0.5, "background": 1.0}
+    with pytest.raises(InputError):
+        attributes_kept(inputs, outputs[:3])
+
+
+class Img2ImgPipeline:
+    """Returns the init images below `redraw_from` strength; from there on draws its captions anew, with
+    the colour changed."""
+
+    def __init__(self, redraw_from: float):
+        self.redraw_from = redraw_from
+
+    def __call__(self, prompts, num_steps, guidance_scale, seed, init_images, strength, progress):
+        assert init_images.shape == (len(prompts), 3, 64, 64) and -1 <= init_images.min() < init_images.max() <= 1
+        if strength < self.redraw_from:
+            return to_pil(init_images)
+        images = []
+        for prompt in prompts:
+            attrs = parse_caption(prompt)
+            attrs["color"] = "blue" if attrs["color"] != "blue" else "red"
+            images.append(render(ShapeSample(**attrs)))
+        return images
+
+
+def test_img2img_keep_rates_of_stub_pipelines():
+    results = img2img_keep_rates(Img2ImgPipeline(redraw_from=0.5), num_samples=5, strengths=(0.01, 0.3, 0.9),
+                                 batch_size=2, progress=False)
+    assert list(results) == ["0.01", "0.3", "0.9"]
+    assert results["0.01"] == results["0.3"] == dict.fromkeys(("all", "color", "shape", "size", "position",
+                                                               "background"), 1.0)
+    # Redrawn from its own caption, each image keeps all but its colour: the captions are the images'.
+    assert results["0.9"] == {"all": 0.0, "color": 0.0, "shape": 1.0, "size": 1.0, "position": 1.0,
+                              "background": 1.0}
+
+
+def test_evaluate_samplers_script_end_to_end(tmp_path, capsys, monkeypatch):
+    pipe = Pipeline.from_spec(tiny_spec(), name="tiny")
+    randomize_(pipe.unet, seed=1)
+    ckpt = pipe.save(tmp_path / "tiny.safetensors")
+    monkeypatch.setattr(evaluate_samplers, "QUALITY_SETTINGS", (SamplerSetting("ddim", 2),
+                                                                SamplerSetting("dpmpp_2m", 2, karras=True)))
+    monkeypatch.setattr(evaluate_samplers, "DEFAULT_STEPS", {"ddim": 2, "heun": 2})
+    out = tmp_path / "report.json"
+    argv = ["--ckpt", str(ckpt), "--num_quality", "2", "--reference_steps", "4", "--num_prompts", "2",
+            "--num_negative", "2", "--num_img2img", "2", "--steps", "2", "--device", "cpu", "--out", str(out)]
+    assert run_main(evaluate_samplers.main, argv) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert [(r["sampler"], r["karras"], r["evaluations"]) for r in results["quality"]["rows"]] == [
+        ("ddim", False, 2), ("dpmpp_2m", True, 2)]
+    assert list(results["prompt_following"]["by_sampler"]) == ["ddim", "heun"]
+    assert results["prompt_following"]["by_sampler"]["heun"]["evaluations"] == 3
+    assert set(results["negative_prompt"]) >= {"with", "without"}
+    assert list(results["img2img"]["by_strength"]) == ["0.3", "0.6", "0.9"]
+    assert printed == evaluate_samplers.report(results) + "\n"
+    for text in ("Latent RMSE to DDIM 4 steps", "| dpmpp_2m (Karras) | 2 | 2 |", "| heun | 2 | 3 |", "share red",
+                 "| 0.6 |"):
+        assert text in printed
+
+
+@pytest.mark.parametrize(("dpm", "verdict"), [(0.01, "lands closer"), (0.03, "lands not closer")])
+def test_report_states_the_issue_check(dpm, verdict):
+    rows = [{"sampler": "ddim", "karras": False, "steps": 50, "evaluations": 50, "rmse": 0.02},
+            {"sampler": "dpmpp_2m", "karras": False, "steps": 20, "evaluations": 20, "rmse": dpm}]
+    text = evaluate_samplers.report({"quality": {"reference_steps": 1000, "num_images": 3, "rows": rows}})
+    assert f"| dpmpp_2m | 20 | 20 | {dpm:.3f} |" in text
+    assert f"DPM++ 2M at 20 steps (RMSE {dpm:.4f}) {verdict} to the reference than DDIM at 50 (RMSE 0.0200)" in text
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--num_prompts", "-1"], "--num_prompts must be >= 0"),
+    (["--reference_steps", "0"], "--reference_steps must be >= 1"),
+    (["--ckpt", "MISSING"], "checkpoint not found"),
+    (["--out", "TMP"], "is a folder"),
+])
+def test_evaluate_samplers_bad_input(tmp_path, capsys, argv, match):
+    argv = [{"MISSING": str(tmp_path / "none.safetensors"), "TMP": str(tmp_path)}.get(a, a) for a in argv]
+    assert run_main(evaluate_samplers.main, argv) == 1
+    assert match in capsys.readouterr().err

@@ -1,0 +1,156 @@
+"""Measure samplers and generation features on a shapes-v1 model (default: the bundled one).
+
+    python scripts/evaluate_samplers.py --out sampler_report.json
+    python scripts/evaluate_samplers.py --num_quality 10 --num_prompts 30 --num_negative 20 --num_img2img 10
+
+1. Quality per step: latent RMSE of deterministic samplers to a 1000-step DDIM run from the same noise.
+2. Prompt following of every sampler at its default step count (ldm.samplers.DEFAULT_STEPS), same seeds.
+3. Negative prompt: share of red objects for "a circle", without and with the negative prompt "red".
+4. img2img: share of val images whose checker-read attributes survive img2img with their own caption.
+All at guidance scale 5 on canonical shapes-v1 val captions; a --num_* of 0 skips that part. Prints a
+markdown table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ldm.cli import ScriptParser, resolve_device, run_main
+from ldm.data.shapes import ATTRIBUTES
+from ldm.errors import InputError
+from ldm.evaluation import (
+    QUALITY_SETTINGS,
+    canonical_captions,
+    check_json_path,
+    img2img_keep_rates,
+    negative_prompt_effect,
+    prompt_following_by_sampler,
+    sampler_quality,
+    write_json,
+)
+from ldm.generate import BUNDLED_CHECKPOINT
+from ldm.pipeline import Pipeline
+from ldm.samplers import DEFAULT_STEPS
+
+# The issue's checks: a colour named only in the negative prompt, and img2img strengths around the asked-for 0.3.
+PROMPT, NEGATIVE_PROMPT, COLOR = "a circle", "red", "red"
+IMG2IMG_STRENGTHS = (0.3, 0.6, 0.9)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the (long) evaluation starts."""
+    for flag in ("num_quality", "num_prompts", "num_negative", "num_img2img"):
+        if getattr(args, flag) < 0:
+            raise InputError(f"--{flag} must be >= 0 (0 skips that part), got {getattr(args, flag)}")
+    for flag in ("reference_steps", "steps", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.scale < 0:
+        raise InputError(f"--scale must be >= 0, got {args.scale}")
+    if args.out is not None:
+        check_json_path(args.out)
+    if not args.ckpt.is_file():
+        raise InputError(f"checkpoint not found: {args.ckpt} (pass one with --ckpt PATH)")
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    """A markdown table; floats with three decimals."""
+    cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
+def report(results: dict[str, dict]) -> str:
+    """The results of `main` as markdown: one table per part that ran."""
+    parts = []
+    if "quality" in results:
+        quality = results["quality"]
+        rows = [[r["sampler"] + (" (Karras)" if r["karras"] else ""), r["steps"], r["evaluations"], r["rmse"]]
+                for r in quality["rows"]]
+        parts.append(f"Latent RMSE to DDIM {quality['reference_steps']} steps ({quality['num_images']} images)\n\n"
+                     + markdown_table(["sampler", "steps", "evaluations", "RMSE"], rows))
+        rmse = {(r["sampler"], r["karras"], r["steps"]): r["rmse"] for r in quality["rows"]}
+        if ("dpmpp_2m", False, 20) in rmse and ("ddim", False, 50) in rmse:  # the issue's check
+            dpm, ddim = rmse[("dpmpp_2m", False, 20)], rmse[("ddim", False, 50)]
+            verdict = "closer" if dpm < ddim else "not closer"
+            parts.append(f"DPM++ 2M at 20 steps (RMSE {dpm:.4f}) lands {verdict} to the reference than DDIM at "
+                         f"50 (RMSE {ddim:.4f}).")
+    if "prompt_following" in results:
+        following = results["prompt_following"]
+        rows = [[name, r["steps"], r["evaluations"], r["all"], *(r[a] for a in ATTRIBUTES)]
+                for name, r in following["by_sampler"].items()]
+        parts.append(f"Prompt following ({following['num_captions']} val captions), share right\n\n"
+                     + markdown_table(["sampler", "steps", "evaluations", "all", *ATTRIBUTES], rows))
+    if "negative_prompt" in results:
+        negative = results["negative_prompt"]
+        rows = [["(none)", negative["without"]], [f'"{negative["negative_prompt"]}"', negative["with"]]]
+        parts.append(f'Negative prompt: "{negative["prompt"]}", {negative["num_images"]} seeds\n\n'
+                     + markdown_table(["negative prompt", f"share {negative['color']}"], rows))
+    if "img2img" in results:
+        img2img = results["img2img"]
+        rows = [[strength, r["all"], *(r[a] for a in ATTRIBUTES)] for strength, r in img2img["by_strength"].items()]
+        parts.append(f"img2img of {img2img['num_images']} val images with their captions, share kept\n\n"
+                     + markdown_table(["strength", "all", *ATTRIBUTES], rows))
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", type=Path, default=BUNDLED_CHECKPOINT, help="pipeline checkpoint (default: the "
+                   "bundled shapes-v1 model)")
+    p.add_argument("--num_quality", type=int, default=100, help="val captions and seeds for quality per step")
+    p.add_argument("--reference_steps", type=int, default=1000, help="DDIM steps of the quality reference")
+    p.add_argument("--num_prompts", type=int, default=300, help="val captions for prompt following per sampler")
+    p.add_argument("--num_negative", type=int, default=200, help="seeds for the negative-prompt check")
+    p.add_argument("--num_img2img", type=int, default=100, help="val images for the img2img check")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS["ddim"], help="DDIM steps of the negative-prompt "
+                   "and img2img checks")
+    p.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
+    p.add_argument("--batch_size", type=int, default=100)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here (replacing the file)")
+    args = p.parse_args(argv)
+    check_args(args)
+
+    pipe = Pipeline.from_checkpoint(args.ckpt, device=resolve_device(args.device))
+    common = {"guidance_scale": args.scale, "batch_size": args.batch_size, "seed": args.seed}
+    results: dict[str, object] = {"checkpoint": str(args.ckpt), "guidance_scale": args.scale, "seed": args.seed}
+    seconds: dict[str, float] = {}
+    results["seconds"] = seconds
+
+    if args.num_quality:
+        start = time.perf_counter()
+        rows = sampler_quality(pipe, canonical_captions("val", args.num_quality), QUALITY_SETTINGS,
+                               reference_steps=args.reference_steps, **common)
+        results["quality"] = {"reference_steps": args.reference_steps, "num_images": args.num_quality, "rows": rows}
+        seconds["quality"] = time.perf_counter() - start
+    if args.num_prompts:
+        start = time.perf_counter()
+        by_sampler = prompt_following_by_sampler(pipe, canonical_captions("val", args.num_prompts), DEFAULT_STEPS,
+                                                 **common)
+        results["prompt_following"] = {"num_captions": args.num_prompts, "by_sampler": by_sampler}
+        seconds["prompt_following"] = time.perf_counter() - start
+    if args.num_negative:
+        start = time.perf_counter()
+        shares = negative_prompt_effect(pipe, PROMPT, NEGATIVE_PROMPT, COLOR, num_samples=args.num_negative,
+                                        num_steps=args.steps, **common)
+        results["negative_prompt"] = {"prompt": PROMPT, "negative_prompt": NEGATIVE_PROMPT, "color": COLOR,
+                                      "num_images": args.num_negative, "steps": args.steps, **shares}
+        seconds["negative_prompt"] = time.perf_counter() - start
+    if args.num_img2img:
+        start = time.perf_counter()
+        by_strength = img2img_keep_rates(pipe, args.num_img2img, IMG2IMG_STRENGTHS, num_steps=args.steps, **common)
+        results["img2img"] = {"num_images": args.num_img2img, "steps": args.steps, "by_strength": by_strength}
+        seconds["img2img"] = time.perf_counter() - start
+
+    if args.out is not None:
+        write_json(args.out, results)
+    print(report(results))
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
