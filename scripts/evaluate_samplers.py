@@ -8,7 +8,7 @@
 3. Negative prompt: share of red objects for "a circle", without and with the negative prompt "red".
 4. img2img: share of val images whose checker-read attributes survive img2img with their own caption.
 All at guidance scale 5 on canonical shapes-v1 val captions; a --num_* of 0 skips that part. Prints a
-markdown table at the end.
+markdown table per part as soon as it is done (and rewrites --out after each part).
 """
 
 from __future__ import annotations
@@ -118,39 +118,37 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = Pipeline.from_checkpoint(args.ckpt, device=resolve_device(args.device))
     common = {"guidance_scale": args.scale, "batch_size": args.batch_size, "seed": args.seed}
-    results: dict[str, object] = {"checkpoint": str(args.ckpt), "guidance_scale": args.scale, "seed": args.seed}
     seconds: dict[str, float] = {}
-    results["seconds"] = seconds
+    results: dict[str, object] = {"checkpoint": str(args.ckpt), "guidance_scale": args.scale, "seed": args.seed,
+                                  "seconds": seconds}
+    clock = time.perf_counter()
+
+    def finish(part: str, value: dict) -> None:
+        # Each part is printed and saved as soon as it is done: a long run stopped early keeps what it measured.
+        nonlocal clock
+        results[part] = value
+        seconds[part] = time.perf_counter() - clock
+        if args.out is not None:
+            write_json(args.out, results)
+        print(report({part: value}), end="\n\n", flush=True)
+        clock = time.perf_counter()
 
     if args.num_quality:
-        start = time.perf_counter()
         rows = sampler_quality(pipe, canonical_captions("val", args.num_quality), QUALITY_SETTINGS,
                                reference_steps=args.reference_steps, **common)
-        results["quality"] = {"reference_steps": args.reference_steps, "num_images": args.num_quality, "rows": rows}
-        seconds["quality"] = time.perf_counter() - start
+        finish("quality", {"reference_steps": args.reference_steps, "num_images": args.num_quality, "rows": rows})
     if args.num_prompts:
-        start = time.perf_counter()
         by_sampler = prompt_following_by_sampler(pipe, canonical_captions("val", args.num_prompts), DEFAULT_STEPS,
                                                  **common)
-        results["prompt_following"] = {"num_captions": args.num_prompts, "by_sampler": by_sampler}
-        seconds["prompt_following"] = time.perf_counter() - start
+        finish("prompt_following", {"num_captions": args.num_prompts, "by_sampler": by_sampler})
     if args.num_negative:
-        start = time.perf_counter()
         shares = negative_prompt_effect(pipe, PROMPT, NEGATIVE_PROMPT, COLOR, num_samples=args.num_negative,
                                         num_steps=args.steps, **common)
-        results["negative_prompt"] = {"prompt": PROMPT, "negative_prompt": NEGATIVE_PROMPT, "color": COLOR,
-                                      "num_images": args.num_negative, "steps": args.steps, **shares}
-        seconds["negative_prompt"] = time.perf_counter() - start
+        finish("negative_prompt", {"prompt": PROMPT, "negative_prompt": NEGATIVE_PROMPT, "color": COLOR,
+                                   "num_images": args.num_negative, "steps": args.steps, **shares})
     if args.num_img2img:
-        start = time.perf_counter()
         by_strength = img2img_keep_rates(pipe, args.num_img2img, IMG2IMG_STRENGTHS, num_steps=args.steps, **common)
-        results["img2img"] = {"num_images": args.num_img2img, "steps": args.steps, "by_strength": by_strength}
-        seconds["img2img"] = time.perf_counter() - start
-
-    if args.out is not None:
-        write_json(args.out, results)
-    print(report(results))
-
+        finish("img2img", {"num_images": args.num_img2img, "steps": args.steps, "by_strength": by_strength})
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

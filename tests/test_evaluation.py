@@ -275,7 +275,8 @@ def test_evaluate_samplers_script_end_to_end(tmp_path, capsys, monkeypatch):
     assert results["prompt_following"]["by_sampler"]["heun"]["evaluations"] == 3
     assert set(results["negative_prompt"]) >= {"with", "without"}
     assert list(results["img2img"]["by_strength"]) == ["0.3", "0.6", "0.9"]
-    assert printed == evaluate_samplers.report(results) + "\n"
+    assert printed == evaluate_samplers.report(results) + "\n\n"
+    assert set(results["seconds"]) == {"quality", "prompt_following", "negative_prompt", "img2img"}
     for text in ("Latent RMSE to DDIM 4 steps", "| dpmpp_2m (Karras) | 2 | 2 |", "| heun | 2 | 3 |", "share red",
                  "| 0.6 |"):
         assert text in printed
