@@ -18,9 +18,12 @@ from tqdm import tqdm
 from ldm.cli import check_output_folder
 from ldm.data.loader import to_tensor
 from ldm.data.shape_checker import check, parse_caption, read_attributes
-from ldm.data.shapes import ATTRIBUTES, canonical_caption, render, sample_attributes
+from ldm.data.shapes import ATTRIBUTES, VOCABULARY, canonical_caption, render, sample_attributes
 from ldm.errors import InputError
-from ldm.pipeline import Pipeline
+from ldm.guidance import ClassifierFreeGuidance
+from ldm.pipeline import Pipeline, to_pil
+from ldm.prompts import encode_prompts
+from ldm.schedule import x0_and_eps_from_output
 
 Images = Sequence[Image.Image | np.ndarray]
 
@@ -82,6 +85,10 @@ class SamplerSetting:
 
 # Samplers that map one initial noise to one result; ddpm and euler_a draw fresh noise on every step.
 DETERMINISTIC_SAMPLERS: tuple[str, ...] = ("ddim", "plms", "euler", "heun", "dpmpp_2m")
+# DDIM and PLMS stop at the noise level of timestep 0 (SD's set_alpha_to_one=False); the sigma samplers take one
+# step further, to sigma 0, where they land on the x0 estimate at timestep 0. That step alone moves latents by
+# about sigma(0) = 0.03 times the predicted noise, which would swamp the differences between samplers.
+STOP_AT_TIMESTEP_0: tuple[str, ...] = ("ddim", "plms")
 # The issue's grid of deterministic samplers and step counts for `sampler_quality`.
 QUALITY_SETTINGS: tuple[SamplerSetting, ...] = (
     *(SamplerSetting("ddim", n) for n in (10, 20, 50)),
@@ -91,16 +98,35 @@ QUALITY_SETTINGS: tuple[SamplerSetting, ...] = (
 
 
 @torch.no_grad()
+def denoise_timestep_0(pipe: Pipeline, captions: list[str], latents: torch.Tensor,
+                       guidance_scale: float) -> torch.Tensor:
+    """The guided x0 estimate (B, 4, h, w) for latents (B, 4, h, w) at the noise level of timestep 0, each row
+    prompted with its caption: one more model evaluation."""
+    context, uncond_context = encode_prompts(pipe.text_encoder, captions,
+                                             [""] * len(captions) if guidance_scale != 1 else None)
+    denoiser = ClassifierFreeGuidance(pipe.unet, context.to(pipe.dtype),
+                                      None if uncond_context is None else uncond_context.to(pipe.dtype),
+                                      guidance_scale)
+    alpha = pipe.schedule.alphas_cumprod[0].item()
+    t = torch.zeros(len(captions), dtype=torch.long, device=latents.device)
+    x0, _ = x0_and_eps_from_output(denoiser(latents, t), latents, torch.tensor(alpha**0.5),
+                                   torch.tensor((1 - alpha) ** 0.5), pipe.spec.parameterization)
+    return x0
+
+
+@torch.no_grad()
 def sampler_quality(pipe: Pipeline, captions: list[str], settings: Sequence[SamplerSetting] = QUALITY_SETTINGS,
                     reference_steps: int = 1000, guidance_scale: float = 5.0, batch_size: int = 100, seed: int = 0,
                     progress: bool = True) -> list[dict[str, object]]:
     """How close each setting lands to a DDIM (eta 0) run of `reference_steps` steps, from the same noise.
 
-    Image k has caption k and initial noise from seed `seed + k` in every run. The error is the latent RMSE,
-    the root of the mean squared difference over all latent elements (B, 4, h, w) of all images. Returns one
-    row per setting: sampler, karras, steps, evaluations (U-Net passes per image, each over the conditional
-    and the unconditional prompt: Heun makes two per step but the last, PLMS one extra) and rmse.
-    Only `DETERMINISTIC_SAMPLERS` have one result to compare.
+    Image k has caption k and initial noise from seed `seed + k` in every run. Results that stop at timestep 0
+    (`STOP_AT_TIMESTEP_0`, the reference too) are compared through their x0 estimate there
+    (`denoise_timestep_0`), where the other samplers land. The error is the latent RMSE, the root of the mean
+    squared difference over all latent elements (B, 4, h, w) of all images. Returns one row per setting:
+    sampler, karras, steps, evaluations (the sampler's U-Net passes per image, each over the conditional and
+    the unconditional prompt: Heun makes two per step but the last, PLMS one extra; the x0 estimate at
+    timestep 0 is not counted) and rmse. Only `DETERMINISTIC_SAMPLERS` have one result to compare.
     """
     for setting in settings:
         if setting.sampler not in DETERMINISTIC_SAMPLERS:
@@ -112,12 +138,15 @@ def sampler_quality(pipe: Pipeline, captions: list[str], settings: Sequence[Samp
     for start in tqdm(range(0, len(captions), batch_size), desc="sampler quality", disable=not progress):
         batch = captions[start : start + batch_size]
         common = {"guidance_scale": guidance_scale, "seed": seed + start, "output_type": "latent", "progress": False}
-        reference = pipe(batch, num_steps=reference_steps, sampler="ddim", **common).double()
+        reference = pipe(batch, num_steps=reference_steps, sampler="ddim", **common)
+        reference = denoise_timestep_0(pipe, batch, reference, guidance_scale).double()
         num_elements += reference.numel()
         for k, setting in enumerate(settings):
             with CallCounter(pipe.unet) as counter:
                 latents = pipe(batch, num_steps=setting.num_steps, sampler=setting.sampler, karras=setting.karras,
                                **common)
+            if setting.sampler in STOP_AT_TIMESTEP_0:
+                latents = denoise_timestep_0(pipe, batch, latents, guidance_scale)
             squared_errors[k] += (latents.double() - reference).square().sum().item()
             evaluations[k] = counter.count  # one guided U-Net pass per evaluation, whatever the batch size
     return [{"sampler": setting.sampler, "karras": setting.karras, "steps": setting.num_steps,
@@ -140,20 +169,20 @@ def prompt_following_by_sampler(pipe: Pipeline, captions: list[str], steps: dict
     return results
 
 
-def color_share(images: Images, color: str) -> float:
-    """Share of `images` (64 x 64 RGB) whose object the checker reads as `color`; an image in which it finds no
-    object counts as not `color`."""
+def color_shares(images: Images) -> dict[str, float]:
+    """Share of `images` (64 x 64 RGB) whose object the checker reads as each colour of shapes-v1, and under
+    "none" the share in which it finds no object."""
     if not images:
         raise InputError("no images to count colours in")
-    return sum(read_attributes(image)["color"] == color for image in images) / len(images)
+    colors = [read_attributes(image)["color"] or "none" for image in images]
+    return {color: colors.count(color) / len(images) for color in (*VOCABULARY["color"], "none")}
 
 
 def negative_prompt_effect(pipe: Pipeline, prompt: str = "a circle", negative_prompt: str = "red",
-                           color: str = "red", num_samples: int = 200, num_steps: int = 50,
-                           guidance_scale: float = 5.0, batch_size: int = 100, seed: int = 0,
-                           progress: bool = True) -> dict[str, float]:
-    """Share of `color` objects among `num_samples` images of `prompt` (image k from seed `seed + k`), without
-    (`"without"`) and with (`"with"`) `negative_prompt` in place of the empty unconditional prompt."""
+                           num_samples: int = 200, num_steps: int = 50, guidance_scale: float = 5.0,
+                           batch_size: int = 100, seed: int = 0, progress: bool = True) -> dict[str, dict[str, float]]:
+    """`color_shares` of `num_samples` images of `prompt` (image k from seed `seed + k`), without (`"without"`)
+    and with (`"with"`) `negative_prompt` in place of the empty unconditional prompt."""
     shares = {}
     for key, negative in (("without", ""), ("with", negative_prompt)):
         images = []
@@ -161,7 +190,7 @@ def negative_prompt_effect(pipe: Pipeline, prompt: str = "a circle", negative_pr
             num = min(batch_size, num_samples - start)
             images += pipe([prompt] * num, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed + start,
                            negative_prompts=negative, progress=False)
-        shares[key] = color_share(images, color)
+        shares[key] = color_shares(images)
     return shares
 
 
@@ -180,19 +209,36 @@ def attributes_kept(inputs: Images, outputs: Images) -> dict[str, float]:
     return {name: kept[name] / len(inputs) for name in ("all", *ATTRIBUTES)}
 
 
+def rendered_images(split: str, num_samples: int) -> list[Image.Image]:
+    """Samples 0 .. num_samples - 1 of `split` as rendered 64 x 64 RGB images."""
+    return [render(sample_attributes(split, index)[0]) for index in range(num_samples)]
+
+
+@torch.no_grad()
+def autoencoder_keep_rates(pipe: Pipeline, num_samples: int = 100, batch_size: int = 100,
+                           split: str = "val") -> dict[str, float]:
+    """`attributes_kept` by encoding and decoding alone, on the images `img2img_keep_rates` starts from: what
+    img2img could keep at the smallest strength."""
+    inputs = rendered_images(split, num_samples)
+    outputs = []
+    for start in range(0, num_samples, batch_size):
+        images = torch.stack([to_tensor(image) for image in inputs[start : start + batch_size]])
+        outputs += to_pil(pipe.decode(pipe.encode(images.to(pipe.device, pipe.dtype))))
+    return attributes_kept(inputs, outputs)
+
+
 def img2img_keep_rates(pipe: Pipeline, num_samples: int = 100, strengths: Sequence[float] = (0.3, 0.6, 0.9),
                        num_steps: int = 50, guidance_scale: float = 5.0, batch_size: int = 100, seed: int = 0,
                        split: str = "val", progress: bool = True) -> dict[str, dict[str, float]]:
     """img2img of the first `num_samples` rendered images of `split`, each prompted with its own canonical
     caption: `attributes_kept` between input and output, per strength (keyed by e.g. "0.3")."""
-    inputs = [render(sample_attributes(split, index)[0]) for index in range(num_samples)]
+    inputs = rendered_images(split, num_samples)
     captions = canonical_captions(split, num_samples)
     results = {}
     for strength in strengths:
         outputs = []
         for start in tqdm(range(0, num_samples, batch_size), desc=f"img2img {strength:g}", disable=not progress):
-            batch = inputs[start : start + batch_size]
-            init_images = torch.stack([to_tensor(image) for image in batch])
+            init_images = torch.stack([to_tensor(image) for image in inputs[start : start + batch_size]])
             outputs += pipe(captions[start : start + batch_size], num_steps=num_steps, guidance_scale=guidance_scale,
                             seed=seed + start, init_images=init_images, strength=strength, progress=False)
         results[f"{strength:g}"] = attributes_kept(inputs, outputs)

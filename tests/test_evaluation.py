@@ -12,14 +12,17 @@ import pytest
 import torch
 
 from ldm.cli import run_main
-from ldm.data.shape_checker import parse_caption
-from ldm.data.shapes import BACKGROUNDS, ShapeSample, render
+from ldm.data.loader import to_tensor
+from ldm.data.shape_checker import parse_caption, read_attributes
+from ldm.data.shapes import BACKGROUNDS, ShapeSample, render, sample_attributes
 from ldm.errors import InputError
 from ldm.evaluation import (
+    DETERMINISTIC_SAMPLERS,
     SamplerSetting,
     attributes_kept,
+    autoencoder_keep_rates,
     canonical_captions,
-    color_share,
+    color_shares,
     img2img_keep_rates,
     inception_features_model,
     negative_prompt_effect,
@@ -100,19 +103,18 @@ class GaussianDataUNet(torch.nn.Module):
         return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
 
 
-@pytest.fixture
-def oracle_pipeline(tiny_pipeline) -> Pipeline:
-    tiny_pipeline.unet = GaussianDataUNet(tiny_pipeline.unet.config, tiny_pipeline.schedule.alphas_cumprod,
-                                          torch.tensor([0.5, -0.3, 0.2, 0.0]), std=0.5)
-    return tiny_pipeline
+def with_exact_unet(pipe: Pipeline, std: float) -> Pipeline:
+    pipe.unet = GaussianDataUNet(pipe.unet.config, pipe.schedule.alphas_cumprod, torch.tensor([0.5, -0.3, 0.2, 0.0]),
+                                 std)
+    return pipe
 
 
-def test_sampler_quality_on_an_exact_model(oracle_pipeline):
+def test_sampler_quality_on_an_exact_model(tiny_pipeline):
     settings = [SamplerSetting("ddim", 1000), *(SamplerSetting("ddim", n) for n in (10, 50)),
                 *(SamplerSetting("dpmpp_2m", n, karras=True) for n in (10, 20)),
                 *(SamplerSetting(name, n) for name in ("heun", "plms") for n in (10, 20))]
-    rows = sampler_quality(oracle_pipeline, ["a red circle", "a blue square", "a square"], settings,
-                           reference_steps=1000, batch_size=2, progress=False)
+    rows = sampler_quality(with_exact_unet(tiny_pipeline, std=0.5), ["a red circle", "a blue square", "a square"],
+                           settings, reference_steps=1000, batch_size=2, progress=False)
     assert [(r["sampler"], r["karras"], r["steps"]) for r in rows] == [
         (s.sampler, s.karras, s.num_steps) for s in settings]
     rmse = {(r["sampler"], r["steps"]): r["rmse"] for r in rows}
@@ -126,17 +128,41 @@ def test_sampler_quality_on_an_exact_model(oracle_pipeline):
                            ("plms", 20): 21}
 
 
-def test_sampler_quality_is_the_rmse_over_all_images(tiny_pipeline):
+def test_sampler_quality_compares_at_one_end_point(tiny_pipeline):
+    # Data that is a single point: every sampler solves its ODE exactly, but DDIM and PLMS stop at timestep 0,
+    # sqrt(1 - a_0) = 0.03 times the noise away from where the sigma samplers land.
+    settings = [SamplerSetting(name, 5) for name in DETERMINISTIC_SAMPLERS] + [SamplerSetting("dpmpp_2m", 5, True)]
+    rows = sampler_quality(with_exact_unet(tiny_pipeline, std=0.0), ["a red circle", "a square"], settings,
+                           reference_steps=20, progress=False)
+    assert [r["rmse"] for r in rows] == pytest.approx([0.0] * len(settings), abs=1e-5)
+
+
+def _x0_at_timestep_0(pipe: Pipeline, captions: list[str], latents: torch.Tensor, scale: float) -> torch.Tensor:
+    """x0 = (x_t - sqrt(1 - a_0) eps) / sqrt(a_0), eps guided from two separate U-Net calls."""
+    alpha = pipe.schedule.alphas_cumprod[0].float()
+    t = torch.zeros(len(captions), dtype=torch.long)
+    with torch.no_grad():
+        cond = pipe.unet(latents, t, pipe.text_encoder(captions))
+        uncond = pipe.unet(latents, t, pipe.text_encoder([""] * len(captions)))
+    eps = uncond + scale * (cond - uncond)
+    return (latents - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+
+
+@pytest.mark.parametrize("sampler", ["euler", "plms"])
+def test_sampler_quality_is_the_rmse_over_all_images(tiny_pipeline, sampler):
     captions = ["a red circle", "a small blue square in the center on a white background", "a green triangle"]
-    (row,) = sampler_quality(tiny_pipeline, captions, [SamplerSetting("euler", 3)], reference_steps=6,
+    (row,) = sampler_quality(tiny_pipeline, captions, [SamplerSetting(sampler, 3)], reference_steps=6,
                              guidance_scale=3.0, batch_size=2, seed=4, progress=False)
-    # The same runs made directly, as one batch: image k from seed 4 + k.
+    # The same runs made directly, as one batch: image k from seed 4 + k; DDIM and PLMS end at timestep 0.
     common = {"guidance_scale": 3.0, "seed": 4, "output_type": "latent", "progress": False}
-    reference = tiny_pipeline(captions, num_steps=6, sampler="ddim", **common)
-    latents = tiny_pipeline(captions, num_steps=3, sampler="euler", **common)
+    reference = _x0_at_timestep_0(tiny_pipeline, captions,
+                                  tiny_pipeline(captions, num_steps=6, sampler="ddim", **common), 3.0)
+    latents = tiny_pipeline(captions, num_steps=3, sampler=sampler, **common)
+    if sampler == "plms":
+        latents = _x0_at_timestep_0(tiny_pipeline, captions, latents, 3.0)
     expected = ((latents - reference) ** 2).mean().sqrt().item()
     assert expected > 0.01
-    assert row == {"sampler": "euler", "karras": False, "steps": 3, "evaluations": 3,
+    assert row == {"sampler": sampler, "karras": False, "steps": 3, "evaluations": 3 + (sampler == "plms"),
                    "rmse": pytest.approx(expected, rel=1e-4)}
 
 
@@ -188,14 +214,14 @@ def _blank(background: str = "white") -> np.ndarray:
     return np.full((64, 64, 3), BACKGROUNDS[background], dtype=np.uint8)
 
 
-def test_color_share_counts_checker_colours():
+def test_color_shares_count_checker_colours():
     images = [_shape("red"), _shape("blue", "square"), np.asarray(_shape("red", "triangle", "small", "top left",
                                                                        "black")), _blank()]
-    assert color_share(images, "red") == 0.5
-    assert color_share(images, "blue") == 0.25
-    assert color_share(images, "green") == 0.0
+    shares = color_shares(images)
+    assert list(shares) == ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "pink", "none"]
+    assert shares == {**dict.fromkeys(shares, 0.0), "red": 0.5, "blue": 0.25, "none": 0.25}
     with pytest.raises(InputError):
-        color_share([], "red")
+        color_shares([])
 
 
 class NegativePromptPipeline:
@@ -208,9 +234,10 @@ class NegativePromptPipeline:
 
 def test_negative_prompt_effect_counts_both_runs_from_the_same_seeds():
     shares = negative_prompt_effect(NegativePromptPipeline(), num_samples=5, batch_size=2, seed=0, progress=False)
-    assert shares == {"without": 1.0, "with": 0.6}  # seeds 0, 2 and 4 of 0 .. 4 stay red
+    assert shares["without"]["red"] == 1.0
+    assert shares["with"]["red"] == 0.6 and shares["with"]["blue"] == 0.4  # seeds 0, 2 and 4 of 0 .. 4 stay red
     shares = negative_prompt_effect(NegativePromptPipeline(), num_samples=5, batch_size=3, seed=1, progress=False)
-    assert shares == {"without": 1.0, "with": 0.4}  # seeds 2 and 4 of 1 .. 5
+    assert shares["without"]["red"] == 1.0 and shares["with"]["red"] == 0.4  # seeds 2 and 4 of 1 .. 5
 
 
 def test_attributes_kept_on_a_hand_made_mix():
@@ -256,6 +283,27 @@ def test_img2img_keep_rates_of_stub_pipelines():
                               "background": 1.0}
 
 
+class RoundTripPipeline:
+    """An autoencoder that turns every colour blue on the way back, on images (B, 3, 64, 64)."""
+
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def encode(self, images):
+        return images
+
+    def decode(self, latents):
+        return torch.stack([to_tensor(render(ShapeSample(**{**read_attributes(image), "color": "blue"})))
+                            for image in to_pil(latents)])
+
+
+def test_autoencoder_keep_rates_compare_each_image_with_its_round_trip():
+    # Samples 0 .. 5 of val: two of them are blue.
+    num_blue = sum(sample_attributes("val", i)[0].color == "blue" for i in range(6))
+    assert num_blue == 2
+    rates = autoencoder_keep_rates(RoundTripPipeline(), num_samples=6, batch_size=4)
+    assert rates == {"all": 2 / 6, "color": 2 / 6, "shape": 1.0, "size": 1.0, "position": 1.0, "background": 1.0}
+
+
 def test_evaluate_samplers_script_end_to_end(tmp_path, capsys, monkeypatch):
     pipe = Pipeline.from_spec(tiny_spec(), name="tiny")
     randomize_(pipe.unet, seed=1)
@@ -273,28 +321,34 @@ def test_evaluate_samplers_script_end_to_end(tmp_path, capsys, monkeypatch):
         ("ddim", False, 2), ("dpmpp_2m", True, 2)]
     assert list(results["prompt_following"]["by_sampler"]) == ["ddim", "heun"]
     assert results["prompt_following"]["by_sampler"]["heun"]["evaluations"] == 3
-    assert set(results["negative_prompt"]) >= {"with", "without"}
+    assert set(results["negative_prompt"]["with"]) == {"red", "green", "blue", "yellow", "purple", "orange", "cyan",
+                                                       "pink", "none"}
     assert list(results["img2img"]["by_strength"]) == ["0.3", "0.6", "0.9"]
+    assert set(results["img2img"]["autoencoder"]) == {"all", "color", "shape", "size", "position", "background"}
     assert printed == evaluate_samplers.report(results) + "\n\n"
     assert set(results["seconds"]) == {"quality", "prompt_following", "negative_prompt", "img2img"}
-    for text in ("Latent RMSE to DDIM 4 steps", "| dpmpp_2m (Karras) | 2 | 2 |", "| heun | 2 | 3 |", "share red",
-                 "| 0.6 |"):
+    for text in ("Latent RMSE to DDIM 4 steps", "| dpmpp_2m (Karras) | 2 | 2 |", "| heun | 2 | 3 |", '| "red" |',
+                 "| 0.6 |", "| autoencoder only |"):
         assert text in printed
 
 
 @pytest.mark.parametrize(("dpm", "verdict"), [(0.01, "lands closer"), (0.03, "lands not closer")])
 def test_report_states_the_issue_check(dpm, verdict):
     rows = [{"sampler": "ddim", "karras": False, "steps": 50, "evaluations": 50, "rmse": 0.02},
-            {"sampler": "dpmpp_2m", "karras": False, "steps": 20, "evaluations": 20, "rmse": dpm}]
+            {"sampler": "dpmpp_2m", "karras": False, "steps": 20, "evaluations": 20, "rmse": dpm},
+            {"sampler": "dpmpp_2m", "karras": True, "steps": 20, "evaluations": 20, "rmse": 0.04 - dpm}]
     text = evaluate_samplers.report({"quality": {"reference_steps": 1000, "num_images": 3, "rows": rows}})
     assert f"| dpmpp_2m | 20 | 20 | {dpm:.3f} |" in text
     assert f"DPM++ 2M at 20 steps (RMSE {dpm:.4f}) {verdict} to the reference than DDIM at 50 (RMSE 0.0200)" in text
+    other = "lands not closer" if verdict == "lands closer" else "lands closer"
+    assert f"DPM++ 2M (Karras) at 20 steps (RMSE {0.04 - dpm:.4f}) {other} to the reference" in text
 
 
 @pytest.mark.parametrize(("argv", "match"), [
     (["--num_prompts", "-1"], "--num_prompts must be >= 0"),
     (["--reference_steps", "0"], "--reference_steps must be >= 1"),
     (["--ckpt", "MISSING"], "checkpoint not found"),
+    (["--negative_color", "violet"], "--negative_color must be a shapes-v1 colour"),
     (["--out", "TMP"], "is a folder"),
 ])
 def test_evaluate_samplers_bad_input(tmp_path, capsys, argv, match):
