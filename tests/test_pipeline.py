@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from ldm.errors import InputError
 from ldm.pipeline import Pipeline
 from ldm.sd_checkpoint import read_checkpoint
+from tests.conftest import randomize_
 
 PROMPTS = ["a red circle", "a large blue square on a white background"]
 
@@ -135,3 +136,19 @@ def test_yaml_with_an_unknown_parameter_is_an_input_error(tiny_pipeline, tmp_pat
                       "    first_stage_config:\n      params: {}\n    cond_stage_config:\n      target: x\n")
     with pytest.raises(InputError, match=r"unknown UNetConfig parameter\(s\) \['model_channelz'\]"):
         Pipeline.from_checkpoint(tiny_pipeline.save(tmp_path / "tiny.safetensors"), config=config)
+
+
+def test_channels_last_runs_every_convolution_nhwc_with_the_same_images(tiny_pipeline):
+    randomize_(tiny_pipeline.autoencoder, seed=2)
+    prompts = ["a red circle", "a blue square"]
+    reference = tiny_pipeline(prompts, num_steps=3, guidance_scale=3.0, output_type="tensor", progress=False)
+    tiny_pipeline.to_channels_last()
+    layouts = []
+    hooks = [conv.register_forward_hook(lambda m, i, o: layouts.append(o.is_contiguous(
+        memory_format=torch.channels_last))) for module in (tiny_pipeline.unet, tiny_pipeline.autoencoder)
+        for conv in module.modules() if isinstance(conv, torch.nn.Conv2d)]
+    images = tiny_pipeline(prompts, num_steps=3, guidance_scale=3.0, output_type="tensor", progress=False)
+    for hook in hooks:
+        hook.remove()
+    assert layouts and all(layouts)  # a contiguous() somewhere in a block would turn its convolutions back
+    assert (images - reference).abs().max() < 1e-4 * reference.abs().max()

@@ -74,6 +74,33 @@ def test_autoencoder_run_exports_model_scale_factor_and_metrics(stages):
     assert not list(run_dir.rglob(".tmp*"))
 
 
+def test_decoder_fine_tune_keeps_the_encoder_and_scale_factor(stages, tmp_path):
+    start_path, _ = stages
+    config = vae_config(tmp_path / "decoder")
+    config["autoencoder_training"].update(init_from=str(start_path), train_decoder_only=True)
+    start, tuned = (load_stage(path, "autoencoder") for path in (start_path, train_autoencoder(config)))
+    assert tuned.scale_factor == start.scale_factor  # not re-measured: the latents must not change
+    start_weights, tuned_weights = start.state_dict(), tuned.state_dict()
+    frozen = [k for k in start_weights if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in start_weights if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and all(torch.equal(start_weights[k], tuned_weights[k]) for k in frozen)
+    assert all(not torch.equal(start_weights[k], tuned_weights[k]) for k in trained if k.endswith("conv_out.weight"))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(start.encode(images).mean, tuned.encode(images).mean)
+
+
+@pytest.mark.parametrize(("training", "match"), [
+    ({"train_decoder_only": True}, "autoencoder_training.train_decoder_only"),
+    ({"init_from": "missing.safetensors"}, "autoencoder_training.init_from"),
+])
+def test_decoder_fine_tune_needs_a_start(tmp_path, training, match):
+    config = vae_config(tmp_path / "bad")
+    config["autoencoder_training"].update(training)
+    with pytest.raises(InputError, match=match):
+        train_autoencoder(config)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_diffusion_run_trains_resumes_and_exports_a_pipeline(stages, tmp_path):
     run_dir = tmp_path / "diffusion"
     path = train_diffusion(diffusion_config(run_dir, stages, max_steps=2))

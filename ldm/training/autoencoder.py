@@ -23,8 +23,8 @@ from ldm.data.loader import make_loader
 from ldm.generate import make_grid
 from ldm.losses import AutoencoderLoss, AutoencoderLossConfig
 from ldm.metrics import psnr
-from ldm.pipeline import to_pil
-from ldm.sd_checkpoint import save_module
+from ldm.pipeline import load_strict, to_pil
+from ldm.sd_checkpoint import load_module_file, save_module
 from ldm.training.common import (
     EMA,
     TrainingRun,
@@ -57,6 +57,10 @@ class AutoencoderTraining:
     scale_factor_samples: int = 1024  # images used to measure the latent scale factor
     eval_samples: int = 500  # validation images for the final PSNR
     num_sample_images: int = 8  # reconstructions shown in the sample grids
+    init_from: str = ""  # start from this exported autoencoder.safetensors (same `autoencoder:` section)
+    # Freeze the encoder (and quant_conv): the latents and the scale factor stay those of `init_from`, so a
+    # U-Net trained on them still fits the fine-tuned decoder (how SD's improved ft-MSE decoder was made).
+    train_decoder_only: bool = False
 
 
 def check_autoencoder_config(model: AutoencoderConfig, loss: AutoencoderLossConfig, training: AutoencoderTraining,
@@ -71,6 +75,10 @@ def check_autoencoder_config(model: AutoencoderConfig, loss: AutoencoderLossConf
             f"0 (whole images) or a multiple of {factor} no larger than data.size {data.size}", crop)
     at_least(training, "autoencoder_training", 1, "scale_factor_samples", "eval_samples", "num_sample_images")
     at_least(loss, "loss", 0, "disc_start", "kl_weight", "disc_weight", "perceptual_weight", "disc_factor")
+    require(not training.train_decoder_only or training.init_from, "autoencoder_training.train_decoder_only",
+            "false unless autoencoder_training.init_from names the autoencoder whose encoder stays fixed", True)
+    require(not training.init_from or Path(training.init_from).is_file(), "autoencoder_training.init_from",
+            "an existing autoencoder.safetensors", training.init_from)
 
 
 def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -119,12 +127,20 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | No
 
     with config_errors("autoencoder"):
         model = AutoencoderKL(model_config)
+    if acfg.init_from:
+        state_dict, start_config, _ = load_module_file(acfg.init_from, "autoencoder")
+        load_strict(model, state_dict, "autoencoder", acfg.init_from)
+        model.config.scale_factor = start_config["scale_factor"]
+    if acfg.train_decoder_only:
+        model.encoder.requires_grad_(False)
+        model.quant_conv.requires_grad_(False)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     with config_errors("loss"):
         loss_fn = AutoencoderLoss(loss_config)
     # The original trains both players with Adam betas (0.5, 0.9): set train.adam_betas to match.
-    opt_g = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt_g = torch.optim.Adam(trained, lr=cfg.learning_rate, betas=cfg.adam_betas)
     opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas)
     sched_g, sched_d = lr_scheduler(opt_g, cfg), lr_scheduler(opt_d, cfg)
     # The discriminator runs inside the loss several times per step, which DDP does not allow, so
@@ -184,8 +200,9 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | No
     autoencoder = (ema.model if ema is not None else accelerator.unwrap_model(model)).eval()
     path = run_dir / "autoencoder.safetensors"
     if accelerator.is_main_process:
-        autoencoder.config.scale_factor = measure_scale_factor(autoencoder, batches, acfg.scale_factor_samples,
-                                                               device)
+        if not acfg.train_decoder_only:
+            autoencoder.config.scale_factor = measure_scale_factor(autoencoder, batches, acfg.scale_factor_samples,
+                                                                   device)
         val_batches = iter(make_loader(build_dataset(val_data, accelerator), cfg.batch_size))
         metrics = {"steps": run.step, "scale_factor": autoencoder.config.scale_factor,
                    f"psnr_val_{acfg.eval_samples}": evaluate_psnr(autoencoder, val_batches, acfg.eval_samples, device)}
