@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tile-overlap", type=int, default=16, help="vae-tiled: overlap in latent pixels")
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa", help="our attention backend")
     p.add_argument("--compile", action="store_true", help="torch.compile our U-Net (compiled in the warm-up)")
+    p.add_argument("--channels-last", action="store_true", help="our U-Net and autoencoder in NHWC layout "
+                   "(Pipeline.to_channels_last)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-case memory subprocesses on CPU")
     p.add_argument("--memory-probe", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -192,6 +194,8 @@ def _load_meta(cls: type, config: dict, state_dict: dict[str, torch.Tensor]) -> 
 
 def prepare_ours(unet: UNetModel, args: argparse.Namespace) -> UNetModel:
     set_attention_backend(unet, args.attention)
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
     return compile_unet(unet) if args.compile else unet
 
 
@@ -283,6 +287,8 @@ def vae_case(args, device, dtype, sides, tiled: bool = False) -> dict[str, Run]:
     runs = {}
     if "ours" in sides:
         ours = autoencoder.to(device, dtype)
+        if args.channels_last:
+            ours.to(memory_format=torch.channels_last)
         if tiled:
             runs["ours"] = torch.no_grad()(lambda: tiled_decode(ours, latents, args.tile_size, args.tile_overlap))
         else:
@@ -309,6 +315,8 @@ def pipeline_case(pipe: Pipeline, prompt: str, args, device, dtype, sides, image
         runs["diffusers"] = diffusers_txt2img(pipe, prompts, x_T, args, device, dtype, image_size)
     if "ours" in sides:
         pipe.to(device, dtype)
+        if args.channels_last:
+            pipe.to_channels_last()
         prepare_ours(pipe.unet, args)
         runs["ours"] = lambda: (pipe(prompts, num_steps=args.steps, guidance_scale=GUIDANCE_SCALE, height=image_size,
                                      width=image_size, latents=x_T, output_type="tensor", progress=False) + 1) / 2
@@ -485,7 +493,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {device}, {args.dtype}, "
           f"{torch.get_num_threads()} threads, batch {args.batch}, latents {args.latent_size}, "
-          f"context {args.context_len}, attention {args.attention}, compile {args.compile}, steps {args.steps}, "
+          f"context {args.context_len}, attention {args.attention}, compile {args.compile}, "
+          f"channels_last {args.channels_last}, steps {args.steps}, "
           f"repeats {args.repeats}", flush=True)
     rows = []
     for case in args.cases:

@@ -236,3 +236,14 @@ def test_generation_flags_reject_bad_input_in_one_line(random_ckpt, tmp_path, ca
     assert code == 1, err
     assert err.strip().startswith("error:") and message in err and len(err.strip().splitlines()) == 1
     assert not list((tmp_path / "o").glob("*.png"))
+
+
+def test_channels_last_flag_gives_the_same_image(random_ckpt, tmp_path, capsys):
+    images = []
+    for name, extra in (("nchw", []), ("nhwc", ["--channels_last"])):
+        code, err = run(["--prompt", "a red circle", "--ckpt", str(random_ckpt), "--outdir", str(tmp_path / name),
+                         "--steps", "3", "--scale", "3", "--device", "cpu", *extra], capsys)
+        assert code == 0, err
+        images.append(np.asarray(Image.open(tmp_path / name / "00000.png"), dtype=np.int16))
+    assert images[0].std() > 5  # a picture, not a flat field
+    assert np.abs(images[0] - images[1]).max() <= 1  # 8-bit rounding of float differences in the last bits
