@@ -115,8 +115,9 @@ class Pipeline:
 
     def to_channels_last(self) -> Pipeline:
         """Keep the U-Net's and the autoencoder's convolution weights in NHWC order (channels_last).
-        Activations follow the weights' layout, so every convolution runs NHWC: the fast path of oneDNN
-        on CPUs and of tensor cores; the attention blocks' token reshapes become free views."""
+        Activations follow the weights' layout, so every convolution runs NHWC, the layout tensor cores
+        want, and the attention blocks' token reshapes become views. On a CPU it was no faster for
+        inference (docs/benchmarks.md), so it is opt-in."""
         for module in (self.unet, self.autoencoder):
             module.to(memory_format=torch.channels_last)
         return self

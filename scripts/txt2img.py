@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "many latent pixels, for large images on small machines (0 = whole image; 64 = 512 px)")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (a slow first image, then faster)")
     p.add_argument("--channels_last", action="store_true", help="NHWC convolutions in the U-Net and autoencoder "
-                   "(faster for small models on CPU and with tensor cores; same images)")
+                   "(the layout GPU tensor cores want; same images)")
     p.add_argument("--skip_grid", action="store_true", help="do not write a grid of all images")
     return p
 
