@@ -39,11 +39,12 @@ PROMPTS = [
     "a small orange triangle in the bottom left on a gray background",
     "a large purple circle in the center on a white background",
 ]
-# The card (ldm/weights/MODEL_CARD.md) measures about 3 in 4 canonical val captions fully right.
-# Half leaves room for another platform's last-bit differences flipping a few images, but not for a
-# model that ignores its prompts: one that draws a random sample of the dataset gets all five
-# attributes of a caption right in 1 of 720 images (3 x 8 x 2 x 5 x 3 values, about).
-MIN_ALL_CORRECT = len(PROMPTS) // 2
+# The card (ldm/weights/MODEL_CARD.md) measures about 85 % of canonical val captions fully right, and
+# 15 of these 16 on the development machine. Three in four leaves room for another platform's last-bit
+# differences flipping a few images, but not for a model that ignores its prompts: one that draws a
+# random sample of the dataset gets all five attributes of a caption right in 1 of 720 images
+# (3 x 8 x 2 x 5 x 3 values, about).
+MIN_ALL_CORRECT = 3 * len(PROMPTS) // 4
 
 
 @pytest.fixture(scope="module")
