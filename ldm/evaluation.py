@@ -22,7 +22,6 @@ from ldm.data.shapes import ATTRIBUTES, VOCABULARY, canonical_caption, render, s
 from ldm.errors import InputError
 from ldm.guidance import ClassifierFreeGuidance
 from ldm.pipeline import Pipeline, to_pil
-from ldm.prompts import encode_prompts
 from ldm.schedule import x0_and_eps_from_output
 
 Images = Sequence[Image.Image | np.ndarray]
@@ -102,11 +101,8 @@ def denoise_timestep_0(pipe: Pipeline, captions: list[str], latents: torch.Tenso
                        guidance_scale: float) -> torch.Tensor:
     """The guided x0 estimate (B, 4, h, w) for latents (B, 4, h, w) at the noise level of timestep 0, each row
     prompted with its caption: one more model evaluation."""
-    context, uncond_context = encode_prompts(pipe.text_encoder, captions,
-                                             [""] * len(captions) if guidance_scale != 1 else None)
-    denoiser = ClassifierFreeGuidance(pipe.unet, context.to(pipe.dtype),
-                                      None if uncond_context is None else uncond_context.to(pipe.dtype),
-                                      guidance_scale)
+    context, uncond_context = pipe.encode_context(captions, [""] * len(captions), guidance_scale)
+    denoiser = ClassifierFreeGuidance(pipe.unet, context, uncond_context, guidance_scale)
     alpha = pipe.schedule.alphas_cumprod[0].item()
     t = torch.zeros(len(captions), dtype=torch.long, device=latents.device)
     x0, _ = x0_and_eps_from_output(denoiser(latents, t), latents, torch.tensor(alpha**0.5),

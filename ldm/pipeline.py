@@ -127,6 +127,14 @@ class Pipeline:
         self.unet.compile(dynamic=False)
         return self
 
+    def encode_context(self, prompts: Sequence[str], negative_prompts: Sequence[str],
+                       guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cross-attention context (B, N, D) of `prompts` and, unless `guidance_scale` is 1 (no guidance),
+        the unconditional context of `negative_prompts` (one per prompt), in the pipeline's dtype."""
+        context, uncond_context = encode_prompts(self.text_encoder, list(prompts),
+                                                 list(negative_prompts) if guidance_scale != 1 else None)
+        return context.to(self.dtype), None if uncond_context is None else uncond_context.to(self.dtype)
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8) (posterior mean)."""
         if self.tiling is None:
@@ -204,10 +212,7 @@ class Pipeline:
             raise InputError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts")
 
         # 1. Prompts -> context; the negative (by default empty) prompt is the unconditional context.
-        context, uncond_context = encode_prompts(self.text_encoder, prompts,
-                                                 list(negative_prompts) if guidance_scale != 1 else None)
-        context = context.to(self.dtype)
-        uncond_context = None if uncond_context is None else uncond_context.to(self.dtype)
+        context, uncond_context = self.encode_context(prompts, negative_prompts, guidance_scale)
         # 2. Initial noise in float32 from one CPU generator per image, which then also draws
         #    that image's sampler noise (eta > 0): image k is reproducible alone, on any device.
         shape = (len(prompts), self.unet.config.out_channels, height // factor, width // factor)

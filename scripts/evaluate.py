@@ -16,11 +16,18 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import ScriptParser, check_output_folder, resolve_device, run_main
+from ldm.cli import ScriptParser, resolve_device, run_main
 from ldm.clip import clip_score, load_clip
 from ldm.data.loader import make_loader, shapes_dataset
 from ldm.errors import InputError
-from ldm.evaluation import canonical_captions, inception_features, inception_features_model, prompt_following
+from ldm.evaluation import (
+    canonical_captions,
+    check_json_path,
+    inception_features,
+    inception_features_model,
+    prompt_following,
+    write_json,
+)
 from ldm.metrics import frechet_distance, psnr
 from ldm.pipeline import Pipeline
 
@@ -41,16 +48,7 @@ def check_args(args: argparse.Namespace) -> None:
     if any(scale < 0 for scale in args.scales):
         raise InputError(f"--scales must be >= 0, got {args.scales}")
     if args.out is not None:
-        if args.out.is_dir():
-            raise InputError(f"--out {args.out} is a folder; give the path of the JSON file to write")
-        check_output_folder(args.out.parent, "--out")
-
-
-def write_json(path: Path, results: dict[str, object]) -> None:
-    """Written beside `path` and renamed, so a failed write never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(path)
+        check_json_path(args.out)
 
 
 def main(argv: list[str] | None = None) -> None:
