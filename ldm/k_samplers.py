@@ -249,20 +249,22 @@ def sample_dpmpp_2m(
 
     The exponential integrator in ``lambda = -log(sigma)`` steps ``x`` to
     ``(sigma_next / sigma) x + (1 - sigma_next / sigma) x0_hat``, where ``x0_hat`` extrapolates the last
-    two denoised estimates linearly in lambda. The first step and the last (to sigma = 0, which
-    lands on the denoised estimate) are first order; so is the first from ``start_step``. One
-    denoiser call per step; ``callback``, ``init_latents``, ``start_step`` and ``x0_transform`` as in
-    ``sample_euler``.
+    two denoised estimates linearly in lambda. The first step, the first from ``start_step`` and the
+    last two are first order: the last lands on the denoised estimate at sigma = 0, and the one
+    before it into the smallest training sigma is diffusers' ``lower_order_final`` step (on evenly
+    spaced timesteps its lambda step is several times the previous one, and extrapolating over it
+    overshoots with guidance: docs/samplers.md). One denoiser call per step; ``callback``,
+    ``init_latents``, ``start_step`` and ``x0_transform`` as in ``sample_euler``.
     """
     space = _SigmaSpace(denoiser, schedule, num_steps, karras, x_T, parameterization, x0_transform)
     sigmas = space.sigmas
     ratios = sigmas[1:] / sigmas[:-1]
-    # x0_hat = x0 + (h / (2 h_last)) (x0 - x0_last), h = lambda step; zero on the first and last steps.
+    # x0_hat = x0 + (h / (2 h_last)) (x0 - x0_last), h = lambda step; zero on the first and last two steps.
     extrapolations = torch.zeros(num_steps, dtype=torch.float64)
-    if num_steps > 2:
-        log_sigmas = sigmas[:-1].log()
+    if num_steps > 3:
+        log_sigmas = sigmas[:-2].log()
         lambda_steps = log_sigmas[:-1] - log_sigmas[1:]
-        extrapolations[1:-1] = lambda_steps[1:] / (2 * lambda_steps[:-1])
+        extrapolations[1:-2] = lambda_steps[1:] / (2 * lambda_steps[:-1])
     x_scales = per_step(ratios, x_T)
     x0_scales = per_step(1 - ratios, x_T)
     extrapolations = per_step(extrapolations, x_T)

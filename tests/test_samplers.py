@@ -323,12 +323,12 @@ def _flow_error(name: str, num_steps: int, karras: bool = False, parameterizatio
 @pytest.mark.parametrize(
     ("name", "karras", "tolerance"),
     [("ddim", False, 0.02), ("euler", False, 0.02), ("euler", True, 0.02), ("plms", False, 2e-3),
-     ("heun", False, 2e-3), ("heun", True, 2e-3), ("dpmpp_2m", False, 5e-3), ("dpmpp_2m", True, 2e-3)],
+     ("heun", False, 2e-3), ("heun", True, 2e-3), ("dpmpp_2m", False, 3e-3), ("dpmpp_2m", True, 2e-3)],
 )
 def test_deterministic_samplers_reach_the_flow_end_point(name: str, karras: bool, tolerance: float,
                                                          parameterization: str) -> None:
     # 500 steps: first-order samplers are within ~0.01 of the exact end point, the others within
-    # ~2e-4 (DPM++ 2M on the linspace grid: ~2e-3, see the order test). Karras sigmas fall between
+    # ~2e-4 (DPM++ 2M on the linspace grid: ~1e-3, see the order test). Karras sigmas fall between
     # timesteps and are rounded to one, which leaves an error floor of ~2e-4.
     assert _flow_error(name, 500, karras, parameterization) < tolerance
 
@@ -397,7 +397,13 @@ def _run_diffusers(scheduler, denoiser, x: Tensor, generator: torch.Generator | 
     between integers (Karras sigmas) are rounded for the denoiser, as ours does; the scheduler itself
     keeps its fractional timesteps."""
     stochastic = {} if generator is None else {"generator": generator}
-    for t in scheduler.timesteps if timesteps is None else timesteps:
+    timesteps = scheduler.timesteps if timesteps is None else timesteps
+    for i, t in enumerate(timesteps):
+        if isinstance(scheduler, DPMSolverMultistepScheduler) and i == len(timesteps) - 2:
+            # Ours steps into the smallest training sigma at first order too (diffusers does so only with
+            # final_sigmas_type="sigma_min", where that step ends the run): make diffusers forget its
+            # history there, so that it takes a first-order step.
+            scheduler.lower_order_nums = 0
         model_input = scheduler.scale_model_input(x, t)
         output = denoiser(model_input, t.round().long().expand(x.shape[0]))
         x = scheduler.step(output, t, x, **stochastic, **step_kwargs).prev_sample
@@ -435,7 +441,8 @@ def _diffusers_scheduler(name: str, num_steps: int, karras: bool, prediction_typ
         else:
             scheduler.set_timesteps(**custom)
     else:
-        # final_sigmas_type="zero" makes DPM-Solver++'s last step first order, as ours.
+        # final_sigmas_type="zero" makes DPM-Solver++'s last step first order, as ours (and _run_diffusers
+        # the one before it).
         scheduler = DPMSolverMultistepScheduler(**SD_BETAS, algorithm_type="dpmsolver++", solver_order=2,
                                                 final_sigmas_type="zero", use_karras_sigmas=karras,
                                                 prediction_type=prediction_type)
