@@ -286,13 +286,14 @@ def vae_case(args, device, dtype, sides, tiled: bool = False) -> dict[str, Run]:
     latents = torch.randn(args.batch, 4, args.latent_size, args.latent_size, generator=generator).to(device, dtype)
     runs = {}
     if "ours" in sides:
+        ours_latents = latents.contiguous(memory_format=torch.channels_last)  # as Pipeline.decode does
         ours = autoencoder.to(device, dtype)
         if args.channels_last:
             ours.to(memory_format=torch.channels_last)
         if tiled:
-            runs["ours"] = torch.no_grad()(lambda: tiled_decode(ours, latents, args.tile_size, args.tile_overlap))
+            runs["ours"] = torch.no_grad()(lambda: tiled_decode(ours, ours_latents, args.tile_size, args.tile_overlap))
         else:
-            runs["ours"] = torch.no_grad()(lambda: ours.decode(latents))
+            runs["ours"] = torch.no_grad()(lambda: ours.decode(ours_latents))
     if "diffusers" in sides:
         reference = reference.to(device, dtype)
         if tiled:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-from ldm.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
+from ldm.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, ResnetBlock
 from tests.conftest import tiny_spec
 
 
@@ -76,3 +77,28 @@ def test_round_trip_learns_to_reconstruct():
         (recon - images).abs().mean().backward()
         optimizer.step()
     assert error() < 0.5 * before
+
+
+def test_resnet_block_in_place_activations_keep_outputs_and_gradients():
+    # ResnetBlock applies SiLU in place to save memory; written out without in-place ops and with the
+    # same weights, the block must give the same outputs and gradients (weights and input).
+    torch.manual_seed(0)
+    block = ResnetBlock(8, 16, dropout=0.0, num_groups=4)
+    for norm in (block.norm1, block.norm2):  # away from the identity initialization
+        torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+        torch.nn.init.normal_(norm.bias, 0.0, 0.3)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        h = block.conv1(F.silu(F.group_norm(x, 4, block.norm1.weight, block.norm1.bias, block.norm1.eps)))
+        h = block.conv2(F.silu(F.group_norm(h, 4, block.norm2.weight, block.norm2.bias, block.norm2.eps)))
+        return block.nin_shortcut(x) + h
+
+    weights = [x, *block.parameters()]
+    out = block(x)
+    grads = torch.autograd.grad((out * out.detach().sin()).sum(), weights)
+    reference = plain(x)
+    reference_grads = torch.autograd.grad((reference * reference.detach().sin()).sum(), weights)
+    torch.testing.assert_close(out, reference)
+    for grad, reference_grad in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(grad, reference_grad)

@@ -152,3 +152,23 @@ def test_channels_last_runs_every_convolution_nhwc_with_the_same_images(tiny_pip
         hook.remove()
     assert layouts and all(layouts)  # a contiguous() somewhere in a block would turn its convolutions back
     assert (images - reference).abs().max() < 1e-4 * reference.abs().max()
+
+
+def test_decode_runs_the_decoder_channels_last_with_the_same_images(tiny_pipeline):
+    # Pipeline.decode lays the latents out NHWC (less memory on CPU): the decoder's convolutions
+    # follow, and the images equal a plain NCHW decode.
+    randomize_(tiny_pipeline.autoencoder, seed=3)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    layouts = []
+    hooks = [conv.register_forward_hook(lambda m, i, o: layouts.append(o.is_contiguous(
+        memory_format=torch.channels_last))) for conv in tiny_pipeline.autoencoder.decoder.modules()
+        if isinstance(conv, torch.nn.Conv2d)]
+    with torch.no_grad():
+        images = tiny_pipeline.decode(latents)
+    for hook in hooks:
+        hook.remove()
+    assert layouts and all(layouts)
+    with torch.no_grad():
+        reference = tiny_pipeline.autoencoder.decode(latents / tiny_pipeline.autoencoder.scale_factor).clamp(-1, 1)
+    assert reference.is_contiguous()
+    assert (images - reference).abs().max() < 1e-5
