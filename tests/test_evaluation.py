@@ -111,7 +111,7 @@ def with_exact_unet(pipe: Pipeline, std: float) -> Pipeline:
 
 def test_sampler_quality_on_an_exact_model(tiny_pipeline):
     settings = [SamplerSetting("ddim", 1000), *(SamplerSetting("ddim", n) for n in (10, 50)),
-                *(SamplerSetting("dpmpp_2m", n, karras=True) for n in (10, 20)),
+                *(SamplerSetting("dpmpp_2m", n, karras=True) for n in (20, 40)),
                 *(SamplerSetting(name, n) for name in ("heun", "plms") for n in (10, 20))]
     rows = sampler_quality(with_exact_unet(tiny_pipeline, std=0.5), ["a red circle", "a blue square", "a square"],
                            settings, reference_steps=1000, batch_size=2, progress=False)
@@ -119,12 +119,14 @@ def test_sampler_quality_on_an_exact_model(tiny_pipeline):
         (s.sampler, s.karras, s.num_steps) for s in settings]
     rmse = {(r["sampler"], r["steps"]): r["rmse"] for r in rows}
     assert rmse[("ddim", 1000)] == 0.0  # the reference itself, from the same seeds
-    for name, few, many in (("ddim", 10, 50), ("dpmpp_2m", 10, 20), ("heun", 10, 20), ("plms", 10, 20)):
+    # DPM++ 2M from 20 steps: its first-order step into sigma(0) lowered the error at 10 Karras steps far more
+    # (0.026 -> 0.0085) than at 20 (0.0074 -> 0.0064); at 40 it is 0.0017.
+    for name, few, many in (("ddim", 10, 50), ("dpmpp_2m", 20, 40), ("heun", 10, 20), ("plms", 10, 20)):
         assert rmse[(name, many)] < 0.6 * rmse[(name, few)], name
     # Heun's last step is a single Euler step; PLMS's first step makes a second call.
     evaluations = {(r["sampler"], r["steps"]): r["evaluations"] for r in rows}
-    assert evaluations == {("ddim", 1000): 1000, ("ddim", 10): 10, ("ddim", 50): 50, ("dpmpp_2m", 10): 10,
-                           ("dpmpp_2m", 20): 20, ("heun", 10): 19, ("heun", 20): 39, ("plms", 10): 11,
+    assert evaluations == {("ddim", 1000): 1000, ("ddim", 10): 10, ("ddim", 50): 50, ("dpmpp_2m", 20): 20,
+                           ("dpmpp_2m", 40): 40, ("heun", 10): 19, ("heun", 20): 39, ("plms", 10): 11,
                            ("plms", 20): 21}
 
 
