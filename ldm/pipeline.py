@@ -147,7 +147,7 @@ class Pipeline:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1]."""
         # Channels-last: oneDNN convolutions copy NCHW inputs into a blocked layout first, which at full
-        # resolution is the decode's peak (449 vs 321 MiB for 2 x 256 x 256 in SD: docs/benchmarks.md).
+        # resolution is the decode's peak (449 -> 322 MiB for 2 x 256 x 256 in SD: docs/benchmarks.md).
         z = (latents / self.autoencoder.scale_factor).contiguous(memory_format=torch.channels_last)
         images = self.autoencoder.decode(z) if self.tiling is None else tiled_decode(self.autoencoder, z, *self.tiling)
         return images.clamp(-1, 1)
