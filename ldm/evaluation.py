@@ -121,7 +121,7 @@ def sampler_quality(pipe: Pipeline, captions: list[str], settings: Sequence[Samp
     (`denoise_timestep_0`), where the other samplers land. The error is the latent RMSE, the root of the mean
     squared difference over all latent elements (B, 4, h, w) of all images. Returns one row per setting:
     sampler, karras, steps, evaluations (the sampler's U-Net passes per image, each over the conditional and
-    the unconditional prompt: Heun makes two per step but the last, PLMS one extra; the x0 estimate at
+    the unconditional prompt: Heun makes two per step but the last two, PLMS one extra; the x0 estimate at
     timestep 0 is not counted) and rmse. Only `DETERMINISTIC_SAMPLERS` have one result to compare.
     """
     for setting in settings:

@@ -209,9 +209,12 @@ def sample_heun(
 ) -> Tensor:
     """Heun's method (Karras et al. 2022, Algorithm 1 without churn), ``x_T`` (B, C, h, w) -> latents.
 
-    Two denoiser calls per step except the last, an Euler step to sigma = 0 (where the corrector
-    would divide by zero): ``2 * num_steps - 1`` calls in all, ``2 * (num_steps - start_step) - 1`` from
-    ``start_step``. ``callback``, ``init_latents``, ``start_step`` and ``x0_transform`` as in ``sample_euler``.
+    Two denoiser calls per step except the last two, which are Euler steps: the one to sigma = 0 (where
+    the corrector would divide by zero) and, as in ``sample_dpmpp_2m``, the one into the smallest training
+    sigma, where a corrector from the guided model overshoots (evenly spaced, guidance 5: 20 steps 0.062
+    -> 0.019 latent RMSE to a 500-step DDIM run, docs/samplers.md). ``2 * num_steps - 2`` calls in all
+    (1 for one step), ``2 * (num_steps - start_step) - 2`` from ``start_step``. ``callback``,
+    ``init_latents``, ``start_step`` and ``x0_transform`` as in ``sample_euler``.
     """
     space = _SigmaSpace(denoiser, schedule, num_steps, karras, x_T, parameterization, x0_transform)
     sigmas = space.sigmas
@@ -221,7 +224,7 @@ def sample_heun(
     for i in tqdm(range(start_step, num_steps), desc="Heun", disable=not progress):
         _, eps = space(x, i)
         x_euler = x + step_sizes[i] * eps
-        if i < num_steps - 1:
+        if i < num_steps - 2:
             _, eps_next = space(x_euler, i + 1)
             x = x + step_sizes[i] * (eps + eps_next) / 2
         else:

@@ -43,7 +43,7 @@ SIGMA_SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "heun", "dpmpp_2m")
 # Steps each sampler gets when none are asked for (txt2img's --steps): about where its images stop changing
 # much, at a comparable cost. DDIM and PLMS take the original SD scripts' 50; Euler too (first order, like
 # DDIM). Euler ancestral adds fresh noise every step, so it never converges to one image and 50 keeps its
-# steps fine. Heun makes two model evaluations per step, so 25 steps cost 49, about what 50 first-order
+# steps fine. Heun makes two model evaluations per step, so 25 steps cost 48, about what 50 first-order
 # steps do. DPM++ 2M is a second-order multistep method that is close to converged at 20 (Lu et al. 2022).
 # DDPM's ancestral draws lose quality fast as timesteps are skipped (Song et al. 2021, Table 1: eta = 1
 # needs hundreds of steps where eta = 0 needs tens), so it gets 250, a quarter of the training timesteps.

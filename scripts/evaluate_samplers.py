@@ -2,6 +2,7 @@
 
     python scripts/evaluate_samplers.py --out sampler_report.json
     python scripts/evaluate_samplers.py --num_quality 10 --num_prompts 30 --num_negative 20 --num_img2img 10
+    python scripts/evaluate_samplers.py --samplers ddim heun --num_negative 0 --num_img2img 0
 
 1. Quality per step: latent RMSE of deterministic samplers to a 1000-step DDIM run from the same noise.
 2. Prompt following of every sampler at its default step count (ldm.samplers.DEFAULT_STEPS), same seeds.
@@ -9,7 +10,8 @@
    negative prompt.
 4. img2img: share of val images whose checker-read attributes survive img2img with their own caption, and
    (the most img2img can keep) encoding and decoding alone.
-All at guidance scale 5 on canonical shapes-v1 val captions; a --num_* of 0 skips that part. Prints a
+Parts 1 and 2 cover the --samplers given (default: all). All at guidance scale 5 on canonical shapes-v1
+val captions; a --num_* of 0 skips that part. Prints a
 markdown table per part as soon as it is done (and rewrites --out after each part).
 """
 
@@ -24,6 +26,7 @@ from ldm.cli import ScriptParser, resolve_device, run_main
 from ldm.data.shapes import ATTRIBUTES, VOCABULARY
 from ldm.errors import InputError
 from ldm.evaluation import (
+    DETERMINISTIC_SAMPLERS,
     QUALITY_SETTINGS,
     autoencoder_keep_rates,
     canonical_captions,
@@ -36,7 +39,7 @@ from ldm.evaluation import (
 )
 from ldm.generate import BUNDLED_CHECKPOINT
 from ldm.pipeline import Pipeline
-from ldm.samplers import DEFAULT_STEPS
+from ldm.samplers import DEFAULT_STEPS, SAMPLERS
 
 # The issue's checks: a prompt that leaves the colour open, with a colour as negative prompt, and img2img
 # strengths around the asked-for 0.3.
@@ -57,6 +60,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.negative_color not in VOCABULARY["color"]:
         raise InputError(f"--negative_color must be a shapes-v1 colour ({', '.join(VOCABULARY['color'])}), "
                          f"got {args.negative_color!r}")
+    if args.num_quality and not set(args.samplers) & set(DETERMINISTIC_SAMPLERS):
+        raise InputError(f"quality per step compares deterministic samplers, and --samplers names none; add one of "
+                         f"{', '.join(DETERMINISTIC_SAMPLERS)} or pass --num_quality 0")
     if args.out is not None:
         check_json_path(args.out)
     if not args.ckpt.is_file():
@@ -112,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=Path, default=BUNDLED_CHECKPOINT, help="pipeline checkpoint (default: the "
                    "bundled shapes-v1 model)")
+    p.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS),
+                   help="samplers of quality per step and prompt following (default: all)")
     p.add_argument("--num_quality", type=int, default=100, help="val captions and seeds for quality per step")
     p.add_argument("--reference_steps", type=int, default=1000, help="DDIM steps of the quality reference")
     p.add_argument("--num_prompts", type=int, default=300, help="val captions for prompt following per sampler")
@@ -146,12 +154,13 @@ def main(argv: list[str] | None = None) -> None:
         clock = time.perf_counter()
 
     if args.num_quality:
-        rows = sampler_quality(pipe, canonical_captions("val", args.num_quality), QUALITY_SETTINGS,
+        settings = [s for s in QUALITY_SETTINGS if s.sampler in args.samplers]
+        rows = sampler_quality(pipe, canonical_captions("val", args.num_quality), settings,
                                reference_steps=args.reference_steps, **common)
         finish("quality", {"reference_steps": args.reference_steps, "num_images": args.num_quality, "rows": rows})
     if args.num_prompts:
-        by_sampler = prompt_following_by_sampler(pipe, canonical_captions("val", args.num_prompts), DEFAULT_STEPS,
-                                                 **common)
+        steps = {name: n for name, n in DEFAULT_STEPS.items() if name in args.samplers}
+        by_sampler = prompt_following_by_sampler(pipe, canonical_captions("val", args.num_prompts), steps, **common)
         finish("prompt_following", {"num_captions": args.num_prompts, "by_sampler": by_sampler})
     if args.num_negative:
         shares = negative_prompt_effect(pipe, PROMPT, args.negative_color, num_samples=args.num_negative,

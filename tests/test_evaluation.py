@@ -123,10 +123,10 @@ def test_sampler_quality_on_an_exact_model(tiny_pipeline):
     # (0.026 -> 0.0085) than at 20 (0.0074 -> 0.0064); at 40 it is 0.0017.
     for name, few, many in (("ddim", 10, 50), ("dpmpp_2m", 20, 40), ("heun", 10, 20), ("plms", 10, 20)):
         assert rmse[(name, many)] < 0.6 * rmse[(name, few)], name
-    # Heun's last step is a single Euler step; PLMS's first step makes a second call.
+    # Heun's last two steps are single Euler steps; PLMS's first step makes a second call.
     evaluations = {(r["sampler"], r["steps"]): r["evaluations"] for r in rows}
     assert evaluations == {("ddim", 1000): 1000, ("ddim", 10): 10, ("ddim", 50): 50, ("dpmpp_2m", 20): 20,
-                           ("dpmpp_2m", 40): 40, ("heun", 10): 19, ("heun", 20): 39, ("plms", 10): 11,
+                           ("dpmpp_2m", 40): 40, ("heun", 10): 18, ("heun", 20): 38, ("plms", 10): 11,
                            ("plms", 20): 21}
 
 
@@ -322,16 +322,33 @@ def test_evaluate_samplers_script_end_to_end(tmp_path, capsys, monkeypatch):
     assert [(r["sampler"], r["karras"], r["evaluations"]) for r in results["quality"]["rows"]] == [
         ("ddim", False, 2), ("dpmpp_2m", True, 2)]
     assert list(results["prompt_following"]["by_sampler"]) == ["ddim", "heun"]
-    assert results["prompt_following"]["by_sampler"]["heun"]["evaluations"] == 3
+    assert results["prompt_following"]["by_sampler"]["heun"]["evaluations"] == 2
     assert set(results["negative_prompt"]["with"]) == {"red", "green", "blue", "yellow", "purple", "orange", "cyan",
                                                        "pink", "none"}
     assert list(results["img2img"]["by_strength"]) == ["0.3", "0.6", "0.9"]
     assert set(results["img2img"]["autoencoder"]) == {"all", "color", "shape", "size", "position", "background"}
     assert printed == evaluate_samplers.report(results) + "\n\n"
     assert set(results["seconds"]) == {"quality", "prompt_following", "negative_prompt", "img2img"}
-    for text in ("Latent RMSE to DDIM 4 steps", "| dpmpp_2m (Karras) | 2 | 2 |", "| heun | 2 | 3 |", '| "red" |',
+    for text in ("Latent RMSE to DDIM 4 steps", "| dpmpp_2m (Karras) | 2 | 2 |", "| heun | 2 | 2 |", '| "red" |',
                  "| 0.6 |", "| autoencoder only |"):
         assert text in printed
+
+
+
+def test_evaluate_samplers_runs_only_the_samplers_asked_for(tmp_path, capsys, monkeypatch):
+    pipe = Pipeline.from_spec(tiny_spec(), name="tiny")
+    randomize_(pipe.unet, seed=1)
+    ckpt = pipe.save(tmp_path / "tiny.safetensors")
+    monkeypatch.setattr(evaluate_samplers, "QUALITY_SETTINGS", (SamplerSetting("ddim", 2), SamplerSetting("heun", 2),
+                                                                SamplerSetting("plms", 2)))
+    monkeypatch.setattr(evaluate_samplers, "DEFAULT_STEPS", {"ddim": 2, "heun": 2, "plms": 2})
+    out = tmp_path / "report.json"
+    argv = ["--ckpt", str(ckpt), "--samplers", "heun", "euler", "--num_quality", "2", "--reference_steps", "4",
+            "--num_prompts", "2", "--num_negative", "0", "--num_img2img", "0", "--device", "cpu", "--out", str(out)]
+    assert run_main(evaluate_samplers.main, argv) == 0
+    results = json.loads(out.read_text())
+    assert [r["sampler"] for r in results["quality"]["rows"]] == ["heun"]
+    assert list(results["prompt_following"]["by_sampler"]) == ["heun"]
 
 
 @pytest.mark.parametrize(("dpm", "verdict"), [(0.01, "lands closer"), (0.03, "lands not closer")])
@@ -352,6 +369,7 @@ def test_report_states_the_issue_check(dpm, verdict):
     (["--ckpt", "MISSING"], "checkpoint not found"),
     (["--negative_color", "violet"], "--negative_color must be a shapes-v1 colour"),
     (["--out", "TMP"], "is a folder"),
+    (["--samplers", "ddpm", "euler_a"], "--samplers names none"),
 ])
 def test_evaluate_samplers_bad_input(tmp_path, capsys, argv, match):
     argv = [{"MISSING": str(tmp_path / "none.safetensors"), "TMP": str(tmp_path)}.get(a, a) for a in argv]

@@ -323,12 +323,12 @@ def _flow_error(name: str, num_steps: int, karras: bool = False, parameterizatio
 @pytest.mark.parametrize(
     ("name", "karras", "tolerance"),
     [("ddim", False, 0.02), ("euler", False, 0.02), ("euler", True, 0.02), ("plms", False, 2e-3),
-     ("heun", False, 2e-3), ("heun", True, 2e-3), ("dpmpp_2m", False, 3e-3), ("dpmpp_2m", True, 2e-3)],
+     ("heun", False, 3e-3), ("heun", True, 2e-3), ("dpmpp_2m", False, 3e-3), ("dpmpp_2m", True, 2e-3)],
 )
 def test_deterministic_samplers_reach_the_flow_end_point(name: str, karras: bool, tolerance: float,
                                                          parameterization: str) -> None:
     # 500 steps: first-order samplers are within ~0.01 of the exact end point, the others within
-    # ~2e-4 (DPM++ 2M on the linspace grid: ~1e-3, see the order test). Karras sigmas fall between
+    # ~2e-4 (DPM++ 2M and Heun on the linspace grid: 1.3e-3 and 2.0e-3, see the order test). Karras sigmas fall between
     # timesteps and are rounded to one, which leaves an error floor of ~2e-4.
     assert _flow_error(name, 500, karras, parameterization) < tolerance
 
@@ -337,14 +337,16 @@ def test_deterministic_samplers_reach_the_flow_end_point(name: str, karras: bool
 @pytest.mark.parametrize(
     ("name", "karras", "order"),
     [("ddim", False, 1), ("euler", False, 1), ("euler", True, 1),
-     ("heun", False, 2), ("heun", True, 2), ("dpmpp_2m", True, 2)],
+     ("heun", True, 2), ("dpmpp_2m", True, 2)],
 )
 def test_convergence_order(name: str, karras: bool, order: int, parameterization: str) -> None:
     # Slope of log(error) against log(num_steps) over 10, 20, 40 steps. Beyond ~80 steps the
-    # rounding of Karras sigmas to timesteps dominates the second-order errors. DPM++ 2M is not
-    # checked on the linspace grid: its last step before sigma = 0 (timestep k to 0, k ~ 1000 / N)
-    # spans log(sigma_k / sigma_0) ~ log(N) / 2 in lambda whatever N, so its error there falls only
-    # like sigma_k^2 ~ 1 / N until N is large.
+    # rounding of Karras sigmas to timesteps dominates the second-order errors. DPM++ 2M and Heun are
+    # not checked on the linspace grid: their first-order step before sigma = 0 (timestep k to 0,
+    # k ~ 1000 / N) spans log(sigma_k / sigma_0) ~ log(N) / 2 in lambda whatever N, so its error falls
+    # only like sigma_k^2 ~ 1 / N until N is large (Heun there: 0.23, 0.12, 0.059 at 10, 20, 40 steps;
+    # with a corrector on that step 0.10, 0.029, 0.008, but on the trained model the corrector made the
+    # result 2.5-3 times worse, docs/samplers.md).
     steps = torch.tensor([10.0, 20.0, 40.0], dtype=torch.float64)
     errors = torch.tensor([_flow_error(name, int(n), karras, parameterization) for n in steps], dtype=torch.float64)
     log_steps = steps.log() - steps.log().mean()
@@ -404,6 +406,12 @@ def _run_diffusers(scheduler, denoiser, x: Tensor, generator: torch.Generator | 
             # final_sigmas_type="sigma_min", where that step ends the run): make diffusers forget its
             # history there, so that it takes a first-order step.
             scheduler.lower_order_nums = 0
+        if isinstance(scheduler, HeunDiscreteScheduler) and scheduler.step_index == len(scheduler.timesteps) - 2:
+            # The corrector of the step into the smallest training sigma: ours takes that step at first
+            # order, so keep the Euler result of the stage before and skip this evaluation.
+            scheduler.prev_derivative = scheduler.dt = scheduler.sample = None
+            scheduler._step_index += 1
+            continue
         model_input = scheduler.scale_model_input(x, t)
         output = denoiser(model_input, t.round().long().expand(x.shape[0]))
         x = scheduler.step(output, t, x, **stochastic, **step_kwargs).prev_sample
@@ -568,7 +576,7 @@ def test_every_sampler_reports_steps_and_keeps_shape_and_dtype(name: str) -> Non
     assert seen_steps == [0, 1, 2, 3, 4]
     assert torch.equal(seen_x_t[-1], latents)
     assert all(t.shape == (2,) and t.dtype == torch.long and 0 <= t.min() and t.max() < 1000 for t in seen_t)
-    assert len(seen_t) == {"plms": 6, "heun": 9}.get(name, 5)
+    assert len(seen_t) == {"plms": 6, "heun": 8}.get(name, 5)
     assert latents.shape == x_T.shape and latents.dtype == x_T.dtype
 
 
@@ -692,7 +700,7 @@ def test_a_start_step_runs_only_the_remaining_steps(name: str, karras: bool, sta
                      start_step=start_step)
     num_run = num_steps - start_step
     assert seen_steps == list(range(start_step, num_steps))
-    assert len(seen_t) == {"plms": num_run + 1, "heun": 2 * num_run - 1}.get(name, num_run)
+    assert len(seen_t) == {"plms": num_run + 1, "heun": max(1, 2 * num_run - 2)}.get(name, num_run)
     if name in ("ddim", "ddpm", "plms"):
         timesteps = ddim_timesteps(num_steps)
     else:

@@ -16,13 +16,14 @@ import yaml
 from safetensors.torch import load_file
 
 from ldm.config import config_dict
+from ldm.data.loader import make_loader, shapes_dataset
 from ldm.errors import InputError
 from ldm.pipeline import Pipeline
 from ldm.sd_checkpoint import save_module
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
 from ldm.training.autoencoder import train_autoencoder
 from ldm.training.common import load_stage
-from ldm.training.diffusion import drop_captions, train_diffusion
+from ldm.training.diffusion import LatentCache, drop_captions, train_diffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = {"batch_size": 4, "log_every": 1, "sample_every": 1000, "checkpoint_every": 2, "learning_rate": 1e-3}
@@ -144,6 +145,28 @@ def test_bad_stage_files_and_config_are_input_errors(stages, tmp_path):
 def test_caption_dropout_rate():
     captions = drop_captions(["a red circle"] * 10000, 0.1, torch.Generator().manual_seed(0))
     assert abs(captions.count("") / 10000 - 0.1) < 0.01
+
+
+def test_latent_cache_draws_what_encoding_each_batch_would(stages):
+    """A draw equals the per-batch path computed by hand: posterior mean + std * noise of the drawn
+    samples, and the text encoder run on their captions after drop_captions with the same generator."""
+    autoencoder, text_encoder = load_stage(stages[0], "autoencoder"), load_stage(stages[1], "text_encoder")
+    samples = [next(iter(make_loader(shapes_dataset("train", size=32, start=i * 4), 4))) for i in range(3)]
+    cache = LatentCache(autoencoder, text_encoder, iter(samples), 10, torch.device("cpu"), progress=False)
+    images = torch.cat([s["images"] for s in samples])[:10]
+    captions = [c for s in samples for c in s["captions"]][:10]
+    latents, context = cache.draw(64, 0.3, torch.Generator().manual_seed(1))
+
+    generator = torch.Generator().manual_seed(1)
+    index = torch.randint(10, (64,), generator=generator)
+    noise = torch.randn((64, *latents.shape[1:]), generator=generator)
+    dropped = drop_captions([captions[i] for i in index.tolist()], 0.3, generator)
+    with torch.no_grad():
+        posterior = autoencoder.encode(images[index])
+        expected_context = text_encoder(dropped)
+    assert 5 < dropped.count("") < 40 and len(set(dropped)) > 3
+    torch.testing.assert_close(latents, posterior.mean + posterior.std * noise, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(context, expected_context, rtol=1e-4, atol=1e-4)
 
 
 def run_script(config: dict, tmp_path, *extra: str) -> subprocess.Popen:
