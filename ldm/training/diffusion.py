@@ -88,9 +88,14 @@ def check_sizes(image_size: int, autoencoder_factor: int, unet: UNetConfig) -> N
             image_size)
 
 
+def keep_captions(num_captions: int, dropout: float, generator: torch.Generator) -> torch.Tensor:
+    """(num_captions,) bool: False where a caption is dropped, with probability `dropout`."""
+    return torch.rand(num_captions, generator=generator) >= dropout
+
+
 def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
     """Replace each caption by "" with `probability` (the unconditional prompt of guidance)."""
-    keep = torch.rand(len(captions), generator=generator) >= probability
+    keep = keep_captions(len(captions), probability, generator)
     return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
 
 
@@ -115,19 +120,20 @@ class LatentCache:
                 bar.update(len(batch["captions"]))
             self.means = torch.cat(means)[:num_samples]
             self.stds = torch.cat(stds)[:num_samples]
-            distinct = sorted(set(captions[:num_samples]) | {""})
+            captions = captions[:num_samples]
+            distinct = sorted(set(captions) | {""})
             row = {caption: i for i, caption in enumerate(distinct)}
-            self.caption_rows = torch.tensor([row[c] for c in captions[:num_samples]], device=device)
+            self.caption_rows = torch.tensor([row[c] for c in captions], device=device)
             self.empty_row = row[""]
             self.contexts = torch.cat([text_encoder(distinct[i:i + 256]) for i in range(0, len(distinct), 256)])
 
     def draw(self, batch_size: int, caption_dropout: float,
              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents (B, C, h, w) sampled from the posteriors of random samples and their context (B, L, D),
-        the empty caption's with probability `caption_dropout` (random numbers drawn as drop_captions does)."""
+        the empty caption's with probability `caption_dropout` (random numbers drawn as by drop_captions)."""
         index = torch.randint(len(self.caption_rows), (batch_size,), generator=generator)
         noise = torch.randn((batch_size, *self.means.shape[1:]), generator=generator).to(self.means.device)
-        keep = torch.rand(batch_size, generator=generator) >= caption_dropout
+        keep = keep_captions(batch_size, caption_dropout, generator)
         rows = index.to(self.means.device)
         caption_rows = torch.where(keep.to(rows.device), self.caption_rows[rows], self.empty_row)
         return self.means[rows] + self.stds[rows] * noise, self.contexts[caption_rows]
