@@ -8,7 +8,7 @@ from torch import nn
 
 from ldm.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
 from ldm.errors import InputError
-from ldm.losses import VGG16_FILE, AutoencoderLoss, AutoencoderLossConfig, NLayerDiscriminator
+from ldm.losses import VGG16_FILE, AutoencoderLoss, AutoencoderLossConfig, NLayerDiscriminator, edge_difference
 
 
 def no_perceptual(**overrides) -> AutoencoderLossConfig:
@@ -68,6 +68,23 @@ def test_loss_before_disc_start_is_l1_nll_plus_kl():
     torch.testing.assert_close(logs["nll_loss"], nll)
     torch.testing.assert_close(loss, nll + 1e-3 * kl)
     assert logs["disc_factor"] == 0 and logs["g_loss"] == 0 and logs["d_weight"] == 0
+
+
+def test_edge_term_adds_l1_of_neighbour_differences():
+    images, reconstructions, posterior = random_batch(seed=2)
+    plain = AutoencoderLoss(no_perceptual(kl_weight=0.0))
+    edged = AutoencoderLoss(no_perceptual(kl_weight=0.0, edge_weight=0.5))
+    loss, _ = edged.generator_loss(images, reconstructions, posterior, step=0, last_layer=images)
+    base, _ = plain.generator_loss(images, reconstructions, posterior, step=0, last_layer=images)
+    # Summed over all neighbour pairs, from the two images' own differences (torch.diff), per sample.
+    edges = sum((torch.diff(images, dim=d) - torch.diff(reconstructions, dim=d)).abs().sum() for d in (2, 3)) / 2
+    torch.testing.assert_close(loss, base + 0.5 * edges)
+    # One changed pixel away from the border shows in its own, left and upper neighbours' differences.
+    flat = torch.zeros(1, 1, 4, 4)
+    spot = flat.clone()
+    spot[0, 0, 1, 1] = 1.0
+    expected = torch.tensor([[0.0, 1, 0, 0], [1, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    torch.testing.assert_close(edge_difference(flat, spot)[0, 0], expected)
 
 
 def test_discriminator_hinge_loss_on_known_logits():

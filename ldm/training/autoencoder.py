@@ -74,7 +74,8 @@ def check_autoencoder_config(model: AutoencoderConfig, loss: AutoencoderLossConf
     require(crop == 0 or (crop % factor == 0 and 0 < crop <= data.size), "autoencoder_training.crop_size",
             f"0 (whole images) or a multiple of {factor} no larger than data.size {data.size}", crop)
     at_least(training, "autoencoder_training", 1, "scale_factor_samples", "eval_samples", "num_sample_images")
-    at_least(loss, "loss", 0, "disc_start", "kl_weight", "disc_weight", "perceptual_weight", "disc_factor")
+    at_least(loss, "loss", 0, "disc_start", "kl_weight", "disc_weight", "perceptual_weight", "disc_factor",
+             "edge_weight")
     require(not training.train_decoder_only or training.init_from, "autoencoder_training.train_decoder_only",
             "false unless autoencoder_training.init_from names the autoencoder whose encoder stays fixed", True)
     require(not training.init_from or Path(training.init_from).is_file(), "autoencoder_training.init_from",
