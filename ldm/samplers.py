@@ -114,17 +114,19 @@ def predict(denoiser: Denoiser, x_t: Tensor, t: Tensor, sqrt_alpha: Tensor, sqrt
 
 
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> Tensor:
-    """SD's evenly spaced ("leading", offset 1) timesteps, in sampling order (descending).
+    """Evenly spaced timesteps with offset 1, in sampling order (descending): ``(num_steps,)`` long
+    ``[floor(k * T / n) + 1 for k = n - 1, ..., 1, 0]`` with ``T = num_train_timesteps``, ``n = num_steps``.
 
-    Returns a ``(num_steps,)`` long tensor ``[(num_steps - 1) * k + 1, ..., k + 1, 1]`` with
-    ``k = num_train_timesteps // num_steps`` (diffusers' DDIMScheduler as SD ships it). The
-    offset is dropped when it would step past the last index, i.e. for ``num_steps`` equal to
-    ``num_train_timesteps``.
+    Where ``n`` divides ``T`` (10, 20, 25, 50, 100, ...) these are SD's "leading" timesteps, as
+    diffusers' DDIMScheduler ships them for SD: ``[(n - 1) * T / n + 1, ..., T / n + 1, 1]``. Elsewhere
+    "leading" uses the stride ``T // n`` and starts far below ``T`` for large ``n`` (600 steps would start
+    at timestep 600, from a pure-noise ``x_T`` that belongs to timestep 999); rounding ``k * T / n``
+    instead always starts within one stride of ``T``. The offset is dropped when it would step past the
+    last index, i.e. for ``n = T``.
     """
     check_num_steps(num_steps, num_train_timesteps)
-    stride = num_train_timesteps // num_steps
-    offset = 1 if (num_steps - 1) * stride + 1 < num_train_timesteps else 0
-    return torch.arange(num_steps - 1, -1, -1, dtype=torch.long) * stride + offset
+    offset = 1 if num_steps < num_train_timesteps else 0
+    return torch.arange(num_steps - 1, -1, -1, dtype=torch.long) * num_train_timesteps // num_steps + offset
 
 
 @torch.no_grad()
@@ -201,7 +203,7 @@ def sample_ddpm(
 ) -> Tensor:
     """Ancestral DDPM sampling (Ho et al. 2020) over a subset of timesteps, ``x_T`` (B, C, h, w) -> latents.
 
-    Uses ``ddim_timesteps`` (diffusers' DDPMScheduler with SD's "leading" spacing and offset 1);
+    Uses ``ddim_timesteps`` (where the step count divides 1000, diffusers' DDPMScheduler as SD ships it);
     each step draws from the posterior q(x_prev | x_t, x0) at the predicted x0, with the betas of
     the skipped stretch of timesteps and DDPM's posterior ("fixed small") variance. The last step
     lands on clean data (noise level 1, as DDPM's t = 0 step) and adds no noise; the others draw

@@ -64,13 +64,23 @@ def _sd_ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     )
 
 
-@pytest.mark.parametrize("num_steps", [1, 7, 10, 50, 999])
+@pytest.mark.parametrize("num_steps", [1, 10, 20, 25, 50, 250, 999])
 def test_ddim_timesteps_match_diffusers(num_steps: int) -> None:
     reference = _sd_ddim_scheduler()
     reference.set_timesteps(num_steps)
     timesteps = ddim_timesteps(num_steps)
     assert timesteps.dtype == torch.long
     assert torch.equal(timesteps, reference.timesteps)
+
+
+@pytest.mark.parametrize("num_steps", [7, 30, 300, 600, 998])
+def test_ddim_timesteps_start_near_pure_noise_for_every_step_count(num_steps: int) -> None:
+    # diffusers' "leading" stride 1000 // num_steps would start these at 853, 958, 898, 600 and 998
+    # (600 steps: x_T ~ N(0, I) taken for timestep 600, where SD's alphas_cumprod is still 0.16, not 0.005).
+    timesteps = ddim_timesteps(num_steps)
+    assert len(timesteps) == num_steps and timesteps[-1] == 1
+    assert (timesteps.diff() < 0).all()
+    assert timesteps[0] >= 1000 - 1000 / num_steps
 
 
 def test_ddim_timesteps_with_all_training_steps_stay_in_range() -> None:
