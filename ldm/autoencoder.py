@@ -164,7 +164,8 @@ class MidBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """images (B, 3, H, W) -> moments (B, 2 * z_channels, H / f, W / f)."""
+    """images (B, 3, H, W) -> (B, 2 * z_channels, H / f, W / f): the posterior's mean and log-variance
+    (z_channels alone with double_z=False)."""
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()

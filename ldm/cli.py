@@ -91,7 +91,7 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
         if not _out_of_memory(e):
             raise
         return _fail("out of memory; use a smaller batch (--n_samples, --batch_size or train.batch_size) or "
-                     "smaller images, or decode in tiles (ldm.tiling)")
+                     "smaller images, or decode in tiles (txt2img --vae_tile_size, Pipeline.enable_tiling)")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -3,7 +3,6 @@ long DDIM run, negative prompts, img2img; FID features."""
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -248,14 +247,8 @@ def check_json_path(path: Path, flag: str = "--out") -> None:
     check_output_folder(path.parent, flag)
 
 
-def write_json(path: Path, results: dict[str, object]) -> None:
-    """Written beside `path` and renamed, so a failed write never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(path)
-
-
-# torchvision's ImageNet Inception v3 weights, the network FID is defined with.
+# torchvision's port of Google's ImageNet Inception v3. FID as published uses the TF graph of 2015-12-05,
+# whose weights differ slightly: values from these are close to published FIDs, not equal to them.
 INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"
 
 
@@ -275,8 +268,9 @@ def inception_features_model(device: torch.device | str = "cpu") -> torch.nn.Mod
 
 @torch.no_grad()
 def inception_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] -> (B, 2048), resized to 299 and normalised as torchvision expects."""
-    x = F.interpolate((images.float() + 1) / 2, size=(299, 299), mode="bilinear", align_corners=False)
-    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device)[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225], device=x.device)[:, None, None]
-    return model((x - mean) / std)
+    """Images (B, 3, H, W) in [-1, 1] -> (B, 2048), resized to 299 x 299.
+
+    The ported Google weights take pixels in [-1, 1] as they are (torchvision's own loader sets
+    `transform_input` to bring ImageNet-normalised input back there; the model here is built without it).
+    """
+    return model(F.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False))

@@ -10,15 +10,12 @@ masked image's latents at every step through `InpaintingUNet`. Masks are 1 where
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ldm.errors import InputError
-
-UNet = Callable[[Tensor, Tensor, Tensor], Tensor]
+from ldm.guidance import UNet
 
 
 def default_strength(inpainting: bool) -> float:

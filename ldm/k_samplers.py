@@ -213,8 +213,8 @@ def sample_heun(
     the corrector would divide by zero) and, as in ``sample_dpmpp_2m``, the one into the smallest training
     sigma, where a corrector from the trained model's eps at timestep 0 made results worse (evenly spaced,
     20 steps: latent RMSE to a 500-step DDIM run 0.062 -> 0.019 at guidance 5, 0.015 -> 0.0057 at
-    guidance 1; docs/samplers.md). ``2 * num_steps - 2`` calls in all
-    (1 for one step), ``2 * (num_steps - start_step) - 2`` from ``start_step``. ``callback``,
+    guidance 1; docs/samplers.md). ``2 * num_steps - 2`` calls in all, ``2 * (num_steps - start_step) - 2``
+    from ``start_step`` (1 where that leaves a single step). ``callback``,
     ``init_latents``, ``start_step`` and ``x0_transform`` as in ``sample_euler``.
     """
     space = _SigmaSpace(denoiser, schedule, num_steps, karras, x_T, parameterization, x0_transform)

@@ -22,6 +22,7 @@ from ldm.img2img import (
     masked_images,
     start_step,
 )
+from ldm.metrics import to_uint8
 from ldm.prompts import encode_prompts
 from ldm.samplers import randn, sample
 from ldm.schedule import NoiseSchedule
@@ -33,7 +34,7 @@ from ldm.unet import UNetModel
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """Images (B, 3, H, W) in [-1, 1] -> PIL RGB images."""
-    arrays = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    arrays = to_uint8(images).to(torch.uint8)
     return [Image.fromarray(a) for a in arrays.permute(0, 2, 3, 1).cpu().numpy()]
 
 
@@ -53,7 +54,7 @@ class Pipeline:
     """
 
     def __init__(self, spec: ModelSpec, unet: UNetModel, text_encoder: TextEncoder, autoencoder: AutoencoderKL,
-                 name: str = ""):
+                 name: str = "") -> None:
         self.spec = spec
         self.unet = unet.eval()
         self.text_encoder = text_encoder.eval()
@@ -184,6 +185,8 @@ class Pipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise InputError("no prompts given")
+        if output_type not in ("pil", "tensor", "latent"):
+            raise InputError(f"output_type must be 'pil', 'tensor' or 'latent', got {output_type!r}")
         if num_steps < 1:
             raise InputError(f"steps must be >= 1, got {num_steps}")
         if guidance_scale < 0:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from ldm.autoencoder import AutoencoderConfig
 from ldm.config import config_dict, config_kwargs
 from ldm.errors import InputError
+from ldm.files import atomic_write
 from ldm.text_encoder import PRESETS, TextEncoderConfig, hf_clip_text_to_open_clip
 from ldm.unet import UNetConfig
 
@@ -119,9 +120,9 @@ def spec_from_yaml(path: str | Path) -> dict:
     open_clip = "OpenCLIP" in str(cond_stage.get("target", ""))
     text = PRESETS["sd2" if open_clip else "sd1"]()
     layer = (cond_stage.get("params") or {}).get("layer")
-    if layer:
-        text.layer = layer
     try:
+        if layer:
+            text = replace(text, layer=layer)  # validated: "last" or "penultimate"
         unet_config = UNetConfig.from_dict(unet)
         autoencoder_config = AutoencoderConfig.from_dict({**first_stage, "scale_factor": params.get("scale_factor",
                                                                                                    0.18215)})
@@ -183,8 +184,12 @@ def _detect_sd_family(state_dict: dict[str, torch.Tensor], metadata: dict[str, s
         unet = UNetConfig(in_channels=in_channels, context_dim=1024, num_heads=-1, num_head_channels=64,
                           use_linear_in_transformer=True)
         step = metadata.get("global_step")
-        parameterization = prediction or ("eps" if step is not None and int(step) == SD2_BASE_GLOBAL_STEP else "v")
-        if prediction is None and step is None:
+        # SD 2's inpainting model (9 input channels) continues 512-base and predicts eps (its YAML,
+        # v2-inpainting-inference.yaml, sets no parameterization); its keys alone say so.
+        inpainting = in_channels == 9
+        base = inpainting or (step is not None and int(step) == SD2_BASE_GLOBAL_STEP)
+        parameterization = prediction or ("eps" if base else "v")
+        if prediction is None and step is None and not inpainting:
             # Same guess as diffusers: 2.x-v (768) is the common release, and its keys equal 2.x-base's.
             warnings.warn("SD 2.x checkpoint that does not say what it predicts: assuming v-prediction at 768 px "
                           "(SD 2.x 768-v); pass --prediction eps for a 512-base model", stacklevel=3)
@@ -274,11 +279,9 @@ def save_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: di
     """Write .safetensors through a temporary file and a rename: a failed or interrupted save (disk full,
     kill) leaves no partial file, and whatever was at `path` before stays intact."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        tmp.replace(path)
+        with atomic_write(path) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     except (OSError, SafetensorError) as e:
-        tmp.unlink(missing_ok=True)
         raise InputError(f"could not write {path}: {e}") from None
     return path

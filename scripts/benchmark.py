@@ -56,7 +56,7 @@ from diffusers.loaders.single_file_utils import (
 
 from ldm.attention import ATTENTION_BACKENDS, set_attention_backend
 from ldm.autoencoder import AutoencoderConfig, AutoencoderKL
-from ldm.cli import PRECISIONS, resolve_device, run_main
+from ldm.cli import PRECISIONS, ScriptParser, resolve_device, run_main
 from ldm.config import config_kwargs
 from ldm.errors import InputError
 from ldm.generate import BUNDLED_CHECKPOINT
@@ -75,7 +75,7 @@ Run = Callable[[], torch.Tensor]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["sd1.5", "tiny"], default="sd1.5",
                    help="architecture of the unet, train, vae, vae-tiled and txt2img cases; tiny = SD 1.5's layout "
                         "at a tenth of the width, to check that the script runs")
@@ -104,15 +104,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     return args
-
-
-def compile_unet(unet: UNetModel) -> UNetModel:
-    """Compile the U-Net's forward in place with torch.compile (state dict keys and attributes unchanged).
-
-    Shapes are static (dynamic=False): a sampler calls it with one shape, and a new shape recompiles.
-    """
-    unet.compile(dynamic=False)
-    return unet
 
 
 # Random weights and conversion to diffusers.
@@ -196,7 +187,9 @@ def prepare_ours(unet: UNetModel, args: argparse.Namespace) -> UNetModel:
     set_attention_backend(unet, args.attention)
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
-    return compile_unet(unet) if args.compile else unet
+    if args.compile:
+        unet.compile(dynamic=False)  # as Pipeline.compile_unet: one shape per case
+    return unet
 
 
 def unet_inputs(args: argparse.Namespace, context_dim: int, device: torch.device, dtype: torch.dtype):

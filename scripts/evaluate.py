@@ -26,8 +26,8 @@ from ldm.evaluation import (
     inception_features,
     inception_features_model,
     prompt_following,
-    write_json,
 )
+from ldm.files import write_json
 from ldm.metrics import frechet_distance, psnr
 from ldm.pipeline import Pipeline
 

@@ -35,8 +35,8 @@ from ldm.evaluation import (
     negative_prompt_effect,
     prompt_following_by_sampler,
     sampler_quality,
-    write_json,
 )
+from ldm.files import write_json
 from ldm.generate import BUNDLED_CHECKPOINT
 from ldm.pipeline import Pipeline
 from ldm.samplers import DEFAULT_STEPS, SAMPLERS

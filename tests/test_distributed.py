@@ -88,6 +88,9 @@ def test_two_ranks_train_on_disjoint_data_and_end_with_equal_unets(tmp_path):
     assert final[0].keys() == final[1].keys() and final[0]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
     assert any(not torch.equal(weights[0][f"initial.{k}"], final[0][k]) for k in final[0])
+    # (c) The learning-rate schedule advanced once per optimizer step, not once per process and step.
+    schedule = torch.load(run_dir / "checkpoints" / f"step-{NUM_STEPS:06d}" / "scheduler.bin", weights_only=True)
+    assert schedule["last_epoch"] == NUM_STEPS
     # The exported pipeline (written by rank 0) holds these weights too.
     exported = Pipeline.from_checkpoint(run_dir / "model.safetensors").unet.state_dict()
     assert exported.keys() == final[0].keys()

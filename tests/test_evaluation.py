@@ -18,12 +18,14 @@ from ldm.data.shapes import BACKGROUNDS, ShapeSample, render, sample_attributes
 from ldm.errors import InputError
 from ldm.evaluation import (
     DETERMINISTIC_SAMPLERS,
+    INCEPTION_FILE,
     SamplerSetting,
     attributes_kept,
     autoencoder_keep_rates,
     canonical_captions,
     color_shares,
     img2img_keep_rates,
+    inception_features,
     inception_features_model,
     negative_prompt_effect,
     prompt_following,
@@ -83,6 +85,29 @@ def test_fid_without_inception_weights_says_where_to_put_them(tmp_path, monkeypa
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(InputError, match="inception_v3_google"):
         inception_features_model()
+
+
+def test_inception_sees_what_torchvision_feeds_its_imagenet_weights(tmp_path, monkeypatch):
+    # torchvision's documented path for these weights: ImageNet-normalised pixels into a model built with
+    # transform_input=True. Our features of [-1, 1] images must equal that, whatever the weights.
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    # torchvision's own initialisation: with PyTorch's default one the features all but vanish (~1e-7).
+    reference = inception_v3(weights=None, aux_logits=True, init_weights=True, transform_input=True)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(reference.state_dict(), tmp_path / "checkpoints" / INCEPTION_FILE)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    model = inception_features_model()
+    reference.fc = torch.nn.Identity()
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    x = torch.nn.functional.interpolate((images + 1) / 2, size=(299, 299), mode="bilinear", align_corners=False)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    with torch.no_grad():
+        expected = reference.eval()((x - mean) / std)
+    scale = expected.abs().max()  # these weights give large features: compare relative to their size
+    torch.testing.assert_close(inception_features(model, images) / scale, expected / scale, rtol=0, atol=1e-5)
 
 
 class GaussianDataUNet(torch.nn.Module):

@@ -385,6 +385,11 @@ def test_nine_channel_checkpoints_are_detected():
                   UNET_PREFIX + "input_blocks.1.1.proj_in.weight": torch.zeros(320, 320)}
     spec = detect_spec(state_dict, {"global_step": "875000"})
     assert spec.unet.in_channels == 9 and spec.unet.out_channels == 4
+    # SD 2 inpainting (continued from 512-base, eps) without a stored step: not taken for a 768-v model.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = detect_spec(state_dict, {})
+    assert (spec.parameterization, spec.image_size) == ("eps", 512)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from ldm.errors import InputError
 from ldm.pipeline import Pipeline
-from ldm.sd_checkpoint import read_checkpoint
+from ldm.sd_checkpoint import read_checkpoint, spec_from_yaml
 from tests.conftest import randomize_
 
 PROMPTS = ["a red circle", "a large blue square on a white background"]
@@ -76,6 +76,7 @@ def test_save_and_load_round_trip(tiny_pipeline, tmp_path):
     ({"width": 0}, "width must be a positive multiple of 8"),
     ({"num_steps": 0}, "steps must be >= 1"),
     ({"guidance_scale": -1.0}, "guidance scale must be >= 0"),
+    ({"output_type": "np"}, "output_type must be 'pil', 'tensor' or 'latent', got 'np'"),
 ])
 def test_bad_arguments_are_input_errors(tiny_pipeline, kwargs, message):
     with pytest.raises(InputError, match=message):
@@ -136,6 +137,16 @@ def test_yaml_with_an_unknown_parameter_is_an_input_error(tiny_pipeline, tmp_pat
                       "    first_stage_config:\n      params: {}\n    cond_stage_config:\n      target: x\n")
     with pytest.raises(InputError, match=r"unknown UNetConfig parameter\(s\) \['model_channelz'\]"):
         Pipeline.from_checkpoint(tiny_pipeline.save(tmp_path / "tiny.safetensors"), config=config)
+
+
+def test_yaml_with_an_unknown_text_layer_is_an_input_error(tmp_path):
+    # ldm's FrozenCLIPEmbedder knows layer "hidden" too; ours takes "last" and "penultimate" only.
+    config = tmp_path / "hidden.yaml"
+    config.write_text("model:\n  params:\n    unet_config:\n      params: {}\n"
+                      "    first_stage_config:\n      params: {}\n"
+                      "    cond_stage_config:\n      target: x\n      params:\n        layer: hidden\n")
+    with pytest.raises(InputError, match="layer must be 'last' or 'penultimate', got 'hidden'"):
+        spec_from_yaml(config)
 
 
 def test_channels_last_runs_every_convolution_nhwc_with_the_same_images(tiny_pipeline):

@@ -125,6 +125,23 @@ def test_resumed_run_ends_with_the_same_weights(stages, tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_gradient_accumulation_draws_new_latents_and_noise_for_every_micro_batch(stages, tmp_path):
+    # One optimizer step over two micro-batches of 4 against one over a single batch of 4, same seed. Had the
+    # second micro-batch repeated the first one's draws (latents from the cache, noise, timesteps), the
+    # averaged gradient, and so the weights, would be bit-identical to the single batch's (g/2 + g/2 = g).
+    unet = "model.diffusion_model."
+    runs = {}
+    for accumulation in (1, 2):
+        run_dir = tmp_path / f"accumulate-{accumulation}"
+        config = diffusion_config(run_dir, stages, max_steps=1, ema_decay=0.0, gradient_accumulation_steps=accumulation)
+        runs[accumulation] = load_file(str(train_diffusion(config)))
+        # The schedule counts optimizer steps, not micro-batches.
+        schedule = torch.load(run_dir / "checkpoints" / "step-000001" / "scheduler.bin", weights_only=True)
+        assert schedule["last_epoch"] == 1
+    keys = [k for k in runs[1] if k.startswith(unet)]
+    assert keys and any(not torch.equal(runs[1][k], runs[2][k]) for k in keys)
+
+
 def test_nan_loss_stops_with_the_step_and_last_checkpoint(stages, tmp_path):
     config = diffusion_config(tmp_path / "nan", stages, max_steps=4, learning_rate=1e30)
     with pytest.raises(FloatingPointError, match=r"at step \d+; the last good checkpoint is"):

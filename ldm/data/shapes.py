@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ldm.files import atomic_write
 
 DATASET_NAME = "shapes-v1"
 IMAGE_SIZE = 64  # px, output images are IMAGE_SIZE x IMAGE_SIZE
@@ -260,31 +261,23 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def _write_shard(
     path: Path, split: str, indices: range, progress: Callable[[int], object] | None
 ) -> None:
-    # Written beside its destination and renamed, so a reader never sees a partial shard.
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file, tarfile.open(fileobj=file, mode="w") as tar:
-            for item in iterate(split, indices.start, indices.stop):
-                png = io.BytesIO()
-                item["image"].save(png, format="PNG")
-                meta = {
-                    **asdict(item["attrs"]),
-                    "split": split,
-                    "index": item["index"],
-                    "canonical_caption": item["canonical_caption"],
-                    "training_caption": item["training_caption"],
-                }
-                key = item["key"]
-                _add_member(tar, f"{key}.png", png.getvalue())
-                _add_member(tar, f"{key}.txt", item["caption"].encode())
-                _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-                if progress is not None:
-                    progress(1)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes the file private to its owner
-        os.replace(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
+    with atomic_write(path) as tmp, tmp.open("wb") as file, tarfile.open(fileobj=file, mode="w") as tar:
+        for item in iterate(split, indices.start, indices.stop):
+            png = io.BytesIO()
+            item["image"].save(png, format="PNG")
+            meta = {
+                **asdict(item["attrs"]),
+                "split": split,
+                "index": item["index"],
+                "canonical_caption": item["canonical_caption"],
+                "training_caption": item["training_caption"],
+            }
+            key = item["key"]
+            _add_member(tar, f"{key}.png", png.getvalue())
+            _add_member(tar, f"{key}.txt", item["caption"].encode())
+            _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+            if progress is not None:
+                progress(1)
 
 
 def write_shards(

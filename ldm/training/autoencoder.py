@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from ldm.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.config import config_dict
 from ldm.data.loader import make_loader
+from ldm.files import atomic_write, write_json
 from ldm.generate import make_grid
 from ldm.losses import AutoencoderLoss, AutoencoderLossConfig
 from ldm.metrics import psnr
@@ -91,7 +93,8 @@ def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> 
 
 
 @torch.no_grad()
-def measure_scale_factor(autoencoder: AutoencoderKL, batches, num_samples: int, device: torch.device) -> float:
+def measure_scale_factor(autoencoder: AutoencoderKL, batches: Iterator[dict], num_samples: int,
+                         device: torch.device) -> float:
     """1 / std of sampled latents over `num_samples` images: makes the diffusion stage's data unit-variance."""
     latents, count = [], 0
     while count < num_samples:
@@ -102,7 +105,8 @@ def measure_scale_factor(autoencoder: AutoencoderKL, batches, num_samples: int, 
 
 
 @torch.no_grad()
-def evaluate_psnr(autoencoder: AutoencoderKL, batches, num_samples: int, device: torch.device) -> float:
+def evaluate_psnr(autoencoder: AutoencoderKL, batches: Iterator[dict], num_samples: int,
+                  device: torch.device) -> float:
     """Mean PSNR (dB) of posterior-mean reconstructions of `num_samples` images."""
     values = []
     while sum(len(v) for v in values) < num_samples:
@@ -166,8 +170,7 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | No
     last_layer = accelerator.unwrap_model(model).decoder.conv_out.weight
     with run:
         while not run.done:
-            generator = torch.Generator().manual_seed(run.step_seed())
-            device_generator = torch.Generator(device).manual_seed(run.step_seed())
+            generator, device_generator = run.generators(device)
             batch = next(batches)
             run.samples_seen += len(batch["captions"])
             images = random_crop(batch["images"], acfg.crop_size, generator).to(device)
@@ -187,8 +190,9 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | No
                         for p in loss_fn.discriminator.parameters():
                             p.grad = accelerator.reduce(p.grad, reduction="mean")
                     opt_d.step()
-                    sched_d.step()
                     opt_d.zero_grad(set_to_none=True)
+                    if accelerator.sync_gradients:
+                        sched_d.step()
             if not accelerator.sync_gradients:
                 continue
             if ema is not None:
@@ -209,7 +213,7 @@ def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | No
         val_batches = iter(make_loader(build_dataset(val_data, accelerator), cfg.batch_size))
         metrics = {"steps": run.step, "scale_factor": autoencoder.config.scale_factor,
                    f"psnr_val_{acfg.eval_samples}": evaluate_psnr(autoencoder, val_batches, acfg.eval_samples, device)}
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_json(run_dir / "metrics.json", metrics)
         accelerator.print(json.dumps(metrics))
         save_module(path, autoencoder, "autoencoder", config_dict(autoencoder.config))
     accelerator.wait_for_everyone()
@@ -224,4 +228,5 @@ def write_reconstructions(autoencoder: AutoencoderKL, images: torch.Tensor, path
     reconstructions = autoencoder.eval().decode(autoencoder.encode(images).mode())
     autoencoder.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(to_pil(torch.cat([images, reconstructions])), len(images)).save(path)
+    with atomic_write(path) as tmp:
+        make_grid(to_pil(torch.cat([images, reconstructions])), len(images)).save(tmp, format="PNG")

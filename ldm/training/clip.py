@@ -49,6 +49,7 @@ from ldm.data.shapes import (
     format_caption,
 )
 from ldm.errors import InputError
+from ldm.files import write_json
 from ldm.sd_checkpoint import save_module
 from ldm.training.common import (
     EMA,
@@ -219,7 +220,7 @@ def train_clip(config: dict[str, Any], resume: bool = False) -> Path | None:
 
     with run:
         while not run.done:
-            generator = torch.Generator().manual_seed(run.step_seed())  # the hard negatives
+            generator, _ = run.generators(device)  # the hard negatives
             with accelerator.accumulate(model):
                 batch = next(batches)
                 captions, canonical = batch["captions"], batch.get("canonical_captions")
@@ -253,7 +254,7 @@ def train_clip(config: dict[str, Any], resume: bool = False) -> Path | None:
                                              for split in ("val", "heldout")}}
             accelerator.log({f"{split}/{k}": v for split in ("val", "heldout") for k, v in metrics[split].items()},
                             step=run.step)
-            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            write_json(run_dir / "metrics.json", metrics)
             accelerator.print(json.dumps(metrics))
         metadata = {"training_steps": str(run.step)}
         save_module(run_dir / "clip.safetensors", clip, "clip", clip_config.to_dict(), metadata)

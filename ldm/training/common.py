@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 from ldm.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.config import config_kwargs
-from ldm.data.loader import image_text_dataset, shapes_dataset
+from ldm.data.loader import ImageTextDataset, ShapesDataset, image_text_dataset, shapes_dataset
 from ldm.errors import InputError
+from ldm.files import atomic_write
 from ldm.pipeline import load_strict
 from ldm.sd_checkpoint import load_module_file
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
@@ -49,8 +50,12 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         log_with = "tensorboard"
     except ImportError:
         log_with = None
+    # The learning-rate schedules count optimizer steps, and `optimizer_step` advances them. Left to
+    # accelerate, a prepared schedule would advance once per process at every step (it assumes schedules
+    # written in per-process batches), so warmup and decay would end `num_processes` times too early.
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_config=project,
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              step_scheduler_with_optimizer=False)
     set_seed(cfg.seed, device_specific=True)
     return accelerator
 
@@ -59,7 +64,8 @@ def save_run_config(accelerator: Accelerator, config: dict[str, Any]) -> None:
     if accelerator.is_main_process:
         run_dir = Path(config["train"]["output_dir"])
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        with atomic_write(run_dir / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -81,7 +87,7 @@ class EMA:
     not dominated by the random initial weights (at 0.999 those would still weigh 29% after 1250 steps).
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.num_updates = 0
         self.model = copy.deepcopy(model).float().requires_grad_(False).eval()
@@ -105,7 +111,7 @@ class EMA:
 class Checkpoints:
     """Atomic accelerate checkpoints in `run_dir/checkpoints/step-NNNNNN`, the last `keep_last` kept."""
 
-    def __init__(self, run_dir: str | Path, keep_last: int):
+    def __init__(self, run_dir: str | Path, keep_last: int) -> None:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = max(1, keep_last)
 
@@ -185,7 +191,8 @@ def load_stage(path: str | Path, kind: str) -> nn.Module:
     return module.requires_grad_(False).eval()
 
 
-def build_dataset(data: DataConfig, accelerator: Accelerator, samples_seen: int = 0, seed: int = 0):
+def build_dataset(data: DataConfig, accelerator: Accelerator, samples_seen: int = 0,
+                  seed: int = 0) -> ShapesDataset | ImageTextDataset:
     """The `data:` section -> an iterable dataset of {"images", "captions"}, split across processes.
 
     `dataset: shapes-v1` streams the built-in set from where `samples_seen` (per process) left it;
@@ -231,16 +238,18 @@ class StopSignal:
 
 def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
                    lr_schedule: torch.optim.lr_scheduler.LRScheduler, max_grad_norm: float) -> None:
-    """Backward, clip the gradient norm when gradients are synced, step optimizer and schedule.
+    """Backward; when gradients are synced (the last micro-batch under accumulation), clip their norm,
+    step the optimizer and advance the schedule by one optimizer step.
 
-    Under gradient accumulation accelerate turns the step into a no-op until the last micro-batch.
+    Under gradient accumulation accelerate turns the optimizer step into a no-op until the last micro-batch.
     """
     accelerator.backward(loss)
     if accelerator.sync_gradients:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
-    lr_schedule.step()
     optimizer.zero_grad(set_to_none=True)
+    if accelerator.sync_gradients:
+        lr_schedule.step()
 
 
 class TrainingRun:
@@ -249,15 +258,17 @@ class TrainingRun:
 
         with TrainingRun(accelerator, cfg, "diffusion", resume) as run:
             while not run.done:
-                ...  # one optimizer step, seeded by run.step_seed()
+                generator, device_generator = run.generators(device)  # once per micro-batch
+                ...  # one micro-batch of an optimizer step
                 if not run.end_step(loss, {"lr": ...}):
                     return None  # a stop signal: a checkpoint was saved to resume from
     """
 
-    def __init__(self, accelerator: Accelerator, cfg: TrainConfig, name: str, resume: bool):
+    def __init__(self, accelerator: Accelerator, cfg: TrainConfig, name: str, resume: bool) -> None:
         self.accelerator, self.cfg, self.name = accelerator, cfg, name
         self.checkpoints = Checkpoints(cfg.output_dir, cfg.keep_last)
         self.step, self.samples_seen = 0, 0  # optimizer steps; samples read by this process
+        self.micro_batch = 0  # micro-batches of the current optimizer step drawn so far (gradient accumulation)
         if resume and (latest := self.checkpoints.latest()) is not None:
             state = self.checkpoints.load(accelerator, latest)
             self.step, self.samples_seen = state["step"], state["samples_seen"]
@@ -278,10 +289,14 @@ class TrainingRun:
     def done(self) -> bool:
         return self.step >= self.cfg.max_steps
 
-    def step_seed(self) -> int:
-        """Seed of everything random in the current step: a function of (seed, rank, step), so a
-        resumed run redraws exactly what an uninterrupted one would have."""
-        return self.cfg.seed * 1_000_003 + self.accelerator.process_index * 7919 + self.step
+    def generators(self, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+        """Generators (CPU, `device`) for everything random in the next micro-batch, seeded by (seed, rank,
+        step, micro-batch): a resumed run redraws exactly what an uninterrupted one would have, and the
+        micro-batches of one step under gradient accumulation draw different samples and noise."""
+        step_seed = self.cfg.seed * 1_000_003 + self.accelerator.process_index * 7919 + self.step
+        seed = step_seed * self.cfg.gradient_accumulation_steps + self.micro_batch
+        self.micro_batch += 1
+        return torch.Generator().manual_seed(seed), torch.Generator(device).manual_seed(seed)
 
     def skip(self, loss: torch.Tensor) -> bool:
         """True if this step's loss is NaN/inf and the config says to skip such steps."""
@@ -293,6 +308,7 @@ class TrainingRun:
         then been saved). Values are read (a device sync) only on logging steps."""
         cfg, accelerator = self.cfg, self.accelerator
         self.step += 1
+        self.micro_batch = 0
         self._bar.update(1)
         last = self.done
         if self.step % cfg.log_every == 0 or last:

@@ -16,12 +16,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ldm.autoencoder import AutoencoderKL
 from ldm.data.loader import make_loader
 from ldm.errors import InputError
+from ldm.files import atomic_write
 from ldm.generate import make_grid
 from ldm.pipeline import Pipeline
 from ldm.schedule import NoiseSchedule
 from ldm.sd_checkpoint import ModelSpec
+from ldm.text_encoder import TextEncoder
 from ldm.training.common import (
     EMA,
     TrainingRun,
@@ -107,8 +110,8 @@ class LatentCache:
     forward pass at every step (~30 of ~350 ms for the shapes U-Net on 2 CPU cores).
     """
 
-    def __init__(self, autoencoder, text_encoder, batches: Iterator[dict], num_samples: int,
-                 device: torch.device, progress: bool = True):
+    def __init__(self, autoencoder: AutoencoderKL, text_encoder: TextEncoder, batches: Iterator[dict],
+                 num_samples: int, device: torch.device, progress: bool = True) -> None:
         means, stds, captions = [], [], []
         with torch.no_grad(), tqdm(total=num_samples, desc="encoding latents", disable=not progress) as bar:
             while len(captions) < num_samples:
@@ -191,8 +194,7 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path | None
 
     with run:
         while not run.done:
-            generator = torch.Generator().manual_seed(run.step_seed())
-            device_generator = torch.Generator(device).manual_seed(run.step_seed())
+            generator, device_generator = run.generators(device)
             with accelerator.accumulate(unet):
                 if cache is not None:
                     latents, context = cache.draw(cfg.batch_size, dcfg.caption_dropout, generator)
@@ -235,7 +237,8 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path | None
     return path
 
 
-def export_pipeline(spec: ModelSpec, unet: UNetModel, ema: EMA | None, text_encoder, autoencoder) -> Pipeline:
+def export_pipeline(spec: ModelSpec, unet: UNetModel, ema: EMA | None, text_encoder: TextEncoder,
+                    autoencoder: AutoencoderKL) -> Pipeline:
     """The pipeline to sample from and save: EMA weights when kept, in float32 on the CPU."""
     weights = (ema.model if ema is not None else unet).state_dict()
     export_unet = UNetModel(spec.unet)
@@ -249,4 +252,5 @@ def write_samples(pipe: Pipeline, dcfg: DiffusionConfig, path: Path) -> None:
     images = pipe(dcfg.sample_prompts, num_steps=dcfg.sample_steps, guidance_scale=dcfg.sample_guidance_scale,
                   seed=0, progress=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images, len(images)).save(path)
+    with atomic_write(path) as tmp:
+        make_grid(images, len(images)).save(tmp, format="PNG")
