@@ -60,7 +60,7 @@ from ldm.cli import PRECISIONS, ScriptParser, resolve_device, run_main
 from ldm.config import config_kwargs
 from ldm.errors import InputError
 from ldm.generate import BUNDLED_CHECKPOINT
-from ldm.pipeline import Pipeline
+from ldm.pipeline import Pipeline, compile_for_inference
 from ldm.sd_checkpoint import ModelSpec, join_state_dicts
 from ldm.text_encoder import TextEncoder, TextEncoderConfig, sd1, tiny
 from ldm.tiling import tiled_decode
@@ -187,9 +187,7 @@ def prepare_ours(unet: UNetModel, args: argparse.Namespace) -> UNetModel:
     set_attention_backend(unet, args.attention)
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
-    if args.compile:
-        unet.compile(dynamic=False)  # as Pipeline.compile_unet: one shape per case
-    return unet
+    return compile_for_inference(unet) if args.compile else unet
 
 
 def unet_inputs(args: argparse.Namespace, context_dim: int, device: torch.device, dtype: torch.dtype):

@@ -149,6 +149,15 @@ def test_yaml_with_an_unknown_text_layer_is_an_input_error(tmp_path):
         spec_from_yaml(config)
 
 
+def test_compiled_unet_with_frozen_weights_gives_the_same_images(tiny_pipeline):
+    # About 35 s on 2 CPU cores, nearly all of it compiling: the one check that the compiled path runs.
+    kwargs = dict(num_steps=3, guidance_scale=3.0, output_type="tensor", progress=False)
+    reference = tiny_pipeline(PROMPTS, **kwargs)
+    images = tiny_pipeline.compile_unet()(PROMPTS, **kwargs)
+    assert (images - reference).abs().max() < 1e-4 * reference.abs().max()
+    assert not torch.equal(images, tiny_pipeline(PROMPTS, **{**kwargs, "seed": 1}))
+
+
 def test_channels_last_runs_every_convolution_nhwc_with_the_same_images(tiny_pipeline):
     randomize_(tiny_pipeline.autoencoder, seed=2)
     prompts = ["a red circle", "a blue square"]
