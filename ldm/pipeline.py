@@ -41,8 +41,8 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 def compile_for_inference(module: torch.nn.Module) -> torch.nn.Module:
     """torch.compile `module` in place (state dict keys unchanged) with static shapes and inductor's
     freezing: the weights become constants of the compiled graph, so on a CPU the convolution and
-    linear weights are packed for oneDNN once instead of at every call (SD 1.5 U-Net, 2 cores: 0.68x
-    diffusers' time with freezing, 1.25x without; docs/benchmarks.md).
+    linear weights are packed for oneDNN once instead of at every call (SD 1.5 U-Net, 2 cores: 0.69x
+    diffusers' time with freezing, 1.25-1.31x without; docs/benchmarks.md).
 
     Freezing is a process-wide inductor setting, read when a call first traces a graph (passing it
     in torch.compile's `options` does not reach that step). Both dynamo and inductor apply it only
