@@ -11,6 +11,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.errors import InputError
+from ldm.files import atomic_write
 
 # The checkpoint txt2img uses when no --ckpt is given (shipped inside the package).
 BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "shapes-v1.safetensors"
@@ -69,3 +70,10 @@ def make_grid(images: list[Image.Image], num_columns: int) -> Image.Image:
     for k, image in enumerate(images):
         grid.paste(image, ((k % num_columns) * w, (k // num_columns) * h))
     return grid
+
+
+def save_grid(images: list[Image.Image], num_columns: int, path: Path) -> None:
+    """`make_grid` written to `path` whole or not at all (the sample grids of training runs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        make_grid(images, num_columns).save(tmp, format="PNG")

@@ -187,6 +187,7 @@ def prepare_ours(unet: UNetModel, args: argparse.Namespace) -> UNetModel:
     set_attention_backend(unet, args.attention)
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
+    # Also for the train case: the weights are frozen into graphs traced without gradients only.
     return compile_for_inference(unet) if args.compile else unet
 
 

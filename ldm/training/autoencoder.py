@@ -21,8 +21,8 @@ import torch
 from ldm.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.config import config_dict
 from ldm.data.loader import make_loader
-from ldm.files import atomic_write, write_json
-from ldm.generate import make_grid
+from ldm.files import write_json
+from ldm.generate import save_grid
 from ldm.losses import AutoencoderLoss, AutoencoderLossConfig
 from ldm.metrics import psnr
 from ldm.pipeline import load_strict, to_pil
@@ -227,6 +227,4 @@ def write_reconstructions(autoencoder: AutoencoderKL, images: torch.Tensor, path
     was_training = autoencoder.training
     reconstructions = autoencoder.eval().decode(autoencoder.encode(images).mode())
     autoencoder.train(was_training)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:
-        make_grid(to_pil(torch.cat([images, reconstructions])), len(images)).save(tmp, format="PNG")
+    save_grid(to_pil(torch.cat([images, reconstructions])), len(images), path)

@@ -260,6 +260,8 @@ class TrainingRun:
             while not run.done:
                 generator, device_generator = run.generators(device)  # once per micro-batch
                 ...  # one micro-batch of an optimizer step
+                if not accelerator.sync_gradients:
+                    continue  # more micro-batches to accumulate before the step ends
                 if not run.end_step(loss, {"lr": ...}):
                     return None  # a stop signal: a checkpoint was saved to resume from
     """

@@ -19,8 +19,7 @@ from tqdm import tqdm
 from ldm.autoencoder import AutoencoderKL
 from ldm.data.loader import make_loader
 from ldm.errors import InputError
-from ldm.files import atomic_write
-from ldm.generate import make_grid
+from ldm.generate import save_grid
 from ldm.pipeline import Pipeline
 from ldm.schedule import NoiseSchedule
 from ldm.sd_checkpoint import ModelSpec
@@ -251,6 +250,4 @@ def write_samples(pipe: Pipeline, dcfg: DiffusionConfig, path: Path) -> None:
     pipe.unet.to(device)
     images = pipe(dcfg.sample_prompts, num_steps=dcfg.sample_steps, guidance_scale=dcfg.sample_guidance_scale,
                   seed=0, progress=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:
-        make_grid(images, len(images)).save(tmp, format="PNG")
+    save_grid(images, len(images), path)
