@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,11 +20,12 @@ from ldm.config import config_dict
 from ldm.data.loader import make_loader, shapes_dataset
 from ldm.errors import InputError
 from ldm.pipeline import Pipeline
+from ldm.schedule import NoiseSchedule
 from ldm.sd_checkpoint import save_module
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
 from ldm.training.autoencoder import train_autoencoder
-from ldm.training.common import load_stage
-from ldm.training.diffusion import LatentCache, drop_captions, train_diffusion
+from ldm.training.common import Checkpoints, load_stage
+from ldm.training.diffusion import DiffusionConfig, LatentCache, draw_timesteps, drop_captions, train_diffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = {"batch_size": 4, "log_every": 1, "sample_every": 1000, "checkpoint_every": 2, "learning_rate": 1e-3}
@@ -157,11 +159,35 @@ def test_bad_stage_files_and_config_are_input_errors(stages, tmp_path):
     wrong_width["unet"]["context_dim"] = 32
     with pytest.raises(InputError, match="unet.context_dim is 32"):
         train_diffusion(wrong_width)
+    bad_share = diffusion_config(tmp_path / "z", stages)
+    bad_share["diffusion"]["uniform_timesteps"] = 1.5
+    with pytest.raises(InputError, match="diffusion.uniform_timesteps"):
+        train_diffusion(bad_share)
 
 
 def test_caption_dropout_rate():
     captions = drop_captions(["a red circle"] * 10000, 0.1, torch.Generator().manual_seed(0))
     assert abs(captions.count("") / 10000 - 0.1) < 0.01
+
+
+def test_timesteps_uniform_by_default_and_log_normal_in_sigma():
+    schedule, cpu, n = NoiseSchedule(), torch.device("cpu"), 100_000
+    config = DiffusionConfig(autoencoder="-", text_encoder="-")
+    uniform = draw_timesteps(schedule, n, config, torch.Generator().manual_seed(0), cpu)
+    assert torch.equal(uniform, torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(0)))
+
+    config.uniform_timesteps, config.log_sigma_mean, config.log_sigma_std = 0.0, -1.0, 0.5
+    t = draw_timesteps(schedule, n, config, torch.Generator().manual_seed(0), cpu)
+    alphas = schedule.alphas_cumprod[t]
+    log_sigma = ((1 - alphas) / alphas).sqrt().log()
+    # Rounding up to the next timestep moves sigma by at most a step's ratio (< 1 % here).
+    assert abs(log_sigma.median() - (-1.0)) < 0.02
+    assert abs(((log_sigma - (-1.0)).abs() < 0.5).float().mean() - 0.683) < 0.01
+
+    config.uniform_timesteps = 0.25
+    t = draw_timesteps(schedule, n, config, torch.Generator().manual_seed(0), cpu)
+    # sigma(t=500) = 1.62: the log-normal part lies above t = 500 with probability 0.15 %.
+    assert abs((t >= 500).float().mean() - 0.25 * 0.5) < 0.01
 
 
 def test_latent_cache_draws_what_encoding_each_batch_would(stages):
@@ -236,6 +262,17 @@ def test_sigterm_saves_and_exits_and_sigkill_loses_nothing_saved(stages, tmp_pat
     assert "resumed from" in out and (run_dir / "model.safetensors").is_file()
     assert latest_step(run_dir) == killed_after + 3
     assert not list(run_dir.rglob(".tmp*"))
+
+
+def test_resume_removes_the_unfinished_save_of_a_killed_run(tmp_path):
+    """A save killed before its rename leaves `.tmp-step-N`; a resumed run that never reaches step N would keep
+    it forever (the sigkill test above catches this only when the kill lands inside a save)."""
+    checkpoints = Checkpoints(tmp_path, keep_last=2)
+    (checkpoints.dir / "step-000010").mkdir(parents=True)
+    (checkpoints.dir / "step-000010" / "state.json").write_text("{}")
+    (checkpoints.dir / ".tmp-step-000015" / "model").mkdir(parents=True)
+    checkpoints.remove_unfinished(SimpleNamespace(is_main_process=True))
+    assert sorted(p.name for p in checkpoints.dir.iterdir()) == ["step-000010"]
 
 
 def test_ema_warms_up_then_follows_the_configured_decay():

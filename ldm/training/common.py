@@ -141,6 +141,12 @@ class Checkpoints:
         accelerator.wait_for_everyone()
         return final
 
+    def remove_unfinished(self, accelerator: Accelerator) -> None:
+        """Delete `.tmp-step-*` folders: saves of a process killed before it could rename them."""
+        if accelerator.is_main_process and self.dir.is_dir():
+            for tmp in self.dir.glob(".tmp-step-*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+
     def load(self, accelerator: Accelerator, path: Path) -> dict[str, Any]:
         """Restore models, optimizers, schedulers, RNG states and registered objects; returns state.json."""
         accelerator.load_state(str(path))
@@ -275,6 +281,7 @@ class TrainingRun:
             state = self.checkpoints.load(accelerator, latest)
             self.step, self.samples_seen = state["step"], state["samples_seen"]
             accelerator.print(f"resumed from {latest} at step {self.step}")
+            self.checkpoints.remove_unfinished(accelerator)
         self._stop = StopSignal()
 
     def __enter__(self) -> TrainingRun:
