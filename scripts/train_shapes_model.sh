@@ -36,12 +36,14 @@ done_at clip
 wait $decoder
 done_at decoder
 # 1600 more decoder steps alone on both cores (twice as fast as beside CLIP): small shapes are what the
-# model gets wrong, and the decoder is where they are lost (see ldm/weights/MODEL_CARD.md). Edge weight 1
+# model gets wrong, and the decoder tells a small circle from a small square on close latents (see
+# ldm/weights/MODEL_CARD.md). Edge weight 1
 # here: with the weight-3 run instead, val prompt following was 88.0 vs 89.3 % with v6's U-Net and 89.7
-# vs 89.0 % with this recipe's, within one run's noise either way (MODEL_CARD, "Known gaps").
+# vs 89.0 % with v7's, within one run's noise either way (MODEL_CARD, "How the recipe got here").
 OMP_NUM_THREADS=2 train_decoder runs/shapes-decoder-2 runs/shapes-decoder/autoencoder.safetensors 1600 1
 done_at decoder-2
-# The U-Net alone on both cores again.
+# The U-Net alone on both cores again, half its timesteps from a log-normal over low noise levels
+# (configs/shapes/diffusion.yaml): with uniform timesteps v7 drew 25 of 54 small val circles square, v8 5.
 OMP_NUM_THREADS=2 $python scripts/train_diffusion.py --config configs/shapes/diffusion.yaml
 done_at diffusion
 mkdir -p ldm/weights
