@@ -20,6 +20,7 @@ from ldm.autoencoder import AutoencoderKL
 from ldm.data.loader import make_loader
 from ldm.errors import InputError
 from ldm.generate import save_grid
+from ldm.k_samplers import training_sigmas
 from ldm.pipeline import Pipeline
 from ldm.schedule import NoiseSchedule
 from ldm.sd_checkpoint import ModelSpec
@@ -106,8 +107,7 @@ def draw_timesteps(schedule: NoiseSchedule, batch_size: int, dcfg: DiffusionConf
     t = torch.randint(0, schedule.num_timesteps, (batch_size,), generator=generator, device=device)
     if dcfg.uniform_timesteps == 1:
         return t
-    alphas = schedule.alphas_cumprod
-    sigmas = ((1 - alphas) / alphas).sqrt().to(device)
+    sigmas = training_sigmas(schedule).to(device)
     log_sigma = dcfg.log_sigma_mean + dcfg.log_sigma_std * torch.randn(batch_size, generator=generator, device=device,
                                                                        dtype=torch.float64)
     log_normal = torch.searchsorted(sigmas, log_sigma.exp()).clamp(max=schedule.num_timesteps - 1)
