@@ -6,7 +6,8 @@
 
 Cases (--cases, comma-separated):
     unet       U-Net forward, SD 1.5 architecture, no grad
-    train      U-Net training step: forward, MSE loss, backward, AdamW step
+    train      U-Net training step: forward, MSE loss, backward, AdamW step (ours fused, as ldm.training;
+               diffusers torch's default, as its training examples)
     vae        autoencoder decode of (B, 4, L, L) latents (SD config: ch 128, ch_mult 1 2 4 4)
     vae-tiled  the same, tiled (ldm.tiling.tiled_decode vs diffusers' enable_tiling), same tile and overlap
     txt2img    SD 1.5 text -> image: text encoding, --steps DDIM steps with guidance 7.5, decoding
@@ -234,13 +235,15 @@ def train_case(args, device, dtype, sides) -> dict[str, Run]:
     x_t, t, context = unet_inputs(args, unet.config.context_dim, device, dtype)
     target = torch.randn_like(x_t)
     unet, reference = unet.to(device, dtype).train(), reference.to(device, dtype).train()
-    # On the CPU both sides hold the same weight tensors: one AdamW (one state, one update code) serves
-    # both, each side's gradients handed to it, which also keeps an SD-size run within 24 GB. Elsewhere
-    # each side gets its own optimizer.
+    # On the CPU both sides hold the same weight tensors: one AdamW (one state) serves both, each side's
+    # gradients handed to it, which also keeps an SD-size run within 24 GB. Elsewhere each side gets its
+    # own optimizer. Each side updates as its library trains: ours with the fused kernel that
+    # ldm.training's optimizers use, diffusers' with torch's default (fused=None, as in its training
+    # examples: a loop over the tensors on the CPU, foreach kernels on CUDA).
     shared = {p.data_ptr(): p for p in unet.parameters()}
     optimizers: dict[int, torch.optim.Optimizer] = {}
 
-    def step(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> Run:
+    def step(model: torch.nn.Module, forward: Callable[[], torch.Tensor], fused: bool | None) -> Run:
         pairs = [(p, shared.get(p.data_ptr(), p)) for p in model.parameters()]
         owners = [owner for _, owner in pairs]
         key = id(owners[0])
@@ -254,6 +257,7 @@ def train_case(args, device, dtype, sides) -> dict[str, Run]:
             for param, owner in pairs:
                 if owner is not param:
                     owner.grad, param.grad = param.grad, None
+            optimizer.param_groups[0]["fused"] = fused  # AdamW reads it at every step
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             return loss.detach()
@@ -262,9 +266,10 @@ def train_case(args, device, dtype, sides) -> dict[str, Run]:
     runs = {}
     if "ours" in sides:
         ours = prepare_ours(unet, args)
-        runs["ours"] = step(ours, lambda: ours(x_t, t, context))
+        runs["ours"] = step(ours, lambda: ours(x_t, t, context), fused=True)
     if "diffusers" in sides:
-        runs["diffusers"] = step(reference, lambda: reference(x_t, t, encoder_hidden_states=context).sample)
+        runs["diffusers"] = step(reference, lambda: reference(x_t, t, encoder_hidden_states=context).sample,
+                                 fused=None)
     return runs
 
 
