@@ -19,9 +19,7 @@ from ldm.data.loader import to_tensor
 from ldm.data.shape_checker import check, parse_caption, read_attributes
 from ldm.data.shapes import ATTRIBUTES, VOCABULARY, canonical_caption, render, sample_attributes
 from ldm.errors import InputError
-from ldm.guidance import ClassifierFreeGuidance
 from ldm.pipeline import Pipeline, to_pil
-from ldm.schedule import x0_and_eps_from_output
 
 Images = Sequence[Image.Image | np.ndarray]
 
@@ -83,10 +81,6 @@ class SamplerSetting:
 
 # Samplers that map one initial noise to one result; ddpm and euler_a draw fresh noise on every step.
 DETERMINISTIC_SAMPLERS: tuple[str, ...] = ("ddim", "plms", "euler", "heun", "dpmpp_2m")
-# DDIM and PLMS stop at the noise level of timestep 0 (SD's set_alpha_to_one=False); the sigma samplers take one
-# step further, to sigma 0, where they land on the x0 estimate at timestep 0. That step alone moves latents by
-# about sigma(0) = 0.03 times the predicted noise, which would swamp the differences between samplers.
-STOP_AT_TIMESTEP_0: tuple[str, ...] = ("ddim", "plms")
 # The issue's grid of deterministic samplers and step counts for `sampler_quality`.
 QUALITY_SETTINGS: tuple[SamplerSetting, ...] = (
     *(SamplerSetting("ddim", n) for n in (10, 20, 50)),
@@ -96,32 +90,16 @@ QUALITY_SETTINGS: tuple[SamplerSetting, ...] = (
 
 
 @torch.no_grad()
-def denoise_timestep_0(pipe: Pipeline, captions: list[str], latents: torch.Tensor,
-                       guidance_scale: float) -> torch.Tensor:
-    """The guided x0 estimate (B, 4, h, w) for latents (B, 4, h, w) at the noise level of timestep 0, each row
-    prompted with its caption: one more model evaluation."""
-    context, uncond_context = pipe.encode_context(captions, [""] * len(captions), guidance_scale)
-    denoiser = ClassifierFreeGuidance(pipe.unet, context, uncond_context, guidance_scale)
-    alpha = pipe.schedule.alphas_cumprod[0].item()
-    t = torch.zeros(len(captions), dtype=torch.long, device=latents.device)
-    x0, _ = x0_and_eps_from_output(denoiser(latents, t), latents, torch.tensor(alpha**0.5),
-                                   torch.tensor((1 - alpha) ** 0.5), pipe.spec.parameterization)
-    return x0
-
-
-@torch.no_grad()
 def sampler_quality(pipe: Pipeline, captions: list[str], settings: Sequence[SamplerSetting] = QUALITY_SETTINGS,
                     reference_steps: int = 1000, guidance_scale: float = 5.0, batch_size: int = 100, seed: int = 0,
                     progress: bool = True) -> list[dict[str, object]]:
     """How close each setting lands to a DDIM (eta 0) run of `reference_steps` steps, from the same noise.
 
-    Image k has caption k and initial noise from seed `seed + k` in every run. Results that stop at timestep 0
-    (`STOP_AT_TIMESTEP_0`, the reference too) are compared through their x0 estimate there
-    (`denoise_timestep_0`), where the other samplers land. The error is the latent RMSE, the root of the mean
-    squared difference over all latent elements (B, 4, h, w) of all images. Returns one row per setting:
-    sampler, karras, steps, evaluations (the sampler's U-Net passes per image, each over the conditional and
-    the unconditional prompt: Heun makes two per step but the last two, PLMS one extra; the x0 estimate at
-    timestep 0 is not counted) and rmse. Only `DETERMINISTIC_SAMPLERS` have one result to compare.
+    Image k has caption k and initial noise from seed `seed + k` in every run; every sampler ends at the noise
+    level of timestep 0. The error is the latent RMSE, the root of the mean squared difference over all latent
+    elements (B, 4, h, w) of all images. Returns one row per setting: sampler, karras, steps, evaluations (the
+    sampler's U-Net passes per image, each over the conditional and the unconditional prompt: Heun makes two
+    per step but the last, PLMS one extra) and rmse. Only `DETERMINISTIC_SAMPLERS` have one result to compare.
     """
     for setting in settings:
         if setting.sampler not in DETERMINISTIC_SAMPLERS:
@@ -133,15 +111,12 @@ def sampler_quality(pipe: Pipeline, captions: list[str], settings: Sequence[Samp
     for start in tqdm(range(0, len(captions), batch_size), desc="sampler quality", disable=not progress):
         batch = captions[start : start + batch_size]
         common = {"guidance_scale": guidance_scale, "seed": seed + start, "output_type": "latent", "progress": False}
-        reference = pipe(batch, num_steps=reference_steps, sampler="ddim", **common)
-        reference = denoise_timestep_0(pipe, batch, reference, guidance_scale).double()
+        reference = pipe(batch, num_steps=reference_steps, sampler="ddim", **common).double()
         num_elements += reference.numel()
         for k, setting in enumerate(settings):
             with CallCounter(pipe.unet) as counter:
                 latents = pipe(batch, num_steps=setting.num_steps, sampler=setting.sampler, karras=setting.karras,
                                **common)
-            if setting.sampler in STOP_AT_TIMESTEP_0:
-                latents = denoise_timestep_0(pipe, batch, latents, guidance_scale)
             squared_errors[k] += (latents.double() - reference).square().sum().item()
             evaluations[k] = counter.count  # one guided U-Net pass per evaluation, whatever the batch size
     return [{"sampler": setting.sampler, "karras": setting.karras, "steps": setting.num_steps,

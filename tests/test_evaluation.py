@@ -144,35 +144,25 @@ def test_sampler_quality_on_an_exact_model(tiny_pipeline):
         (s.sampler, s.karras, s.num_steps) for s in settings]
     rmse = {(r["sampler"], r["steps"]): r["rmse"] for r in rows}
     assert rmse[("ddim", 1000)] == 0.0  # the reference itself, from the same seeds
-    # DPM++ 2M from 20 steps: its first-order step into sigma(0) lowered the error at 10 Karras steps far more
-    # (0.026 -> 0.0085) than at 20 (0.0074 -> 0.0064); at 40 it is 0.0017.
+    # DPM++ 2M from 20 steps: its first-order last steps dominate the error at 10 Karras steps.
     for name, few, many in (("ddim", 10, 50), ("dpmpp_2m", 20, 40), ("heun", 10, 20), ("plms", 10, 20)):
         assert rmse[(name, many)] < 0.6 * rmse[(name, few)], name
-    # Heun's last two steps are single Euler steps; PLMS's first step makes a second call.
+    # Heun's last step is a single Euler step; PLMS's first step makes a second call.
     evaluations = {(r["sampler"], r["steps"]): r["evaluations"] for r in rows}
     assert evaluations == {("ddim", 1000): 1000, ("ddim", 10): 10, ("ddim", 50): 50, ("dpmpp_2m", 20): 20,
-                           ("dpmpp_2m", 40): 40, ("heun", 10): 18, ("heun", 20): 38, ("plms", 10): 11,
+                           ("dpmpp_2m", 40): 40, ("heun", 10): 19, ("heun", 20): 39, ("plms", 10): 11,
                            ("plms", 20): 21}
 
 
 def test_sampler_quality_compares_at_one_end_point(tiny_pipeline):
-    # Data that is a single point: every sampler solves its ODE exactly, but DDIM and PLMS stop at timestep 0,
-    # sqrt(1 - a_0) = 0.03 times the noise away from where the sigma samplers land.
+    # Data that is a single point: every sampler solves its ODE exactly and stops at the noise level of timestep
+    # 0, at sqrt(a_0) x0 + sqrt(1 - a_0) eps, where eps is the noise of the start point. The runs differ only in
+    # where x_T starts (DDIM and PLMS at their first timestep, 801 for 5 steps and 951 for 20; the others at
+    # sigma(999)), by about 0.001. One that went on to sigma 0 would land sqrt(1 - a_0) |eps| ~ 0.03 away.
     settings = [SamplerSetting(name, 5) for name in DETERMINISTIC_SAMPLERS] + [SamplerSetting("dpmpp_2m", 5, True)]
     rows = sampler_quality(with_exact_unet(tiny_pipeline, std=0.0), ["a red circle", "a square"], settings,
                            reference_steps=20, progress=False)
-    assert [r["rmse"] for r in rows] == pytest.approx([0.0] * len(settings), abs=1e-5)
-
-
-def _x0_at_timestep_0(pipe: Pipeline, captions: list[str], latents: torch.Tensor, scale: float) -> torch.Tensor:
-    """x0 = (x_t - sqrt(1 - a_0) eps) / sqrt(a_0), eps guided from two separate U-Net calls."""
-    alpha = pipe.schedule.alphas_cumprod[0].float()
-    t = torch.zeros(len(captions), dtype=torch.long)
-    with torch.no_grad():
-        cond = pipe.unet(latents, t, pipe.text_encoder(captions))
-        uncond = pipe.unet(latents, t, pipe.text_encoder([""] * len(captions)))
-    eps = uncond + scale * (cond - uncond)
-    return (latents - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+    assert all(r["rmse"] < 0.002 for r in rows), rows
 
 
 @pytest.mark.parametrize("sampler", ["euler", "plms"])
@@ -180,13 +170,10 @@ def test_sampler_quality_is_the_rmse_over_all_images(tiny_pipeline, sampler):
     captions = ["a red circle", "a small blue square in the center on a white background", "a green triangle"]
     (row,) = sampler_quality(tiny_pipeline, captions, [SamplerSetting(sampler, 3)], reference_steps=6,
                              guidance_scale=3.0, batch_size=2, seed=4, progress=False)
-    # The same runs made directly, as one batch: image k from seed 4 + k; DDIM and PLMS end at timestep 0.
+    # The same runs made directly, as one batch: image k from seed 4 + k.
     common = {"guidance_scale": 3.0, "seed": 4, "output_type": "latent", "progress": False}
-    reference = _x0_at_timestep_0(tiny_pipeline, captions,
-                                  tiny_pipeline(captions, num_steps=6, sampler="ddim", **common), 3.0)
+    reference = tiny_pipeline(captions, num_steps=6, sampler="ddim", **common)
     latents = tiny_pipeline(captions, num_steps=3, sampler=sampler, **common)
-    if sampler == "plms":
-        latents = _x0_at_timestep_0(tiny_pipeline, captions, latents, 3.0)
     expected = ((latents - reference) ** 2).mean().sqrt().item()
     assert expected > 0.01
     assert row == {"sampler": sampler, "karras": False, "steps": 3, "evaluations": 3 + (sampler == "plms"),
@@ -347,14 +334,14 @@ def test_evaluate_samplers_script_end_to_end(tmp_path, capsys, monkeypatch):
     assert [(r["sampler"], r["karras"], r["evaluations"]) for r in results["quality"]["rows"]] == [
         ("ddim", False, 2), ("dpmpp_2m", True, 2)]
     assert list(results["prompt_following"]["by_sampler"]) == ["ddim", "heun"]
-    assert results["prompt_following"]["by_sampler"]["heun"]["evaluations"] == 2
+    assert results["prompt_following"]["by_sampler"]["heun"]["evaluations"] == 3
     assert set(results["negative_prompt"]["with"]) == {"red", "green", "blue", "yellow", "purple", "orange", "cyan",
                                                        "pink", "none"}
     assert list(results["img2img"]["by_strength"]) == ["0.3", "0.6", "0.9"]
     assert set(results["img2img"]["autoencoder"]) == {"all", "color", "shape", "size", "position", "background"}
     assert printed == evaluate_samplers.report(results) + "\n\n"
     assert set(results["seconds"]) == {"quality", "prompt_following", "negative_prompt", "img2img"}
-    for text in ("Latent RMSE to DDIM 4 steps", "| dpmpp_2m (Karras) | 2 | 2 |", "| heun | 2 | 2 |", '| "red" |',
+    for text in ("Latent RMSE to DDIM 4 steps", "| dpmpp_2m (Karras) | 2 | 2 |", "| heun | 2 | 3 |", '| "red" |',
                  "| 0.6 |", "| autoencoder only |"):
         assert text in printed
 

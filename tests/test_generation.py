@@ -218,14 +218,16 @@ SAMPLER_VARIANTS = [(name, False) for name in SAMPLERS] + [(name, True) for name
 
 @pytest.mark.parametrize(("sampler", "karras"), SAMPLER_VARIANTS)
 def test_small_strength_changes_the_image_little(tiny_pipeline, sampler, karras):
-    # Strength 0.1 of 10 steps runs only the last step, from the init latents at its (low) noise level.
+    # Strength 0.1 of 10 steps runs only the last step, from the init latents at its (low) noise level: timestep
+    # 1 for DDIM, DDPM and PLMS (SD's timesteps), 100 for the evenly spaced sigma samplers, which then change
+    # the (random) model's latents by 2.4 % of what a full run does (DDIM 0.5 %).
     image = _init_image()
     x0 = tiny_pipeline.encode(image)
     kwargs = dict(num_steps=10, guidance_scale=3.0, seed=1, output_type="latent", progress=False, sampler=sampler,
                   karras=karras)
     change = {strength: (tiny_pipeline(["a blue square"], init_images=image, strength=strength, **kwargs) - x0)
               .abs().mean().item() for strength in (0.1, 0.5, 1.0)}
-    assert change[0.1] < 0.02 * change[1.0] and change[0.1] < change[0.5] < change[1.0]
+    assert change[0.1] < 0.03 * change[1.0] and change[0.1] < change[0.5] < change[1.0]
 
 
 @pytest.mark.parametrize(("sampler", "karras"), [("euler_a", True), ("plms", False)])
@@ -297,21 +299,20 @@ def test_latent_blend_follows_the_noised_original_like_diffusers(parameterizatio
 def _noised_original(x0: Tensor, noise: Tensor, name: str, karras: bool, num_steps: int, step: int) -> Tensor:
     """The original latents noised with ``noise`` to the level sampler ``name`` reaches after step ``step``,
     in the diffusion's units (what the callback sees): DDIM and PLMS land on the next DDIM timestep and
-    finally alphas_cumprod[0]; the sigma samplers on the next sigma and finally 0. Sigmas are the training
-    sigmas at round(linspace(999, 0, num_steps)), or Karras et al.'s (rho 7) between sigma(999) and sigma(0)."""
+    finally alphas_cumprod[0]; the sigma samplers on the next sigma, finally sigma(0). Sigmas are the
+    training sigmas at round(linspace(999, 0, num_steps + 1)), or Karras et al.'s (rho 7) between sigma(999)
+    and sigma(0)."""
     if name in ("ddim", "plms"):
         timesteps = ddim_timesteps(num_steps)
         a = SCHEDULE.alphas_cumprod[timesteps[step + 1] if step + 1 < num_steps else 0].item()
         return a**0.5 * x0 + (1 - a) ** 0.5 * noise
-    if step + 1 == num_steps:
-        return x0
     all_sigmas = ((1 - SCHEDULE.alphas_cumprod) / SCHEDULE.alphas_cumprod).sqrt()
     if karras:
-        ramp = (step + 1) / (num_steps - 1)
+        ramp = (step + 1) / num_steps
         sigma_max, sigma_min = all_sigmas[-1].item() ** (1 / 7), all_sigmas[0].item() ** (1 / 7)
         sigma = (sigma_max + ramp * (sigma_min - sigma_max)) ** 7
     else:
-        sigma = all_sigmas[round(999 * (1 - (step + 1) / (num_steps - 1)))].item()
+        sigma = all_sigmas[round(999 * (1 - (step + 1) / num_steps))].item()
     return (x0 + sigma * noise) / (sigma**2 + 1) ** 0.5
 
 
@@ -319,7 +320,8 @@ def _noised_original(x0: Tensor, noise: Tensor, name: str, karras: bool, num_ste
 def test_latent_blend_keeps_the_unmasked_latents_with_every_sampler(name, karras):
     # The deterministic samplers keep the unmasked region of x_t on the noising path of the original at
     # every step, even between training timesteps (Karras sigmas); the stochastic ones (fresh noise at
-    # every step) leave it, but land on the predicted x0, the original there (DDPM, Euler ancestral).
+    # every step) leave it, but land on the predicted x0, the original there (DDPM), or within the noise
+    # level of timestep 0 of it (Euler ancestral's last step, an Euler step into sigma(0)).
     gen = torch.Generator().manual_seed(9)
     x0 = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
     noise = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
@@ -332,8 +334,12 @@ def test_latent_blend_keeps_the_unmasked_latents_with_every_sampler(name, karras
                      generator=torch.Generator().manual_seed(10), callback=lambda i, x_t: seen.append((i, x_t)),
                      init_latents=x0, start_step=first_step, x0_transform=LatentBlend(x0, masks))
     assert [i for i, _ in seen] == list(range(first_step, num_steps))
-    if name in ("ddpm", "euler_a"):
+    if name == "ddpm":
         torch.testing.assert_close(latents[keep], x0[keep], rtol=0, atol=1e-6)
+    elif name == "euler_a":
+        a_0 = SCHEDULE.alphas_cumprod[0].item()
+        residual = (latents[keep] / a_0**0.5 - x0[keep]) / ((1 - a_0) / a_0) ** 0.5  # in units of sigma(0)
+        assert residual.abs().max() < 5 and 0.5 < residual.std() < 2
     else:
         for i, x_t in seen:
             expected = _noised_original(x0, noise, name, karras, num_steps, i)

@@ -307,19 +307,16 @@ def _flow_end_point(name: str, x_T: Tensor, num_steps: int, karras: bool = False
 
     DDIM and PLMS start at x_t = x_T at the first DDIM timestep (x = x_T / sqrt(a_T) in sigma units)
     and stop at the noise level alphas_cumprod[0], returned as x_t = sqrt(a_0) x. The sigma-space
-    samplers start at x = sigma_max x_T and flow to the last nonzero sigma_min; their final step to
-    sigma = 0 is the denoiser output E[x0|x] itself (an Euler or first-order step to zero), which is
-    exact, so the end point is E[x0 | flow(x)]. With sigma_max -> inf and sigma_min -> 0 both tend to
-    MU + S x_T.
+    samplers start at x = sigma_max x_T and flow to the same level, sigma_min = sigma(0). With
+    sigma_max -> inf and sigma_min -> 0 both tend to MU + S x_T.
     """
+    a_0 = SCHEDULE.alphas_cumprod[0]
     if name in ("ddim", "plms"):
         a_T = SCHEDULE.alphas_cumprod[ddim_timesteps(num_steps)[0]]
-        a_0 = SCHEDULE.alphas_cumprod[0]
         return a_0.sqrt() * _gaussian_flow(x_T / a_T.sqrt(), _sigma(a_T), _sigma(a_0))
     sigmas, _ = sampling_sigmas(SCHEDULE, num_steps, karras)
-    sigma_max, sigma_min = sigmas[0], sigmas[-2]
-    x = _gaussian_flow(sigma_max * x_T, sigma_max, sigma_min)
-    return MU + S**2 / (S**2 + sigma_min**2) * (x - MU)
+    torch.testing.assert_close(sigmas[-1], _sigma(a_0), rtol=1e-12, atol=0)
+    return a_0.sqrt() * _gaussian_flow(sigmas[0] * x_T, sigmas[0], sigmas[-1])
 
 
 def _flow_error(name: str, num_steps: int, karras: bool = False, parameterization: str = "eps") -> float:
@@ -403,34 +400,49 @@ def test_stochastic_samplers_sample_the_data_distribution(name: str, eta: float,
     assert (latents - mu.view(1, 2, 1, 1) - s.view(1, 2, 1, 1) * x_T).std() > 0.2
 
 
+SIGMA_SCHEDULERS = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
+                    DPMSolverMultistepScheduler)
+
+
 def _run_diffusers(scheduler, denoiser, x: Tensor, generator: torch.Generator | None = None,
                    timesteps: Tensor | None = None, **step_kwargs) -> Tensor:
     """diffusers' own sampling loop, over ``timesteps`` (default: all of the scheduler's). Timesteps
     between integers (Karras sigmas) are rounded for the denoiser, as ours does; the scheduler itself
-    keeps its fractional timesteps."""
+    keeps its fractional timesteps.
+
+    The sigma schedulers' grids (``_diffusers_scheduler``) end with a step from sigma(0) to 0 that ours
+    does not take: the loop stops at sigma(0) and returns x_t there, as ours. Their last steps are
+    taken as ours takes them: DPM-Solver++'s last two at first order, Euler ancestral's last without
+    noise (the Euler step to sigma(0) from the scheduler's own x0 estimate).
+    """
     stochastic = {} if generator is None else {"generator": generator}
     timesteps = scheduler.timesteps if timesteps is None else timesteps
+    if isinstance(scheduler, SIGMA_SCHEDULERS):
+        # Heun's grid lists the timestep of its last step twice (predictor and corrector).
+        timesteps = timesteps[:-2] if isinstance(scheduler, HeunDiscreteScheduler) else timesteps[:-1]
     for i, t in enumerate(timesteps):
-        if isinstance(scheduler, DPMSolverMultistepScheduler) and i == len(timesteps) - 2:
-            # Ours steps into the smallest training sigma at first order too (diffusers does so only with
-            # final_sigmas_type="sigma_min", where that step ends the run): make diffusers forget its
-            # history there, so that it takes a first-order step.
-            scheduler.lower_order_nums = 0
-        if isinstance(scheduler, HeunDiscreteScheduler) and scheduler.step_index == len(scheduler.timesteps) - 2:
-            # The corrector of the step into the smallest training sigma: ours takes that step at first
-            # order, so keep the Euler result of the stage before and skip this evaluation.
-            scheduler.prev_derivative = scheduler.dt = scheduler.sample = None
-            scheduler._step_index += 1
-            continue
+        if isinstance(scheduler, DPMSolverMultistepScheduler) and i >= len(timesteps) - 2:
+            scheduler.lower_order_nums = 0  # forgets the history: a first-order step
         model_input = scheduler.scale_model_input(x, t)
         output = denoiser(model_input, t.round().long().expand(x.shape[0]))
-        x = scheduler.step(output, t, x, **stochastic, **step_kwargs).prev_sample
+        result = scheduler.step(output, t, x, **stochastic, **step_kwargs)
+        if isinstance(scheduler, EulerAncestralDiscreteScheduler) and i == len(timesteps) - 1:
+            sigma, sigma_next = scheduler.sigmas[scheduler.step_index - 1 : scheduler.step_index + 1]
+            x = x + (sigma_next - sigma) * (x - result.pred_original_sample) / sigma
+        else:
+            x = result.prev_sample
+    if isinstance(scheduler, SIGMA_SCHEDULERS) and not isinstance(scheduler, DPMSolverMultistepScheduler):
+        x = x / (training_sigmas(SCHEDULE)[0] ** 2 + 1).sqrt()  # sigma units to x_t (DPM-Solver++ works on x_t)
     return x
 
 
 def _diffusers_scheduler(name: str, num_steps: int, karras: bool, prediction_type: str):
-    """Each sampler's diffusers counterpart, configured to our documented choices, its timesteps set."""
-    custom = {"timesteps": sampling_sigmas(SCHEDULE, num_steps)[1].tolist()}
+    """Each sampler's diffusers counterpart, configured to our documented choices, its timesteps set.
+
+    Our sigma samplers' grid of ``num_steps`` steps is the "linspace" grid of ``num_steps + 1`` steps
+    of diffusers' schedulers without its last step, from sigma(0) to 0.
+    """
+    custom = {"timesteps": [*sampling_sigmas(SCHEDULE, num_steps)[1].tolist(), 0]}
     if name == "ddim":
         scheduler = _sd_ddim_scheduler(prediction_type)
         scheduler.set_timesteps(num_steps)
@@ -443,11 +455,11 @@ def _diffusers_scheduler(name: str, num_steps: int, karras: bool, prediction_typ
                                   timestep_spacing="leading", prediction_type=prediction_type)
         scheduler.set_timesteps(num_steps)
     elif name == "euler_a":
-        # No custom timesteps here: "linspace" with 999 / (num_steps - 1) an integer is our grid.
-        assert 999 % (num_steps - 1) == 0 and not karras
+        # No custom timesteps here: "linspace" with 999 / num_steps an integer is our grid.
+        assert 999 % num_steps == 0 and not karras
         scheduler = EulerAncestralDiscreteScheduler(**SD_BETAS, timestep_spacing="linspace",
                                                     prediction_type=prediction_type)
-        scheduler.set_timesteps(num_steps)
+        scheduler.set_timesteps(num_steps + 1)
     elif name in ("euler", "heun"):
         # "linspace" spacing: init_noise_sigma is sigma_max (ours), and Karras sigmas span
         # sigma(999) .. sigma(0). Without Karras, our rounded-linspace timesteps are passed in.
@@ -455,17 +467,15 @@ def _diffusers_scheduler(name: str, num_steps: int, karras: bool, prediction_typ
         scheduler = scheduler_class(**SD_BETAS, timestep_spacing="linspace", use_karras_sigmas=karras,
                                     prediction_type=prediction_type)
         if karras:
-            scheduler.set_timesteps(num_steps)
+            scheduler.set_timesteps(num_steps + 1)
         else:
             scheduler.set_timesteps(**custom)
     else:
-        # final_sigmas_type="zero" makes DPM-Solver++'s last step first order, as ours (and _run_diffusers
-        # the one before it).
         scheduler = DPMSolverMultistepScheduler(**SD_BETAS, algorithm_type="dpmsolver++", solver_order=2,
                                                 final_sigmas_type="zero", use_karras_sigmas=karras,
                                                 prediction_type=prediction_type)
         if karras:
-            scheduler.set_timesteps(num_steps)
+            scheduler.set_timesteps(num_steps + 1)
         else:
             scheduler.set_timesteps(**custom)
     return scheduler
@@ -476,8 +486,7 @@ def _diffusers_reference(name: str, num_steps: int, karras: bool, prediction_typ
     """A full diffusers run from the noise ``x_T``."""
     scheduler = _diffusers_scheduler(name, num_steps, karras, prediction_type)
     if name == "dpmpp_2m":
-        # DPM-Solver++ works on x_t itself: start at x_t = sigma_max x_T / sqrt(sigma_max^2 + 1), end at
-        # sigma = 0 where x_t is x.
+        # DPM-Solver++ works on x_t itself: start at x_t = sigma_max x_T / sqrt(sigma_max^2 + 1).
         sigma_max = scheduler.sigmas[0]
         x_T = x_T * sigma_max / (sigma_max**2 + 1).sqrt()
     return _run_diffusers(scheduler, denoiser, x_T * scheduler.init_noise_sigma, generator)
@@ -514,7 +523,8 @@ def _diffusers_img2img(name: str, num_steps: int, karras: bool, prediction_type:
 def test_samplers_match_diffusers(name: str, karras: bool, parameterization: str) -> None:
     # PLMS with v is not compared: diffusers' PNDM combines raw v outputs across steps and converts
     # the mix to eps at the current sample, while ldm's PLMS (and ours) converts each v to eps first.
-    num_steps = 10
+    # 9 steps: diffusers' 10-step "linspace" grid, on integer timesteps (999 / 9 = 111), is ours for Euler a.
+    num_steps = 9
     prediction_type = "epsilon" if parameterization == "eps" else "v_prediction"
     denoiser = _fixed_denoiser(parameterization)
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(12))
@@ -529,26 +539,28 @@ def test_samplers_match_diffusers(name: str, karras: bool, parameterization: str
 
 @pytest.mark.parametrize(
     ("num_steps", "karras"),
-    # Without Karras, diffusers' "linspace" timesteps are integers (= ours) when 999 / (num_steps - 1) is.
-    [(2, False), (4, False), (10, False), (28, False), (2, True), (7, True), (10, True), (25, True)],
+    # Without Karras, diffusers' "linspace" timesteps are integers (= ours) when 999 / num_steps is.
+    [(1, False), (3, False), (9, False), (27, False), (1, True), (7, True), (10, True), (25, True)],
 )
 def test_sampling_sigmas_match_diffusers(num_steps: int, karras: bool) -> None:
+    # Ours: diffusers' grid of num_steps + 1 steps up to sigma(0), without its last step from sigma(0) to 0.
     sigmas, timesteps = sampling_sigmas(SCHEDULE, num_steps, karras)
     assert sigmas.shape == (num_steps + 1,) and timesteps.shape == (num_steps,) and timesteps.dtype == torch.long
-    assert sigmas[-1] == 0 and torch.all(sigmas[1:] < sigmas[:-1])
+    torch.testing.assert_close(sigmas[-1], training_sigmas(SCHEDULE)[0], rtol=1e-12, atol=0)
+    assert torch.all(sigmas[1:] < sigmas[:-1])
     reference = EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="linspace", use_karras_sigmas=karras)
-    reference.set_timesteps(num_steps)
-    torch.testing.assert_close(sigmas.float(), reference.sigmas, rtol=1e-4, atol=0)  # diffusers: float32 betas
+    reference.set_timesteps(num_steps + 1)
+    assert reference.sigmas[-1] == 0
+    torch.testing.assert_close(sigmas.float(), reference.sigmas[:-1], rtol=1e-4, atol=0)  # diffusers: float32 betas
     # diffusers keeps fractional timesteps (linspace, or log-sigma interpolation for Karras); ours round them.
-    assert torch.equal(timesteps, reference.timesteps.double().round().long())
+    assert torch.equal(timesteps, reference.timesteps[:-1].double().round().long())
 
 
 @pytest.mark.parametrize("karras", [False, True])
-def test_one_step_goes_from_the_largest_sigma_to_zero(karras: bool) -> None:
-    # diffusers' "linspace" with one step picks timestep 0 instead; a single step from the lowest
-    # noise level cannot turn noise into a sample.
+def test_one_step_goes_from_the_largest_to_the_smallest_training_sigma(karras: bool) -> None:
     sigmas, timesteps = sampling_sigmas(SCHEDULE, 1, karras)
-    torch.testing.assert_close(sigmas, torch.stack([training_sigmas(SCHEDULE)[-1], torch.tensor(0.0).double()]))
+    all_sigmas = training_sigmas(SCHEDULE)
+    torch.testing.assert_close(sigmas, torch.stack([all_sigmas[-1], all_sigmas[0]]))
     assert timesteps.tolist() == [999]
 
 
@@ -586,7 +598,7 @@ def test_every_sampler_reports_steps_and_keeps_shape_and_dtype(name: str) -> Non
     assert seen_steps == [0, 1, 2, 3, 4]
     assert torch.equal(seen_x_t[-1], latents)
     assert all(t.shape == (2,) and t.dtype == torch.long and 0 <= t.min() and t.max() < 1000 for t in seen_t)
-    assert len(seen_t) == {"plms": 6, "heun": 8}.get(name, 5)
+    assert len(seen_t) == {"plms": 6, "heun": 9}.get(name, 5)
     assert latents.shape == x_T.shape and latents.dtype == x_T.dtype
 
 
@@ -654,7 +666,7 @@ def test_start_step_zero_is_a_full_run_from_the_noised_latents(name: str, karras
     torch.testing.assert_close(from_latents, full, rtol=1e-5, atol=1e-5 * full.abs().max().item())
 
 
-@pytest.mark.parametrize("start_step", [3, 9])
+@pytest.mark.parametrize("start_step", [3, 8])
 @pytest.mark.parametrize(
     ("name", "karras", "parameterization", "eta"),
     [("ddim", False, "eps", 0.0), ("ddim", False, "v", 0.0), ("ddim", False, "eps", 1.0),
@@ -666,7 +678,7 @@ def test_start_step_zero_is_a_full_run_from_the_noised_latents(name: str, karras
 )
 def test_start_step_matches_diffusers_img2img(name: str, karras: bool, parameterization: str, eta: float,
                                               start_step: int) -> None:
-    num_steps = 10
+    num_steps = 9  # as in test_samplers_match_diffusers
     if name == "plms" and start_step == num_steps - 1:
         # PNDM's warm-up from the last timestep evaluates at t + stride, not at the step's landing
         # level 0 as ours (and diffusers cannot express that run); the call count test covers it.
@@ -710,13 +722,13 @@ def test_a_start_step_runs_only_the_remaining_steps(name: str, karras: bool, sta
                      start_step=start_step)
     num_run = num_steps - start_step
     assert seen_steps == list(range(start_step, num_steps))
-    assert len(seen_t) == {"plms": num_run + 1, "heun": max(1, 2 * num_run - 2)}.get(name, num_run)
+    assert len(seen_t) == {"plms": num_run + 1, "heun": 2 * num_run - 1}.get(name, num_run)
     if name in ("ddim", "ddpm", "plms"):
         timesteps = ddim_timesteps(num_steps)
     else:
         # The denoiser's timestep for each sigma, from diffusers' own sigma grid (rounded, as ours).
         reference = EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="linspace", use_karras_sigmas=karras)
-        reference.set_timesteps(num_steps)
+        reference.set_timesteps(num_steps + 1)
         timesteps = reference.timesteps.double().round().long()
     assert seen_t[0] == timesteps[start_step]
     assert latents.shape == x_T.shape and latents.dtype == x_T.dtype
