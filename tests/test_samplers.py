@@ -349,10 +349,10 @@ def test_deterministic_samplers_reach_the_flow_end_point(name: str, karras: bool
 def test_convergence_order(name: str, karras: bool, order: int, parameterization: str) -> None:
     # Slope of log(error) against log(num_steps) over 10, 20, 40 steps. Beyond ~80 steps the
     # rounding of Karras sigmas to timesteps dominates the second-order errors. DPM++ 2M and Heun are
-    # not checked on the linspace grid: their first-order step before sigma = 0 (timestep k to 0,
+    # not checked on the linspace grid: their first-order step into sigma(0) (timestep k to 0,
     # k ~ 1000 / N) spans log(sigma_k / sigma_0) ~ log(N) / 2 in lambda whatever N, so its error falls
-    # only like sigma_k^2 ~ 1 / N until N is large (Heun there: 0.23, 0.12, 0.059 at 10, 20, 40 steps;
-    # with a corrector on that step 0.10, 0.029, 0.008, but on the trained model the corrector made the
+    # only like sigma_k^2 ~ 1 / N until N is large (Heun there: 0.22, 0.12, 0.057 at 10, 20, 40 steps;
+    # with a corrector on that step it was second order, but on the trained model the corrector made the
     # result 2.5-3 times worse, docs/samplers.md).
     steps = torch.tensor([10.0, 20.0, 40.0], dtype=torch.float64)
     errors = torch.tensor([_flow_error(name, int(n), karras, parameterization) for n in steps], dtype=torch.float64)
