@@ -46,11 +46,6 @@ from ldm.schedule import NoiseSchedule, check_parameterization
 KARRAS_RHO = 7.0
 
 
-def training_sigmas(schedule: NoiseSchedule) -> Tensor:
-    """``sqrt((1 - a_t) / a_t)`` for every training timestep: ``(T,)`` float64, increasing with t."""
-    return ((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod).sqrt()
-
-
 def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = KARRAS_RHO) -> Tensor:
     """Karras et al. (2022) eq. 5: ``num_steps`` sigmas from ``sigma_max`` down to ``sigma_min``, float64."""
     ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
@@ -61,7 +56,7 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
 def sigmas_to_timesteps(sigmas: Tensor, schedule: NoiseSchedule) -> Tensor:
     """Nearest training timestep for each sigma (> 0): log-sigma interpolated linearly between
     timesteps, then rounded. ``sigmas`` (N,) -> ``(N,)`` long in ``0 .. T - 1``."""
-    log_sigmas = training_sigmas(schedule).log()
+    log_sigmas = schedule.sigmas.log()
     log_sigma = sigmas.to(torch.float64).log()
     upper = torch.searchsorted(log_sigmas, log_sigma).clamp(1, len(log_sigmas) - 1)
     lower = upper - 1
@@ -76,7 +71,7 @@ def sampling_sigmas(schedule: NoiseSchedule, num_steps: int, karras: bool = Fals
     ``timesteps`` (num_steps,) long for ``sigmas[:-1]``.
     """
     check_num_steps(num_steps, schedule.num_timesteps)
-    all_sigmas = training_sigmas(schedule)
+    all_sigmas = schedule.sigmas
     if karras:
         sigmas = karras_sigmas(all_sigmas[0].item(), all_sigmas[-1].item(), num_steps + 1)
         return sigmas, sigmas_to_timesteps(sigmas[:-1], schedule)

@@ -66,6 +66,8 @@ class NoiseSchedule:
 
     ``betas`` and ``alphas_cumprod`` are ``(num_timesteps,)`` float64 CPU tensors (computed and
     kept in float64 like the original ldm code; they are cast to the data's dtype only when used).
+    ``sigmas`` is the noise level of each timestep in the variance-exploding view, ``x_t / sqrt(a_t) =
+    x0 + sigma_t * eps`` with ``sigma_t = sqrt((1 - a_t) / a_t)``, increasing with t (float64, as above).
 
     Args:
         num_timesteps: number of training timesteps T (SD YAML ``timesteps``).
@@ -95,6 +97,7 @@ class NoiseSchedule:
         self.beta_schedule = beta_schedule
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.sigmas = ((1.0 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
         self._sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
         self._sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
 

@@ -16,7 +16,7 @@ from diffusers import (
 from torch import Tensor
 
 from ldm.errors import InputError
-from ldm.k_samplers import karras_sigmas, sampling_sigmas, sigmas_to_timesteps, training_sigmas
+from ldm.k_samplers import karras_sigmas, sampling_sigmas, sigmas_to_timesteps
 from ldm.samplers import SAMPLERS, ddim_timesteps, sample, sample_ddim
 from ldm.schedule import NoiseSchedule
 
@@ -432,7 +432,7 @@ def _run_diffusers(scheduler, denoiser, x: Tensor, generator: torch.Generator | 
         else:
             x = result.prev_sample
     if isinstance(scheduler, SIGMA_SCHEDULERS) and not isinstance(scheduler, DPMSolverMultistepScheduler):
-        x = x / (training_sigmas(SCHEDULE)[0] ** 2 + 1).sqrt()  # sigma units to x_t (DPM-Solver++ works on x_t)
+        x = x / (SCHEDULE.sigmas[0] ** 2 + 1).sqrt()  # sigma units to x_t (DPM-Solver++ works on x_t)
     return x
 
 
@@ -546,7 +546,7 @@ def test_sampling_sigmas_match_diffusers(num_steps: int, karras: bool) -> None:
     # Ours: diffusers' grid of num_steps + 1 steps up to sigma(0), without its last step from sigma(0) to 0.
     sigmas, timesteps = sampling_sigmas(SCHEDULE, num_steps, karras)
     assert sigmas.shape == (num_steps + 1,) and timesteps.shape == (num_steps,) and timesteps.dtype == torch.long
-    torch.testing.assert_close(sigmas[-1], training_sigmas(SCHEDULE)[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(sigmas[-1], SCHEDULE.sigmas[0], rtol=1e-12, atol=0)
     assert torch.all(sigmas[1:] < sigmas[:-1])
     reference = EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="linspace", use_karras_sigmas=karras)
     reference.set_timesteps(num_steps + 1)
@@ -559,13 +559,13 @@ def test_sampling_sigmas_match_diffusers(num_steps: int, karras: bool) -> None:
 @pytest.mark.parametrize("karras", [False, True])
 def test_one_step_goes_from_the_largest_to_the_smallest_training_sigma(karras: bool) -> None:
     sigmas, timesteps = sampling_sigmas(SCHEDULE, 1, karras)
-    all_sigmas = training_sigmas(SCHEDULE)
+    all_sigmas = SCHEDULE.sigmas
     torch.testing.assert_close(sigmas, torch.stack([all_sigmas[-1], all_sigmas[0]]))
     assert timesteps.tolist() == [999]
 
 
 def test_sigmas_to_timesteps_inverts_the_training_sigmas() -> None:
-    all_sigmas = training_sigmas(SCHEDULE)
+    all_sigmas = SCHEDULE.sigmas
     assert torch.equal(sigmas_to_timesteps(all_sigmas, SCHEDULE), torch.arange(1000))
     # Just off the geometric midpoints of neighbouring sigmas, log-sigma interpolation picks the nearer one.
     midpoints = (all_sigmas[:-1] * all_sigmas[1:]).sqrt()

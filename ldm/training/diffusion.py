@@ -20,7 +20,6 @@ from ldm.autoencoder import AutoencoderKL
 from ldm.data.loader import make_loader
 from ldm.errors import InputError
 from ldm.generate import save_grid
-from ldm.k_samplers import training_sigmas
 from ldm.pipeline import Pipeline
 from ldm.schedule import NoiseSchedule
 from ldm.sd_checkpoint import ModelSpec
@@ -107,7 +106,7 @@ def draw_timesteps(schedule: NoiseSchedule, batch_size: int, dcfg: DiffusionConf
     t = torch.randint(0, schedule.num_timesteps, (batch_size,), generator=generator, device=device)
     if dcfg.uniform_timesteps == 1:
         return t
-    sigmas = training_sigmas(schedule).to(device)
+    sigmas = schedule.sigmas.to(device)
     log_sigma = dcfg.log_sigma_mean + dcfg.log_sigma_std * torch.randn(batch_size, generator=generator, device=device,
                                                                        dtype=torch.float64)
     log_normal = torch.searchsorted(sigmas, log_sigma.exp()).clamp(max=schedule.num_timesteps - 1)
