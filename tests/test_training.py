@@ -24,7 +24,8 @@ from ldm.schedule import NoiseSchedule
 from ldm.sd_checkpoint import save_module
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
 from ldm.training.autoencoder import train_autoencoder
-from ldm.training.common import Checkpoints, load_stage
+from ldm.training.common import Checkpoints, TrainingRun, load_stage
+from ldm.training.config import TrainConfig
 from ldm.training.diffusion import DiffusionConfig, LatentCache, draw_timesteps, drop_captions, train_diffusion
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +143,19 @@ def test_gradient_accumulation_draws_new_latents_and_noise_for_every_micro_batch
         assert schedule["last_epoch"] == 1
     keys = [k for k in runs[1] if k.startswith(unet)]
     assert keys and any(not torch.equal(runs[1][k], runs[2][k]) for k in keys)
+
+
+def test_cpu_and_device_generators_draw_unrelated_streams(tmp_path):
+    # On a CPU both generators are Mersenne Twisters: seeded alike, the noise one draws after 64 indices would
+    # be the other's noise shifted by 64 elements (the diffusion training's posterior and diffusion noise).
+    accelerator = SimpleNamespace(process_index=0, print=print)
+    run = TrainingRun(accelerator, TrainConfig(output_dir=str(tmp_path)), "diffusion", resume=False)
+    generator, device_generator = run.generators(torch.device("cpu"))
+    torch.randint(1000, (64,), generator=generator)
+    posterior_noise = torch.randn(64 * 16, generator=generator)
+    diffusion_noise = torch.randn(64 * 16, generator=device_generator)
+    assert not torch.isin(posterior_noise, diffusion_noise).any()
+    assert abs(torch.corrcoef(torch.stack([posterior_noise[:-64], diffusion_noise[64:]]))[0, 1]) < 0.1
 
 
 def test_nan_loss_stops_with_the_step_and_last_checkpoint(stages, tmp_path):

@@ -305,7 +305,10 @@ class TrainingRun:
         step_seed = self.cfg.seed * 1_000_003 + self.accelerator.process_index * 7919 + self.step
         seed = step_seed * self.cfg.gradient_accumulation_steps + self.micro_batch
         self.micro_batch += 1
-        return torch.Generator().manual_seed(seed), torch.Generator(device).manual_seed(seed)
+        # Two seeds: on a CPU both generators are the same Mersenne Twister, and one seed would make the
+        # device draws a shifted copy of the CPU draws (the diffusion noise of one latent channel equal to
+        # the posterior noise of the next). Even and odd seeds also differ in the 32 bits it keeps.
+        return torch.Generator().manual_seed(2 * seed), torch.Generator(device).manual_seed(2 * seed + 1)
 
     def skip(self, loss: torch.Tensor) -> bool:
         """True if this step's loss is NaN/inf and the config says to skip such steps."""
