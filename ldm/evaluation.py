@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from ldm.autoencoder import AutoencoderKL
 from ldm.cli import check_output_folder
 from ldm.data.loader import to_tensor
 from ldm.data.shape_checker import check, parse_caption, read_attributes
@@ -195,6 +196,26 @@ def autoencoder_keep_rates(pipe: Pipeline, num_samples: int = 100, batch_size: i
         images = torch.stack([to_tensor(image) for image in inputs[start : start + batch_size]])
         outputs += to_pil(pipe.decode(pipe.encode(images.to(pipe.device, pipe.dtype))))
     return attributes_kept(inputs, outputs)
+
+
+@torch.no_grad()
+def erased_shares(autoencoder: AutoencoderKL, num_samples: int = 500, batch_size: int = 100,
+                  split: str = "val") -> dict[str, float]:
+    """Per "<colour> on <background>" group of the first `num_samples` images of `split`, the share that comes
+    back from encoding (posterior mean) and decoding with no object the checker can read. A stage-1 autoencoder
+    can map a whole group onto its plain background (ldm/weights/MODEL_CARD.md, "The training seeds")."""
+    parameter = next(autoencoder.parameters())
+    erased: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    for start in range(0, num_samples, batch_size):
+        samples = [sample_attributes(split, k)[0] for k in range(start, min(start + batch_size, num_samples))]
+        images = torch.stack([to_tensor(render(sample)) for sample in samples]).to(parameter)
+        decoded = to_pil(autoencoder.decode(autoencoder.encode(images).mean))
+        for sample, image in zip(samples, decoded, strict=True):
+            group = f"{sample.color} on {sample.background}"
+            total[group] += 1
+            erased[group] += read_attributes(image)["color"] is None
+    return {group: erased[group] / total[group] for group in sorted(total)}
 
 
 def img2img_keep_rates(pipe: Pipeline, num_samples: int = 100, strengths: Sequence[float] = (0.3, 0.6, 0.9),

@@ -33,9 +33,9 @@ def load_script(name: str):
     return module
 
 
-convert_checkpoint, evaluate, make_shapes, train_clip, train_diffusion, train_vae = (
-    load_script(name) for name in ("convert_checkpoint", "evaluate", "make_shapes", "train_clip", "train_diffusion",
-                                   "train_vae"))
+check_autoencoder, convert_checkpoint, evaluate, make_shapes, train_clip, train_diffusion, train_vae = (
+    load_script(name) for name in ("check_autoencoder", "convert_checkpoint", "evaluate", "make_shapes", "train_clip",
+                                   "train_diffusion", "train_vae"))
 
 TRAIN = {"output_dir": "@tmp/run", "max_steps": 2, "batch_size": 2, "log_every": 1, "checkpoint_every": 1}
 CONFIGS = {  # tiny configs that pass validation; every case breaks one thing
@@ -62,7 +62,8 @@ CONFIGS = {  # tiny configs that pass validation; every case breaks one thing
     },
 }
 MAINS = {"vae": train_vae.main, "clip": train_clip.main, "diffusion": train_diffusion.main,
-         "evaluate": evaluate.main, "make_shapes": make_shapes.main, "convert": convert_checkpoint.main}
+         "evaluate": evaluate.main, "make_shapes": make_shapes.main, "convert": convert_checkpoint.main,
+         "check_autoencoder": check_autoencoder.main}
 
 
 @pytest.fixture
@@ -240,6 +241,11 @@ SCRIPT_CASES = [
     ("evaluate", ["--ckpt", "@ckpt", "--clip", "@tmp/absent.safetensors"], "checkpoint not found"),
     ("evaluate", ["--ckpt", "@ckpt", "--clip", "@text_encoder"], "is not a clip file"),
     ("evaluate", ["--ckpt", "@ckpt", "--fid"], "FID needs Inception v3 weights"),
+    ("check_autoencoder", [], "the following arguments are required: autoencoder"),
+    ("check_autoencoder", ["@tmp/absent.safetensors"], "checkpoint not found"),
+    ("check_autoencoder", ["@text_encoder"], "is not a autoencoder file"),
+    ("check_autoencoder", ["@autoencoder", "--num_samples", "0"], "--num_samples must be >= 1"),
+    ("check_autoencoder", ["@autoencoder", "--max_erased", "1.5"], "--max_erased must be in [0, 1]"),
     ("make_shapes", ["--num", "2", "--outdir", "@tmp/shards"], "the following arguments are required: --split"),
     ("make_shapes", ["--split", "test", "--num", "2", "--outdir", "@tmp/shards"], "invalid choice: 'test'"),
     ("make_shapes", ["--split", "train", "--num", "two", "--outdir", "@tmp/shards"], "invalid int value: 'two'"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from ldm.evaluation import (
     autoencoder_keep_rates,
     canonical_captions,
     color_shares,
+    erased_shares,
     img2img_keep_rates,
     inception_features,
     inception_features_model,
@@ -37,6 +39,7 @@ from ldm.pipeline import Pipeline, to_pil
 from tests.conftest import randomize_, tiny_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import check_autoencoder  # noqa: E402
 import evaluate_samplers  # noqa: E402
 
 
@@ -265,6 +268,43 @@ def test_attributes_kept_on_a_hand_made_mix():
                                                 "position": 0.5, "background": 1.0}
     with pytest.raises(InputError):
         attributes_kept(inputs, outputs[:3])
+
+
+class GrayBlankingAutoencoder(torch.nn.Module):
+    """Encodes to the image itself and decodes it unchanged, except images on a gray background, which it
+    decodes as their plain background (`blank_gray=False`: the identity)."""
+
+    def __init__(self, blank_gray: bool = True):
+        super().__init__()
+        self.blank_gray = blank_gray
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # device and dtype, as a real module has
+        self.gray = to_tensor(render(ShapeSample("red", "circle", "small", "center", "gray")))[:, 0, 0]
+
+    def encode(self, images):
+        return SimpleNamespace(mean=images)
+
+    def decode(self, latents):
+        corners = latents[:, :, :1, :1]
+        on_gray = (corners[:, :, 0, 0] - self.gray).abs().amax(dim=1) < 1e-3
+        return torch.where(self.blank_gray & on_gray[:, None, None, None], corners.expand_as(latents), latents)
+
+
+def test_erased_shares_per_colour_and_background():
+    shares = erased_shares(GrayBlankingAutoencoder(), num_samples=60, batch_size=25)
+    samples = [sample_attributes("val", k)[0] for k in range(60)]
+    assert set(shares) == {f"{s.color} on {s.background}" for s in samples}
+    assert shares == {group: float(group.endswith("on gray")) for group in shares}
+    assert set(erased_shares(GrayBlankingAutoencoder(blank_gray=False), num_samples=60).values()) == {0.0}
+
+
+def test_check_autoencoder_fails_on_an_erased_group(monkeypatch, capsys):
+    monkeypatch.setattr(check_autoencoder, "load_stage", lambda path, kind: GrayBlankingAutoencoder())
+    assert run_main(check_autoencoder.main, ["ae.safetensors", "--num_samples", "40"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: ae.safetensors erases the shape")
+    assert "on gray (100%)" in error[0]
+    monkeypatch.setattr(check_autoencoder, "load_stage", lambda path, kind: GrayBlankingAutoencoder(False))
+    assert run_main(check_autoencoder.main, ["ae.safetensors", "--num_samples", "40"]) == 0
 
 
 class Img2ImgPipeline:
