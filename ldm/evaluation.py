@@ -149,20 +149,36 @@ def color_shares(images: Images) -> dict[str, float]:
     return {color: colors.count(color) / len(images) for color in (*VOCABULARY["color"], "none")}
 
 
-def negative_prompt_effect(pipe: Pipeline, prompt: str = "a circle", negative_prompt: str = "red",
+def negative_prompt_effect(pipe: Pipeline, prompt: str = "a circle", negative_prompt: str | None = None,
                            num_samples: int = 200, num_steps: int = 50, guidance_scale: float = 5.0,
-                           batch_size: int = 100, seed: int = 0, progress: bool = True) -> dict[str, dict[str, float]]:
+                           batch_size: int = 100, seed: int = 0,
+                           progress: bool = True) -> dict[str, str | dict[str, float]]:
     """`color_shares` of `num_samples` images of `prompt` (image k from seed `seed + k`), without (`"without"`)
-    and with (`"with"`) `negative_prompt` in place of the empty unconditional prompt."""
-    shares = {}
-    for key, negative in (("without", ""), ("with", negative_prompt)):
+    and with (`"with"`) `negative_prompt` in place of the empty unconditional prompt, and under
+    `"negative_prompt"` the one used: by default the colour drawn most often without it, so that the check
+    measures something on any model (a colour the model never draws for `prompt` cannot fall)."""
+
+    def shares(negative: str, key: str) -> dict[str, float]:
         images = []
         for start in tqdm(range(0, num_samples, batch_size), desc=f"{key} negative prompt", disable=not progress):
             num = min(batch_size, num_samples - start)
             images += pipe([prompt] * num, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed + start,
                            negative_prompts=negative, progress=False)
-        shares[key] = color_shares(images)
-    return shares
+        return color_shares(images)
+
+    without = shares("", "without")
+    negative_prompt = most_drawn_color(without, prompt) if negative_prompt is None else negative_prompt
+    return {"negative_prompt": negative_prompt, "without": without, "with": shares(negative_prompt, "with")}
+
+
+def most_drawn_color(shares: dict[str, float], prompt: str) -> str:
+    """The shapes-v1 colour with the largest share in `color_shares` output (the first in vocabulary order on
+    a tie); InputError if no image of `prompt` had a colour the checker reads."""
+    color = max(VOCABULARY["color"], key=lambda c: shares[c])
+    if shares[color] == 0:
+        raise InputError(f"no image of {prompt!r} has an object of a colour the checker reads; name the negative "
+                         "prompt yourself")
+    return color
 
 
 def attributes_kept(inputs: Images, outputs: Images) -> dict[str, float]:

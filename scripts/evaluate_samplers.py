@@ -6,8 +6,8 @@
 
 1. Quality per step: latent RMSE of deterministic samplers to a 1000-step DDIM run from the same noise.
 2. Prompt following of every sampler at its default step count (ldm.samplers.DEFAULT_STEPS), same seeds.
-3. Negative prompt: colours of "a circle", without and with a colour (--negative_color, default red) as the
-   negative prompt.
+3. Negative prompt: colours of "a circle", without and with a colour (--negative_color; by default the one
+   the model draws most for it) as the negative prompt.
 4. img2img: share of val images whose checker-read attributes survive img2img with their own caption, and
    (the most img2img can keep) encoding and decoding alone.
 Parts 1 and 2 cover the --samplers given (default: all). All at guidance scale 5 on canonical shapes-v1
@@ -57,9 +57,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.scale < 0:
         raise InputError(f"--scale must be >= 0, got {args.scale}")
-    if args.negative_color not in VOCABULARY["color"]:
-        raise InputError(f"--negative_color must be a shapes-v1 colour ({', '.join(VOCABULARY['color'])}), "
-                         f"got {args.negative_color!r}")
+    if args.negative_color not in (*VOCABULARY["color"], "auto"):
+        raise InputError(f"--negative_color must be a shapes-v1 colour ({', '.join(VOCABULARY['color'])}) or "
+                         f"auto, got {args.negative_color!r}")
     if args.num_quality and not set(args.samplers) & set(DETERMINISTIC_SAMPLERS):
         raise InputError(f"quality per step compares deterministic samplers, and --samplers names none; add one of "
                          f"{', '.join(DETERMINISTIC_SAMPLERS)} or pass --num_quality 0")
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reference_steps", type=int, default=1000, help="DDIM steps of the quality reference")
     p.add_argument("--num_prompts", type=int, default=300, help="val captions for prompt following per sampler")
     p.add_argument("--num_negative", type=int, default=200, help="seeds for the negative-prompt check")
-    p.add_argument("--negative_color", default="red", help="the colour that is the negative prompt")
+    p.add_argument("--negative_color", default="auto", help="the colour that is the negative prompt (auto: the "
+                   "one the model draws most often for the prompt without it)")
     p.add_argument("--num_img2img", type=int, default=100, help="val images for the img2img check")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS["ddim"], help="DDIM steps of the negative-prompt "
                    "and img2img checks")
@@ -163,10 +164,10 @@ def main(argv: list[str] | None = None) -> None:
         by_sampler = prompt_following_by_sampler(pipe, canonical_captions("val", args.num_prompts), steps, **common)
         finish("prompt_following", {"num_captions": args.num_prompts, "by_sampler": by_sampler})
     if args.num_negative:
-        shares = negative_prompt_effect(pipe, PROMPT, args.negative_color, num_samples=args.num_negative,
-                                        num_steps=args.steps, **common)
-        finish("negative_prompt", {"prompt": PROMPT, "negative_prompt": args.negative_color,
-                                   "num_images": args.num_negative, "steps": args.steps, **shares})
+        negative = None if args.negative_color == "auto" else args.negative_color
+        effect = negative_prompt_effect(pipe, PROMPT, negative, num_samples=args.num_negative, num_steps=args.steps,
+                                        **common)
+        finish("negative_prompt", {"prompt": PROMPT, "num_images": args.num_negative, "steps": args.steps, **effect})
     if args.num_img2img:
         by_strength = img2img_keep_rates(pipe, args.num_img2img, IMG2IMG_STRENGTHS, num_steps=args.steps, **common)
         autoencoder = autoencoder_keep_rates(pipe, args.num_img2img, args.batch_size)

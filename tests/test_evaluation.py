@@ -29,6 +29,7 @@ from ldm.evaluation import (
     img2img_keep_rates,
     inception_features,
     inception_features_model,
+    most_drawn_color,
     negative_prompt_effect,
     prompt_following,
     prompt_following_by_sampler,
@@ -255,6 +256,37 @@ def test_negative_prompt_effect_counts_both_runs_from_the_same_seeds():
     assert shares["with"]["red"] == 0.6 and shares["with"]["blue"] == 0.4  # seeds 0, 2 and 4 of 0 .. 4 stay red
     shares = negative_prompt_effect(NegativePromptPipeline(), num_samples=5, batch_size=3, seed=1, progress=False)
     assert shares["without"]["red"] == 1.0 and shares["with"]["red"] == 0.4  # seeds 2 and 4 of 1 .. 5
+    assert shares["negative_prompt"] == "red"  # the colour drawn without a negative prompt
+
+
+class MixedColorPipeline:
+    """Without a negative prompt: green from seeds 0, 3, 6, ..., else blue; with one: no object at all."""
+
+    def __init__(self):
+        self.negative_prompts = []
+
+    def __call__(self, prompts, num_steps, guidance_scale, seed, negative_prompts, progress):
+        self.negative_prompts.append(negative_prompts)
+        if negative_prompts:
+            return [_blank() for _ in prompts]
+        return [_shape("green" if (seed + k) % 3 == 0 else "blue") for k in range(len(prompts))]
+
+
+def test_negative_prompt_effect_takes_the_most_drawn_colour_unless_told():
+    pipe = MixedColorPipeline()
+    effect = negative_prompt_effect(pipe, num_samples=5, batch_size=5, progress=False)  # green 2, blue 3
+    assert effect["negative_prompt"] == "blue" and pipe.negative_prompts == ["", "blue"]
+    assert effect["without"]["blue"] == 0.6 and effect["with"]["none"] == 1.0
+    pipe = MixedColorPipeline()
+    effect = negative_prompt_effect(pipe, negative_prompt="green", num_samples=5, batch_size=5, progress=False)
+    assert effect["negative_prompt"] == "green" and pipe.negative_prompts == ["", "green"]
+
+
+def test_most_drawn_color_breaks_ties_in_vocabulary_order_and_needs_a_colour():
+    none = dict.fromkeys(["red", "green", "blue", "yellow", "purple", "orange", "cyan", "pink"], 0.0)
+    assert most_drawn_color({**none, "pink": 0.4, "cyan": 0.4, "none": 0.2}, "a circle") == "cyan"
+    with pytest.raises(InputError, match="no image of 'a circle' has an object of a colour"):
+        most_drawn_color({**none, "none": 1.0}, "a circle")
 
 
 def test_attributes_kept_on_a_hand_made_mix():
@@ -367,7 +399,8 @@ def test_evaluate_samplers_script_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(evaluate_samplers, "DEFAULT_STEPS", {"ddim": 2, "heun": 2})
     out = tmp_path / "report.json"
     argv = ["--ckpt", str(ckpt), "--num_quality", "2", "--reference_steps", "4", "--num_prompts", "2",
-            "--num_negative", "2", "--num_img2img", "2", "--steps", "2", "--device", "cpu", "--out", str(out)]
+            "--num_negative", "2", "--negative_color", "red", "--num_img2img", "2", "--steps", "2", "--device", "cpu",
+            "--out", str(out)]
     assert run_main(evaluate_samplers.main, argv) == 0
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())
@@ -419,7 +452,7 @@ def test_report_states_the_issue_check(dpm, verdict):
     (["--num_prompts", "-1"], "--num_prompts must be >= 0"),
     (["--reference_steps", "0"], "--reference_steps must be >= 1"),
     (["--ckpt", "MISSING"], "checkpoint not found"),
-    (["--negative_color", "violet"], "--negative_color must be a shapes-v1 colour"),
+    (["--negative_color", "violet"], "--negative_color must be a shapes-v1 colour (red, green"),
     (["--out", "TMP"], "is a folder"),
     (["--samplers", "ddpm", "euler_a"], "--samplers names none"),
 ])
