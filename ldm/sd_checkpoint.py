@@ -254,7 +254,8 @@ def load_module_file(path: str | Path, kind: str) -> tuple[dict[str, torch.Tenso
     """Weights, config and metadata of a file written by `save_module` for stage `kind`."""
     state_dict, metadata = read_checkpoint(path)
     if metadata.get("ldm_module") != kind:
-        raise InputError(f"{path} is not a {kind} file written by this project "
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise InputError(f"{path} is not {article} {kind} file written by this project "
                          f"(found {metadata.get('ldm_module') or 'no stage tag'}); pass the {kind} .safetensors "
                          "that its training run exported")
     return state_dict, json.loads(metadata["config"]), metadata

@@ -243,7 +243,7 @@ SCRIPT_CASES = [
     ("evaluate", ["--ckpt", "@ckpt", "--fid"], "FID needs Inception v3 weights"),
     ("check_autoencoder", [], "the following arguments are required: autoencoder"),
     ("check_autoencoder", ["@tmp/absent.safetensors"], "checkpoint not found"),
-    ("check_autoencoder", ["@text_encoder"], "is not a autoencoder file"),
+    ("check_autoencoder", ["@text_encoder"], "is not an autoencoder file"),
     ("check_autoencoder", ["@autoencoder", "--num_samples", "0"], "--num_samples must be >= 1"),
     ("check_autoencoder", ["@autoencoder", "--max_erased", "1.5"], "--max_erased must be in [0, 1]"),
     ("make_shapes", ["--num", "2", "--outdir", "@tmp/shards"], "the following arguments are required: --split"),

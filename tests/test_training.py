@@ -167,7 +167,7 @@ def test_nan_loss_stops_with_the_step_and_last_checkpoint(stages, tmp_path):
 def test_bad_stage_files_and_config_are_input_errors(stages, tmp_path):
     autoencoder, text_encoder = stages
     swapped = diffusion_config(tmp_path / "x", (text_encoder, autoencoder))
-    with pytest.raises(InputError, match="is not a autoencoder file"):
+    with pytest.raises(InputError, match="is not an autoencoder file"):
         train_diffusion(swapped)
     wrong_width = diffusion_config(tmp_path / "y", stages)
     wrong_width["unet"]["context_dim"] = 32

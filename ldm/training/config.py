@@ -269,4 +269,5 @@ def check_stage_file(path: Any, kind: str, key: str) -> None:
     except (SafetensorError, OSError) as e:
         raise InputError(f"{key}: cannot read {path} ({e}); {hint}") from None
     if tag != kind:
-        raise InputError(f"{key}: {path} is not a {kind} file (it holds {tag or 'no stage tag'}); {hint}")
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise InputError(f"{key}: {path} is not {article} {kind} file (it holds {tag or 'no stage tag'}); {hint}")
