@@ -21,6 +21,7 @@ from ldm.data.shape_checker import check, parse_caption, read_attributes
 from ldm.data.shapes import ATTRIBUTES, VOCABULARY, canonical_caption, render, sample_attributes
 from ldm.errors import InputError
 from ldm.pipeline import Pipeline, to_pil
+from ldm.samplers import KARRAS_BY_DEFAULT
 
 Images = Sequence[Image.Image | np.ndarray]
 
@@ -32,7 +33,7 @@ def canonical_captions(split: str, num_samples: int) -> list[str]:
 
 def prompt_following(pipe: Pipeline, captions: list[str], num_steps: int = 50, guidance_scale: float = 5.0,
                      batch_size: int = 50, seed: int = 0, progress: bool = True, sampler: str = "ddim",
-                     karras: bool = False) -> dict[str, float]:
+                     karras: bool | None = None) -> dict[str, float]:
     """Share of images with every requested attribute right (`all`), and per attribute.
 
     Image k is generated with seed `seed + k`, so the figure is reproducible and the same for every sampler.
@@ -128,15 +129,19 @@ def sampler_quality(pipe: Pipeline, captions: list[str], settings: Sequence[Samp
 def prompt_following_by_sampler(pipe: Pipeline, captions: list[str], steps: dict[str, int],
                                 guidance_scale: float = 5.0, batch_size: int = 100, seed: int = 0,
                                 progress: bool = True) -> dict[str, dict[str, float]]:
-    """`prompt_following` for each sampler at its step count in `steps` (e.g. `ldm.samplers.DEFAULT_STEPS`), from
-    the same seeds. Returns, per sampler, its steps, evaluations (U-Net passes per image) and the shares."""
+    """`prompt_following` for each sampler at its step count in `steps` (e.g. `ldm.samplers.DEFAULT_STEPS`) and
+    its default noise levels, from the same seeds. Returns, per sampler, its steps, whether it stepped on
+    Karras et al.'s noise levels, evaluations (U-Net passes per image) and the shares."""
     num_batches = -(-len(captions) // batch_size)
     results = {}
     for name, num_steps in steps.items():
+        karras = name in KARRAS_BY_DEFAULT
         with CallCounter(pipe.unet) as counter:
             scores = prompt_following(pipe, captions, num_steps=num_steps, guidance_scale=guidance_scale,
-                                      batch_size=batch_size, seed=seed, progress=progress, sampler=name)
-        results[name] = {"steps": num_steps, "evaluations": counter.count // num_batches, **scores}
+                                      batch_size=batch_size, seed=seed, progress=progress, sampler=name,
+                                      karras=karras)
+        results[name] = {"steps": num_steps, "karras": karras, "evaluations": counter.count // num_batches,
+                         **scores}
     return results
 
 

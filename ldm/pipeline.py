@@ -181,7 +181,7 @@ class Pipeline:
                  eta: float = 0.0, seed: int | Sequence[int] = 0, height: int | None = None,
                  width: int | None = None, latents: torch.Tensor | None = None,
                  negative_prompts: str | Sequence[str] = "", output_type: str = "pil",
-                 progress: bool = True, sampler: str = "ddim", karras: bool = False,
+                 progress: bool = True, sampler: str = "ddim", karras: bool | None = None,
                  guidance_rescale: float = 0.0, init_images: torch.Tensor | None = None,
                  masks: torch.Tensor | None = None, strength: float | None = None) -> list[Image.Image] | torch.Tensor:
         """Generate one image per prompt.
@@ -190,8 +190,9 @@ class Pipeline:
         `latents` (B, 4, h, w), if given, replace the seeded initial noise. `negative_prompts` (one for
         all, or one per prompt) replace the empty unconditional prompt of guidance. Prompts may carry
         `(text:1.3)` weights and be longer than the text encoder's context (see `ldm.prompts`).
-        `sampler` is one of `ldm.samplers.SAMPLERS`; `karras` picks Karras et al.'s noise levels;
-        `guidance_rescale` is phi of Lin et al. (0 = plain guidance).
+        `sampler` is one of `ldm.samplers.SAMPLERS`; `karras` picks Karras et al.'s noise levels (None:
+        the sampler's default, on for `ldm.samplers.KARRAS_BY_DEFAULT`); `guidance_rescale` is phi of
+        Lin et al. (0 = plain guidance).
 
         img2img: `init_images` (1 or B, 3, H, W) in [-1, 1] set the size; `strength` in (0, 1] is how
         much of the sampler's schedule reruns (default 0.75). Inpainting: also `masks` (1 or B, 1, H, W)

@@ -51,6 +51,12 @@ SIGMA_SAMPLERS: tuple[str, ...] = ("euler", "euler_a", "heun", "dpmpp_2m")
 # ancestral at 20-50 steps on large models: pass --steps.
 DEFAULT_STEPS: dict[str, int] = {"ddim": 50, "ddpm": 250, "plms": 50, "euler": 50, "euler_a": 250, "heun": 25,
                                  "dpmpp_2m": 20}
+# Samplers that step on Karras et al.'s noise levels unless told otherwise (the "DPM++ 2M Karras" of SD
+# tools): their higher-order steps overshoot on the long low-noise steps of evenly spaced timesteps, which
+# Karras' levels split finer. On the bundled model at guidance 5 (1800 val captions, docs/samplers.md) Heun 25
+# follows prompts 97.5 % of the time on evenly spaced levels and 98.8 % on Karras', DPM++ 2M 20 97.0 / 98.9 %,
+# DDIM 50 99.1 %. Euler and Euler ancestral keep evenly spaced levels: there Euler is DDIM (98.7 %).
+KARRAS_BY_DEFAULT: frozenset[str] = frozenset({"heun", "dpmpp_2m"})
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, Tensor], None]
@@ -317,7 +323,7 @@ def sample(
     num_steps: int,
     *,
     eta: float = 0.0,
-    karras: bool = False,
+    karras: bool | None = None,
     generator: Generators = None,
     parameterization: str = "eps",
     progress: bool = True,
@@ -328,18 +334,20 @@ def sample(
 ) -> Tensor:
     """Run the sampler called ``name`` (one of SAMPLERS) from ``x_T`` (B, C, h, w) ~ N(0, I) to latents.
 
-    ``eta`` applies to "ddim" only, ``karras`` (Karras et al. sigmas) to SIGMA_SAMPLERS only;
-    ``generator`` feeds the stochastic ones (ddim with eta > 0, ddpm, euler_a) and is ignored by the
-    others. img2img and inpainting: ``init_latents`` (B, C, h, w) noised with ``x_T`` to the level of
-    step ``start_step``, from where the sampler runs its remaining steps; ``x0_transform`` edits each
-    prediction of x0 (see the module docstring). Raises InputError for an unknown name or an option
-    the sampler does not take.
+    ``eta`` applies to "ddim" only, ``karras`` (Karras et al. sigmas; None: the sampler's default, on
+    for KARRAS_BY_DEFAULT) to SIGMA_SAMPLERS only; ``generator`` feeds the stochastic ones (ddim with
+    eta > 0, ddpm, euler_a) and is ignored by the others. img2img and inpainting: ``init_latents``
+    (B, C, h, w) noised with ``x_T`` to the level of step ``start_step``, from where the sampler runs its
+    remaining steps; ``x0_transform`` edits each prediction of x0 (see the module docstring). Raises
+    InputError for an unknown name or an option the sampler does not take.
     """
     # Imported here: ldm.k_samplers builds on this module's helpers.
     from ldm import k_samplers
 
     if name not in SAMPLERS:
         raise InputError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if karras is None:
+        karras = name in KARRAS_BY_DEFAULT
     if karras and name not in SIGMA_SAMPLERS:
         raise InputError(f"karras sigmas work only with the samplers {', '.join(SIGMA_SAMPLERS)}; "
                          f"drop karras for {name!r}")

@@ -39,7 +39,7 @@ from ldm.evaluation import (
 from ldm.files import write_json
 from ldm.generate import BUNDLED_CHECKPOINT
 from ldm.pipeline import Pipeline
-from ldm.samplers import DEFAULT_STEPS, SAMPLERS
+from ldm.samplers import DEFAULT_STEPS, KARRAS_BY_DEFAULT, SAMPLERS
 
 # The issue's checks: a prompt that leaves the colour open, with a colour as negative prompt, and img2img
 # strengths around the asked-for 0.3.
@@ -76,12 +76,19 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
 
+def sampler_label(name: str, karras: bool) -> str:
+    """The sampler as txt2img's flags pick it: `--karras` / `--no-karras` only where not its default."""
+    if karras == (name in KARRAS_BY_DEFAULT):
+        return name
+    return f"{name} --karras" if karras else f"{name} --no-karras"
+
+
 def report(results: dict[str, dict]) -> str:
     """The results of `main` as markdown: one table per part that ran."""
     parts = []
     if "quality" in results:
         quality = results["quality"]
-        rows = [[r["sampler"] + (" (Karras)" if r["karras"] else ""), r["steps"], r["evaluations"], r["rmse"]]
+        rows = [[sampler_label(r["sampler"], r["karras"]), r["steps"], r["evaluations"], r["rmse"]]
                 for r in quality["rows"]]
         parts.append(f"Latent RMSE to DDIM {quality['reference_steps']} steps ({quality['num_images']} images)\n\n"
                      + markdown_table(["sampler", "steps", "evaluations", "RMSE"], rows))
@@ -90,11 +97,12 @@ def report(results: dict[str, dict]) -> str:
             if ("dpmpp_2m", karras, 20) in rmse and ("ddim", False, 50) in rmse:
                 dpm, ddim = rmse[("dpmpp_2m", karras, 20)], rmse[("ddim", False, 50)]
                 verdict = "closer" if dpm < ddim else "not closer"
-                parts.append(f"DPM++ 2M{' (Karras)' if karras else ''} at 20 steps (RMSE {dpm:.4f}) lands {verdict} "
-                             f"to the reference than DDIM at 50 (RMSE {ddim:.4f}).")
+                levels = "Karras" if karras else "evenly spaced"
+                parts.append(f"DPM++ 2M at 20 steps on {levels} noise levels (RMSE {dpm:.4f}) lands {verdict} to "
+                             f"the reference than DDIM at 50 (RMSE {ddim:.4f}).")
     if "prompt_following" in results:
         following = results["prompt_following"]
-        rows = [[name, r["steps"], r["evaluations"], r["all"], *(r[a] for a in ATTRIBUTES)]
+        rows = [[sampler_label(name, r["karras"]), r["steps"], r["evaluations"], r["all"], *(r[a] for a in ATTRIBUTES)]
                 for name, r in following["by_sampler"].items()]
         parts.append(f"Prompt following ({following['num_captions']} val captions), share right\n\n"
                      + markdown_table(["sampler", "steps", "evaluations", "all", *ATTRIBUTES], rows))

@@ -22,7 +22,7 @@ from ldm.generate import BUNDLED_CHECKPOINT, make_grid, prepare_outdir, save_png
 from ldm.img2img import default_strength
 from ldm.pipeline import Pipeline
 from ldm.prompts import parse_weights
-from ldm.samplers import DEFAULT_STEPS, SAMPLERS
+from ldm.samplers import DEFAULT_STEPS, KARRAS_BY_DEFAULT, SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=None,
                    help=f"sampling steps (default: the sampler's: {default_steps})")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="the sampler")
-    p.add_argument("--karras", action="store_true", help="Karras et al. noise levels (euler, euler_a, heun, "
-                   "dpmpp_2m)")
+    p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
+                   help="Karras et al. noise levels (euler, euler_a, heun, dpmpp_2m; default: on for "
+                   f"{', '.join(sorted(KARRAS_BY_DEFAULT))})")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (1 = no guidance)")
     p.add_argument("--guidance_rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1] of Lin et "
                    "al. 2023 (0 = off; 0.7 against over-exposure at high scales)")
@@ -79,11 +80,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.replay is not None:
-        # The recorded settings become the defaults, so flags on the command line still win.
-        parser.set_defaults(**replay_settings(args.replay))
+        # The recorded settings become the defaults, so flags on the command line still win. The recorded
+        # noise levels belong to the recorded sampler: another --sampler gets its own default.
+        recorded = replay_settings(args.replay)
+        karras = recorded.pop("karras", None)
+        parser.set_defaults(**recorded)
         args = parser.parse_args(argv)
+        if args.karras is None and args.sampler == recorded.get("sampler", "ddim"):
+            args.karras = karras
     if args.steps is None:
         args.steps = DEFAULT_STEPS[args.sampler]
+    if args.karras is None:
+        args.karras = args.sampler in KARRAS_BY_DEFAULT
     return args
 
 

@@ -199,7 +199,7 @@ class SamplerDrawingPipeline:
         self.calls = []
 
     def __call__(self, captions, num_steps, guidance_scale, seed, progress, sampler="ddim", karras=False):
-        self.calls.append((sampler, num_steps, guidance_scale, seed))
+        self.calls.append((sampler, karras, num_steps, guidance_scale, seed))
         for _ in range(num_steps):
             self.unet(torch.zeros(1))
         images = []
@@ -215,12 +215,12 @@ def test_prompt_following_by_sampler_runs_each_at_its_steps():
     pipe = SamplerDrawingPipeline(bad_sampler="heun")
     results = prompt_following_by_sampler(pipe, canonical_captions("val", 5), {"ddim": 4, "heun": 2},
                                           guidance_scale=3.0, batch_size=2, seed=10, progress=False)
-    assert results["ddim"] == {"steps": 4, "evaluations": 4, "all": 1.0, "color": 1.0, "shape": 1.0, "size": 1.0,
-                               "position": 1.0, "background": 1.0}
-    assert results["heun"]["steps"] == 2 and results["heun"]["evaluations"] == 2
+    assert results["ddim"] == {"steps": 4, "karras": False, "evaluations": 4, "all": 1.0, "color": 1.0, "shape": 1.0,
+                               "size": 1.0, "position": 1.0, "background": 1.0}
+    assert results["heun"]["steps"] == 2 and results["heun"]["evaluations"] == 2 and results["heun"]["karras"]
     assert results["heun"]["all"] == results["heun"]["color"] == 0.0 and results["heun"]["shape"] == 1.0
-    assert pipe.calls == [("ddim", 4, 3.0, 10), ("ddim", 4, 3.0, 12), ("ddim", 4, 3.0, 14),
-                          ("heun", 2, 3.0, 10), ("heun", 2, 3.0, 12), ("heun", 2, 3.0, 14)]
+    assert pipe.calls == [("ddim", False, 4, 3.0, 10), ("ddim", False, 4, 3.0, 12), ("ddim", False, 4, 3.0, 14),
+                          ("heun", True, 2, 3.0, 10), ("heun", True, 2, 3.0, 12), ("heun", True, 2, 3.0, 14)]
 
 
 def _shape(color: str, shape: str = "circle", size: str = "large", position: str = "center",
@@ -414,10 +414,9 @@ def test_evaluate_samplers_script_end_to_end(tmp_path, capsys, monkeypatch):
     assert set(results["img2img"]["autoencoder"]) == {"all", "color", "shape", "size", "position", "background"}
     assert printed == evaluate_samplers.report(results) + "\n\n"
     assert set(results["seconds"]) == {"quality", "prompt_following", "negative_prompt", "img2img"}
-    for text in ("Latent RMSE to DDIM 4 steps", "| dpmpp_2m (Karras) | 2 | 2 |", "| heun | 2 | 3 |", '| "red" |',
-                 "| 0.6 |", "| autoencoder only |"):
+    for text in ("Latent RMSE to DDIM 4 steps", "| dpmpp_2m | 2 | 2 |", "| heun | 2 | 3 |",
+                 '| "red" |', "| 0.6 |", "| autoencoder only |"):
         assert text in printed
-
 
 
 def test_evaluate_samplers_runs_only_the_samplers_asked_for(tmp_path, capsys, monkeypatch):
@@ -442,10 +441,12 @@ def test_report_states_the_issue_check(dpm, verdict):
             {"sampler": "dpmpp_2m", "karras": False, "steps": 20, "evaluations": 20, "rmse": dpm},
             {"sampler": "dpmpp_2m", "karras": True, "steps": 20, "evaluations": 20, "rmse": 0.04 - dpm}]
     text = evaluate_samplers.report({"quality": {"reference_steps": 1000, "num_images": 3, "rows": rows}})
-    assert f"| dpmpp_2m | 20 | 20 | {dpm:.3f} |" in text
-    assert f"DPM++ 2M at 20 steps (RMSE {dpm:.4f}) {verdict} to the reference than DDIM at 50 (RMSE 0.0200)" in text
+    assert f"| dpmpp_2m --no-karras | 20 | 20 | {dpm:.3f} |" in text
+    assert f"| dpmpp_2m | 20 | 20 | {0.04 - dpm:.3f} |" in text
+    assert (f"DPM++ 2M at 20 steps on evenly spaced noise levels (RMSE {dpm:.4f}) {verdict} to the reference than "
+            "DDIM at 50 (RMSE 0.0200)") in text
     other = "lands not closer" if verdict == "lands closer" else "lands closer"
-    assert f"DPM++ 2M (Karras) at 20 steps (RMSE {0.04 - dpm:.4f}) {other} to the reference" in text
+    assert f"DPM++ 2M at 20 steps on Karras noise levels (RMSE {0.04 - dpm:.4f}) {other} to the reference" in text
 
 
 @pytest.mark.parametrize(("argv", "match"), [

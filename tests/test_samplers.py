@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ldm.errors import InputError
 from ldm.k_samplers import karras_sigmas, sampling_sigmas, sigmas_to_timesteps
-from ldm.samplers import SAMPLERS, ddim_timesteps, sample, sample_ddim
+from ldm.samplers import KARRAS_BY_DEFAULT, SAMPLERS, SIGMA_SAMPLERS, ddim_timesteps, sample, sample_ddim
 from ldm.schedule import NoiseSchedule
 
 SCHEDULE = NoiseSchedule()
@@ -578,6 +578,26 @@ def test_karras_sigmas_follow_equation_5() -> None:
     ramp = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
     expected = (10.0 ** (1 / 7) + ramp * (0.1 ** (1 / 7) - 10.0 ** (1 / 7))) ** 7
     torch.testing.assert_close(sigmas, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", SIGMA_SAMPLERS)
+def test_karras_default_depends_on_the_sampler(name: str) -> None:
+    x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(16))
+
+    def timesteps_seen(karras: bool | None) -> Tensor:
+        seen = []
+
+        def denoiser(x_t: Tensor, t: Tensor) -> Tensor:
+            seen.append(t)
+            return 0.1 * x_t
+
+        sample(name, denoiser, x_T, SCHEDULE, 6, karras=karras, generator=torch.Generator().manual_seed(17),
+               progress=False)
+        return torch.cat(seen)
+
+    karras, evenly_spaced = timesteps_seen(True), timesteps_seen(False)
+    assert not torch.equal(karras, evenly_spaced)
+    assert torch.equal(timesteps_seen(None), karras if name in KARRAS_BY_DEFAULT else evenly_spaced)
 
 
 @pytest.mark.parametrize("name", SAMPLERS)

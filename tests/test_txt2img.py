@@ -168,6 +168,7 @@ def _write_init_images(folder: Path) -> tuple[Path, Path]:
     ["--init-img", "INIT", "--mask", "MASK"],
     ["--init-img", "INIT", "--mask", "MASK", "--sampler", "dpmpp_2m", "--karras"],
     ["--init-img", "INIT", "--strength", "0.5", "--sampler", "euler_a"],
+    ["--sampler", "heun", "--no-karras"],  # recorded off, against heun's default
 ])
 def test_replay_regenerates_the_same_pixels(random_ckpt, tmp_path, capsys, extra):
     init, mask = _write_init_images(tmp_path / "inputs")
@@ -193,6 +194,25 @@ def test_replay_regenerates_the_same_pixels(random_ckpt, tmp_path, capsys, extra
                      "--device", "cpu", "--seed", "7"], capsys)
     assert code == 0, err
     assert Image.open(tmp_path / "c" / "00000.png").tobytes() != Image.open(original).tobytes()
+
+
+@pytest.mark.parametrize(("flags", "karras"), [
+    ([], False), (["--sampler", "heun"], True), (["--sampler", "dpmpp_2m"], True), (["--sampler", "euler"], False),
+    (["--sampler", "euler", "--karras"], True), (["--sampler", "dpmpp_2m", "--no-karras"], False),
+])
+def test_karras_defaults_to_the_samplers_choice(flags, karras):
+    assert txt2img.parse_args(["--prompt", "a red circle", *flags]).karras is karras
+
+
+def test_replay_keeps_recorded_noise_levels_for_the_recorded_sampler_only(random_ckpt, tmp_path, capsys):
+    code, err = run(["--prompt", "a red circle", "--ckpt", str(random_ckpt), "--outdir", str(tmp_path), "--steps", "1",
+                     "--sampler", "heun", "--no-karras", "--skip_grid", "--device", "cpu"], capsys)
+    assert code == 0, err
+    png = str(tmp_path / "00000.png")
+    assert Image.open(png).text["karras"] == "False"
+    for flags, karras in [([], False), (["--karras"], True), (["--sampler", "dpmpp_2m"], True),
+                          (["--sampler", "euler"], False), (["--sampler", "dpmpp_2m", "--no-karras"], False)]:
+        assert txt2img.parse_args(["--replay", png, *flags]).karras is karras, flags
 
 
 def test_replay_names_the_model_it_needs(random_ckpt, tmp_path, capsys):
