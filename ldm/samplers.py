@@ -18,7 +18,8 @@ Every sampler shares one contract, so new ones can be added as sibling functions
   uses it, and eps is re-derived from the edited x0 at the sampler's own noise level (see
   ``predict``). Latent-blending inpainting pastes the known region there, which works the same
   for every sampler, also between training timesteps (Karras sigmas).
-- Per-step scalars are built before the loop, so the loop never syncs host and device.
+- Per-step scalars are built before the loop, so the loop never syncs host and device
+  (``tests/test_pipeline.py`` counts the host reads of tensor values per run, for every sampler).
 - Randomness comes only from ``generator``: one torch.Generator on ``x_T``'s device, or one per
   batch row so that each sample is reproducible on its own (see ``randn``).
 

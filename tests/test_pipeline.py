@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldm.errors import InputError
 from ldm.pipeline import Pipeline
+from ldm.samplers import SAMPLERS
 from ldm.sd_checkpoint import read_checkpoint, spec_from_yaml
 from tests.conftest import randomize_
 
@@ -192,3 +194,37 @@ def test_decode_runs_the_decoder_channels_last_with_the_same_images(tiny_pipelin
         reference = tiny_pipeline.autoencoder.decode(latents / tiny_pipeline.autoencoder.scale_factor).clamp(-1, 1)
     assert reference.is_contiguous()
     assert (images - reference).abs().max() < 1e-5
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that hand a tensor's values to the host (`.item()`, `bool(t)`, `float(t)`, `nonzero`):
+    on a GPU each one waits for the device to finish its queued work."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_the_sampling_loop_reads_no_tensor_values_on_the_host(tiny_pipeline, sampler):
+    # Reads before the loop are fine; one inside it would sync host and device at every step, so the
+    # count must not grow with the steps (txt2img with guidance rescale, and inpainting).
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 32:] = 1
+
+    def host_reads(num_steps: int, **inputs) -> int:
+        with torch.no_grad(), HostReads() as reads:
+            tiny_pipeline(PROMPTS, num_steps=num_steps, guidance_scale=3.0, sampler=sampler, output_type="latent",
+                          progress=False, **inputs)
+        return reads.count
+
+    assert host_reads(2, guidance_rescale=0.5) == host_reads(4, guidance_rescale=0.5)
+    inpainting = {"init_images": image, "masks": mask, "strength": 0.9}
+    assert host_reads(2, **inpainting) == host_reads(4, **inpainting)
