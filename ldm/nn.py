@@ -14,10 +14,16 @@ from torch import nn
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm that normalizes in float32 and casts back: half-precision statistics overflow."""
+    """GroupNorm that normalizes in float32 and casts back: half-precision statistics overflow.
+
+    The affine parameters go to float32 with the input: torch's group_norm takes a float32 input only
+    with float32 parameters, and a pipeline cast to fp16 / bf16 casts them too.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def normalization(channels: int, num_groups: int = 32) -> GroupNorm32:

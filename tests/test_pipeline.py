@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -228,3 +230,22 @@ def test_the_sampling_loop_reads_no_tensor_values_on_the_host(tiny_pipeline, sam
     assert host_reads(2, guidance_rescale=0.5) == host_reads(4, guidance_rescale=0.5)
     inpainting = {"init_images": image, "masks": mask, "strength": 0.9}
     assert host_reads(2, **inpainting) == host_reads(4, **inpainting)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_pipeline_follows_float32(tiny_pipeline, dtype):
+    # Every module cast, as txt2img --precision fp16 / bf16 does on a GPU: the U-Net's GroupNorm32, which
+    # normalizes in float32, must take the cast affine parameters. Tolerance: 10 units of the format's
+    # rounding (torch.finfo(dtype).eps) on images in [-1, 1], for every sampler, txt2img and inpainting.
+    half = copy.deepcopy(tiny_pipeline).to(dtype=dtype)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., :32] = 1
+    for sampler in SAMPLERS:
+        for inputs in ({}, {"init_images": image, "masks": mask}):
+            settings = {"num_steps": 3, "guidance_scale": 3.0, "sampler": sampler, "seed": 2, "output_type": "tensor",
+                        "progress": False, **inputs}
+            expected = tiny_pipeline(PROMPTS, **settings)
+            images = half(PROMPTS, **settings)
+            assert images.dtype == dtype
+            assert (images.float() - expected).abs().max() < 10 * torch.finfo(dtype).eps, (sampler, list(inputs))
