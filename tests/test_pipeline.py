@@ -213,14 +213,18 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def inpainting_inputs() -> dict[str, torch.Tensor]:
+    """A random init image (1, 3, 64, 64) in [-1, 1] and a mask that repaints its right half."""
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 32:] = 1
+    return {"init_images": torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1,
+            "masks": mask}
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_the_sampling_loop_reads_no_tensor_values_on_the_host(tiny_pipeline, sampler):
     # Reads before the loop are fine; one inside it would sync host and device at every step, so the
     # count must not grow with the steps (txt2img with guidance rescale, and inpainting).
-    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1
-    mask = torch.zeros(1, 1, 64, 64)
-    mask[..., 32:] = 1
-
     def host_reads(num_steps: int, **inputs) -> int:
         with torch.no_grad(), HostReads() as reads:
             tiny_pipeline(PROMPTS, num_steps=num_steps, guidance_scale=3.0, sampler=sampler, output_type="latent",
@@ -228,7 +232,7 @@ def test_the_sampling_loop_reads_no_tensor_values_on_the_host(tiny_pipeline, sam
         return reads.count
 
     assert host_reads(2, guidance_rescale=0.5) == host_reads(4, guidance_rescale=0.5)
-    inpainting = {"init_images": image, "masks": mask, "strength": 0.9}
+    inpainting = {**inpainting_inputs(), "strength": 0.9}
     assert host_reads(2, **inpainting) == host_reads(4, **inpainting)
 
 
@@ -238,11 +242,8 @@ def test_half_precision_pipeline_follows_float32(tiny_pipeline, dtype):
     # normalizes in float32, must take the cast affine parameters. Tolerance: 10 units of the format's
     # rounding (torch.finfo(dtype).eps) on images in [-1, 1], for every sampler, txt2img and inpainting.
     half = copy.deepcopy(tiny_pipeline).to(dtype=dtype)
-    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(6)) * 2 - 1
-    mask = torch.zeros(1, 1, 64, 64)
-    mask[..., :32] = 1
     for sampler in SAMPLERS:
-        for inputs in ({}, {"init_images": image, "masks": mask}):
+        for inputs in ({}, inpainting_inputs()):
             settings = {"num_steps": 3, "guidance_scale": 3.0, "sampler": sampler, "seed": 2, "output_type": "tensor",
                         "progress": False, **inputs}
             expected = tiny_pipeline(PROMPTS, **settings)
