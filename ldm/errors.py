@@ -5,3 +5,8 @@ from __future__ import annotations
 
 class InputError(ValueError):
     """Bad input from a user (file, flag, size, prompt). Scripts print it as one line and exit 1."""
+
+
+def with_article(noun: str) -> str:
+    """`noun` after "a" or "an", for messages that name a stage: "an autoencoder", "a text_encoder"."""
+    return f"{'an' if noun.startswith(tuple('aeiou')) else 'a'} {noun}"

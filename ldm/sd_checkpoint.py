@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from ldm.autoencoder import AutoencoderConfig
 from ldm.config import config_dict, config_kwargs
-from ldm.errors import InputError
+from ldm.errors import InputError, with_article
 from ldm.files import atomic_write
 from ldm.text_encoder import PRESETS, TextEncoderConfig, hf_clip_text_to_open_clip
 from ldm.unet import UNetConfig
@@ -254,8 +254,7 @@ def load_module_file(path: str | Path, kind: str) -> tuple[dict[str, torch.Tenso
     """Weights, config and metadata of a file written by `save_module` for stage `kind`."""
     state_dict, metadata = read_checkpoint(path)
     if metadata.get("ldm_module") != kind:
-        article = "an" if kind[0] in "aeiou" else "a"
-        raise InputError(f"{path} is not {article} {kind} file written by this project "
+        raise InputError(f"{path} is not {with_article(kind)} file written by this project "
                          f"(found {metadata.get('ldm_module') or 'no stage tag'}); pass the {kind} .safetensors "
                          "that its training run exported")
     return state_dict, json.loads(metadata["config"]), metadata

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from ldm.cli import check_output_folder
 from ldm.config import config_kwargs
 from ldm.data.shapes import SPLITS
-from ldm.errors import InputError
+from ldm.errors import InputError, with_article
 
 
 @dataclass
@@ -269,5 +269,4 @@ def check_stage_file(path: Any, kind: str, key: str) -> None:
     except (SafetensorError, OSError) as e:
         raise InputError(f"{key}: cannot read {path} ({e}); {hint}") from None
     if tag != kind:
-        article = "an" if kind[0] in "aeiou" else "a"
-        raise InputError(f"{key}: {path} is not {article} {kind} file (it holds {tag or 'no stage tag'}); {hint}")
+        raise InputError(f"{key}: {path} is not {with_article(kind)} file (it holds {tag or 'no stage tag'}); {hint}")
