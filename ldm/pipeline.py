@@ -253,9 +253,9 @@ class Pipeline:
         if init_images is not None:
             unet, x0, blend = self._start_from_images(init_images, masks, len(prompts))
         denoiser = ClassifierFreeGuidance(unet, context, uncond_context, guidance_scale, guidance_rescale)
-        z = sample(sampler, denoiser, noise, self.schedule, num_steps, eta=eta, karras=karras, generator=generators,
-                   parameterization=self.spec.parameterization, progress=progress, init_latents=x0,
-                   start_step=first_step, x0_transform=blend)
+        z = sample(sampler, denoiser, noise, self.schedule, num_steps, eta=eta, karras=karras,
+                   stiffness=denoiser.stiffness, generator=generators, parameterization=self.spec.parameterization,
+                   progress=progress, init_latents=x0, start_step=first_step, x0_transform=blend)
         if blend is not None:
             z = blend(z)
         if output_type == "latent":

@@ -246,12 +246,29 @@ def sample_ddpm(
     return x_t
 
 
-# Adams-Bashforth weights for the newest eps first, by the number of earlier eps available.
+# Adams-Bashforth weights of order k (1 = Euler's method, here a plain DDIM step), newest eps first, and the
+# real stability interval of each: a step h on y' = lambda y stays bounded only while -h lambda lies in
+# [-bound, 0] (Hairer & Wanner, Solving ODEs II, Sec. V.1). ldm's PLMS uses order 4 from its fourth step on.
 _ADAMS_BASHFORTH = {
-    1: (3 / 2, -1 / 2),
-    2: (23 / 12, -16 / 12, 5 / 12),
-    3: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
 }
+_ADAMS_BASHFORTH_STABLE_STEP = {1: 2.0, 2: 1.0, 3: 6 / 11, 4: 3 / 10}
+
+
+def plms_orders(alphas: Tensor, alphas_prev: Tensor, stiffness: float) -> list[int]:
+    """The highest Adams-Bashforth order (1-4) that is stable on each PLMS step from ``alphas`` to
+    ``alphas_prev`` (float64 vectors, one per step), for eps of ``stiffness`` (see ``sample_plms``).
+
+    A DDIM step is an Euler step of d xbar / d sigma = eps over sigma = sqrt((1 - a) / a), xbar = x / sqrt(a),
+    so a perturbation of xbar grows with -h lambda = stiffness * (sigma - sigma_prev) / sigma.
+    """
+    sigmas, sigmas_prev = ((1 - alphas) / alphas).sqrt(), ((1 - alphas_prev) / alphas_prev).sqrt()
+    steps = (stiffness * (1 - sigmas_prev / sigmas)).tolist()  # tolist: no per-step reads of tensor values
+    return [max(k for k, bound in _ADAMS_BASHFORTH_STABLE_STEP.items() if k == 1 or step <= bound)
+            for step in steps]
 
 
 @torch.no_grad()
@@ -260,6 +277,7 @@ def sample_plms(
     x_T: Tensor,
     schedule: NoiseSchedule,
     num_steps: int,
+    stiffness: float = 1.0,
     parameterization: str = "eps",
     progress: bool = True,
     callback: StepCallback | None = None,
@@ -267,25 +285,38 @@ def sample_plms(
     start_step: int = 0,
     x0_transform: X0Transform | None = None,
 ) -> Tensor:
-    """PLMS (Liu et al. 2022, as the original ldm PLMSSampler), ``x_T`` (B, C, h, w) -> latents.
+    """PLMS (Liu et al. 2022, the original ldm PLMSSampler), ``x_T`` (B, C, h, w) -> latents, with its
+    multistep order kept where it is stable.
 
     DDIM (eta = 0) steps over ``ddim_timesteps``, each driven by a linear multistep combination of
     the eps predictions so far (Adams-Bashforth of order up to 4). The first step has no history
     and uses a pseudo improved Euler step instead: the mean of eps at ``x_t`` and at the DDIM step's
     landing point, which costs one extra denoiser call (``num_steps + 1`` in all). v-predictions are
     turned into eps first. With ``num_steps = 1`` that extra call sees timestep 0, the level the step
-    lands on (ldm reuses the current timestep there). ``callback``, ``init_latents``, ``start_step``
-    and ``x0_transform`` as in ``sample_ddim``; a run from ``start_step`` begins without history, so
-    it makes ``num_steps - start_step + 1`` calls.
+    lands on (ldm reuses the current timestep there).
+
+    ``stiffness`` bounds how fast eps changes with ``x_t``, ``sqrt(1 - a) |d eps / d x_t|``: 1 for an eps
+    model alone (an exact one has 1 off the data), about the guidance scale for classifier-free guidance
+    (``ClassifierFreeGuidance.stiffness``). Each step takes the highest order whose stability interval
+    holds it (``plms_orders``), at most 4: with guidance, fourth order is unstable on the last steps of
+    evenly spaced timesteps, where sigma falls by 20-70 % per step whatever ``num_steps``, and its
+    overshoot changes colours and shapes (docs/samplers.md, "PLMS with guidance"). ``stiffness=0`` keeps
+    order 4 everywhere: ldm's PLMS and diffusers' PNDM without Runge-Kutta warm-up.
+
+    ``callback``, ``init_latents``, ``start_step`` and ``x0_transform`` as in ``sample_ddim``; a run from
+    ``start_step`` begins without history, so it makes ``num_steps - start_step + 1`` calls.
     """
     check_num_steps(num_steps, schedule.num_timesteps)
     check_parameterization(parameterization)
+    if stiffness < 0:
+        raise InputError(f"stiffness must be >= 0 (0 = ldm's PLMS, order 4 throughout), got {stiffness}")
 
     timesteps = ddim_timesteps(num_steps, schedule.num_timesteps)
     prev_timesteps = torch.cat([timesteps[1:], timesteps.new_zeros(1)])
     x_t = noised_start(x_T, schedule, timesteps, init_latents, start_step)
     alphas = schedule.alphas_cumprod[timesteps]
     alphas_prev = schedule.alphas_cumprod[prev_timesteps]
+    stable_orders = plms_orders(alphas, alphas_prev, stiffness)
     # A DDIM step written in eps alone: x_prev = sqrt(a_prev / a) x_t + eps_scale * eps.
     x_t_scales = per_step((alphas_prev / alphas).sqrt(), x_T)
     eps_scales = per_step((1 - alphas_prev).sqrt() - (alphas_prev * (1 - alphas) / alphas).sqrt(), x_T)
@@ -302,8 +333,8 @@ def sample_plms(
         _, eps = predict(denoiser, x_t, timesteps[i].expand(batch_size), sqrt_alphas[i], sqrt_one_minus_alphas[i],
                          parameterization, x0_transform)
         if earlier_eps:
-            weights = _ADAMS_BASHFORTH[len(earlier_eps)]
-            eps_prime = sum(w * e for w, e in zip(weights, [eps, *earlier_eps], strict=True))
+            order = min(len(earlier_eps) + 1, stable_orders[i])
+            eps_prime = sum(w * e for w, e in zip(_ADAMS_BASHFORTH[order], [eps, *earlier_eps], strict=False))
         else:
             x_euler = x_t_scales[i] * x_t + eps_scales[i] * eps
             _, eps_euler = predict(denoiser, x_euler, prev_timesteps[i].expand(batch_size), sqrt_alphas_prev[i],
@@ -325,6 +356,7 @@ def sample(
     *,
     eta: float = 0.0,
     karras: bool | None = None,
+    stiffness: float = 1.0,
     generator: Generators = None,
     parameterization: str = "eps",
     progress: bool = True,
@@ -336,7 +368,9 @@ def sample(
     """Run the sampler called ``name`` (one of SAMPLERS) from ``x_T`` (B, C, h, w) ~ N(0, I) to latents.
 
     ``eta`` applies to "ddim" only, ``karras`` (Karras et al. sigmas; None: the sampler's default, on
-    for KARRAS_BY_DEFAULT) to SIGMA_SAMPLERS only; ``generator`` feeds the stochastic ones (ddim with
+    for KARRAS_BY_DEFAULT) to SIGMA_SAMPLERS only; ``stiffness`` (how fast the denoiser's eps can change
+    with x_t, e.g. ``ClassifierFreeGuidance.stiffness``) sets the orders PLMS may use (see ``sample_plms``)
+    and does not matter to the others; ``generator`` feeds the stochastic ones (ddim with
     eta > 0, ddpm, euler_a) and is ignored by the others. img2img and inpainting: ``init_latents``
     (B, C, h, w) noised with ``x_T`` to the level of step ``start_step``, from where the sampler runs its
     remaining steps; ``x0_transform`` edits each prediction of x0 (see the module docstring). Raises
@@ -362,7 +396,7 @@ def sample(
     if name == "ddpm":
         return sample_ddpm(denoiser, x_T, schedule, num_steps, generator=generator, **common)
     if name == "plms":
-        return sample_plms(denoiser, x_T, schedule, num_steps, **common)
+        return sample_plms(denoiser, x_T, schedule, num_steps, stiffness=stiffness, **common)
     if name == "euler_a":
         return k_samplers.sample_euler_ancestral(denoiser, x_T, schedule, num_steps, karras=karras,
                                                  generator=generator, **common)

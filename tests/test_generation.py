@@ -240,8 +240,8 @@ def test_img2img_runs_the_sampler_from_the_strengths_step(tiny_pipeline, sampler
     # The seed's generator draws the noise, then the sampler's noise (Euler ancestral).
     generator = torch.Generator().manual_seed(3)
     noise = torch.randn(1, 4, 8, 8, generator=generator)
-    expected = sample(sampler, denoiser, noise, SCHEDULE, 8, karras=karras, generator=generator,
-                      init_latents=tiny_pipeline.encode(image), start_step=4, progress=False)
+    expected = sample(sampler, denoiser, noise, SCHEDULE, 8, karras=karras, stiffness=denoiser.stiffness,
+                      generator=generator, init_latents=tiny_pipeline.encode(image), start_step=4, progress=False)
     torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
 
 

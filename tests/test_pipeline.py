@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ldm import pipeline, samplers
 from ldm.errors import InputError
 from ldm.pipeline import Pipeline
 from ldm.samplers import SAMPLERS
@@ -133,6 +134,22 @@ def test_negative_prompt_replaces_the_empty_unconditional_prompt(tiny_pipeline):
     assert torch.allclose(negative[1:], alone, atol=1e-5)
     with pytest.raises(InputError, match="negative prompts for 2 prompts"):
         tiny_pipeline(PROMPTS, negative_prompts=["a", "b", "c"], **kwargs)
+
+
+@pytest.mark.parametrize(("guidance_scale", "stiffness"), [(0.5, 1.0), (1.0, 1.0), (7.5, 7.5)])
+def test_samplers_get_the_guided_stiffness(tiny_pipeline, monkeypatch, guidance_scale, stiffness):
+    # PLMS bounds its orders by how fast the guided eps can change (ldm.samplers.plms_orders); the pipeline
+    # passes on ClassifierFreeGuidance.stiffness, max(1, guidance scale).
+    seen = []
+
+    def recording_sample(*args, **kwargs):
+        seen.append(kwargs["stiffness"])
+        return samplers.sample(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "sample", recording_sample)
+    tiny_pipeline(PROMPTS, num_steps=3, guidance_scale=guidance_scale, sampler="plms", output_type="latent",
+                  progress=False)
+    assert seen == [stiffness]
 
 
 def test_yaml_with_an_unknown_parameter_is_an_input_error(tiny_pipeline, tmp_path):
