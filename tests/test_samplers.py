@@ -717,7 +717,8 @@ def test_stochastic_samplers_depend_only_on_their_generators(name: str) -> None:
     [("dpm_fast", {}, "choose one of ddim, ddpm, plms, euler, euler_a, heun, dpmpp_2m"),
      ("ddim", {"karras": True}, "karras"), ("plms", {"karras": True}, "karras"),
      ("euler", {"eta": 0.5}, "eta"), ("ddpm", {"eta": 1.0}, "eta"), ("euler_a", {"num_steps": 0}, "num_steps"),
-     ("heun", {"num_steps": 1001}, "num_steps"), ("ddim", {"eta": -1.0}, "eta")],
+     ("heun", {"num_steps": 1001}, "num_steps"), ("ddim", {"eta": -1.0}, "eta"),
+     ("plms", {"stiffness": -1.0}, "stiffness")],
 )
 def test_sample_rejects_bad_input(name: str, kwargs: dict, match: str) -> None:
     calls = []
