@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     default_steps = ", ".join(f"{name} {steps}" for name, steps in DEFAULT_STEPS.items())
     p.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=None,
                    help=f"sampling steps (default: the sampler's: {default_steps})")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="the sampler")
+    sampler = p.add_mutually_exclusive_group()
+    sampler.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="the sampler")
+    sampler.add_argument("--plms", dest="sampler", action="store_const", const="plms",
+                         help="--sampler plms, as the original SD scripts spell it")
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
                    help="Karras et al. noise levels (euler, euler_a, heun, dpmpp_2m; default: on for "
                    f"{', '.join(sorted(KARRAS_BY_DEFAULT))})")

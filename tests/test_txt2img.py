@@ -13,6 +13,7 @@ from PIL import Image
 
 from ldm import generate
 from ldm.cli import run_main
+from ldm.errors import InputError
 from tests.conftest import randomize_, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,6 +203,14 @@ def test_replay_regenerates_the_same_pixels(random_ckpt, tmp_path, capsys, extra
 ])
 def test_karras_defaults_to_the_samplers_choice(flags, karras):
     assert txt2img.parse_args(["--prompt", "a red circle", *flags]).karras is karras
+
+
+def test_plms_flag_of_the_original_scripts_picks_plms():
+    args = txt2img.parse_args(["--prompt", "a red circle", "--plms"])
+    assert (args.sampler, args.steps, args.karras) == ("plms", 50, False)
+    assert txt2img.parse_args(["--prompt", "a red circle"]).sampler == "ddim"
+    with pytest.raises(InputError, match="--sampler: not allowed with argument --plms"):
+        txt2img.parse_args(["--prompt", "a red circle", "--plms", "--sampler", "heun"])
 
 
 def test_replay_keeps_recorded_noise_levels_for_the_recorded_sampler_only(random_ckpt, tmp_path, capsys):
