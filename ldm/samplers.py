@@ -258,14 +258,14 @@ _ADAMS_BASHFORTH = {
 _ADAMS_BASHFORTH_STABLE_STEP = {1: 2.0, 2: 1.0, 3: 6 / 11, 4: 3 / 10}
 
 
-def plms_orders(alphas: Tensor, alphas_prev: Tensor, stiffness: float) -> list[int]:
-    """The highest Adams-Bashforth order (1-4) that is stable on each PLMS step from ``alphas`` to
-    ``alphas_prev`` (float64 vectors, one per step), for eps of ``stiffness`` (see ``sample_plms``).
+def plms_orders(sigmas: Tensor, sigmas_prev: Tensor, stiffness: float) -> list[int]:
+    """The highest Adams-Bashforth order (1-4) that is stable on each PLMS step from noise level ``sigmas`` to
+    ``sigmas_prev`` (``NoiseSchedule.sigmas`` units, float64 vectors, one per step), for eps of ``stiffness``
+    (see ``sample_plms``).
 
-    A DDIM step is an Euler step of d xbar / d sigma = eps over sigma = sqrt((1 - a) / a), xbar = x / sqrt(a),
-    so a perturbation of xbar grows with -h lambda = stiffness * (sigma - sigma_prev) / sigma.
+    A DDIM step is an Euler step of d xbar / d sigma = eps, xbar = x / sqrt(a), so a perturbation of xbar
+    grows with -h lambda = stiffness * (sigma - sigma_prev) / sigma.
     """
-    sigmas, sigmas_prev = ((1 - alphas) / alphas).sqrt(), ((1 - alphas_prev) / alphas_prev).sqrt()
     steps = (stiffness * (1 - sigmas_prev / sigmas)).tolist()  # tolist: no per-step reads of tensor values
     return [max(k for k, bound in _ADAMS_BASHFORTH_STABLE_STEP.items() if k == 1 or step <= bound)
             for step in steps]
@@ -316,7 +316,7 @@ def sample_plms(
     x_t = noised_start(x_T, schedule, timesteps, init_latents, start_step)
     alphas = schedule.alphas_cumprod[timesteps]
     alphas_prev = schedule.alphas_cumprod[prev_timesteps]
-    stable_orders = plms_orders(alphas, alphas_prev, stiffness)
+    stable_orders = plms_orders(schedule.sigmas[timesteps], schedule.sigmas[prev_timesteps], stiffness)
     # A DDIM step written in eps alone: x_prev = sqrt(a_prev / a) x_t + eps_scale * eps.
     x_t_scales = per_step((alphas_prev / alphas).sqrt(), x_T)
     eps_scales = per_step((1 - alphas_prev).sqrt() - (alphas_prev * (1 - alphas) / alphas).sqrt(), x_T)

@@ -436,12 +436,12 @@ def test_adams_bashforth_stability_intervals(order: int) -> None:
 def test_plms_orders_fall_where_sigma_falls_fast() -> None:
     # 50 steps: sigma falls by 6-11 % per step until the last few (20, 30, 71, 29 %; sigma ~ sqrt(t) near 0).
     timesteps = ddim_timesteps(50)
-    alphas = SCHEDULE.alphas_cumprod[timesteps]
-    alphas_prev = torch.cat([alphas[1:], SCHEDULE.alphas_cumprod[:1]])
-    assert plms_orders(alphas, alphas_prev, 0.0) == [4] * 50  # ldm's
-    unguided = plms_orders(alphas, alphas_prev, 1.0)
+    sigmas = SCHEDULE.sigmas[timesteps]
+    sigmas_prev = torch.cat([sigmas[1:], SCHEDULE.sigmas[:1]])
+    assert plms_orders(sigmas, sigmas_prev, 0.0) == [4] * 50  # ldm's
+    unguided = plms_orders(sigmas, sigmas_prev, 1.0)
     assert unguided[:48] == [4] * 48 and unguided[48] == 2  # the step from timestep 21 to 1
-    guided = plms_orders(alphas, alphas_prev, 7.5)
+    guided = plms_orders(sigmas, sigmas_prev, 7.5)
     assert guided[-5:] == [1] * 5 and all(a >= b for a, b in zip(unguided, guided, strict=True))
 
 
