@@ -21,7 +21,7 @@ from ldm.data.shape_checker import check, parse_caption, read_attributes
 from ldm.data.shapes import ATTRIBUTES, VOCABULARY, canonical_caption, render, sample_attributes
 from ldm.errors import InputError
 from ldm.pipeline import Pipeline, to_pil
-from ldm.samplers import KARRAS_BY_DEFAULT
+from ldm.samplers import DETERMINISTIC_SAMPLERS, KARRAS_BY_DEFAULT
 
 Images = Sequence[Image.Image | np.ndarray]
 
@@ -81,8 +81,6 @@ class SamplerSetting:
     karras: bool = False
 
 
-# Samplers that map one initial noise to one result; ddpm and euler_a draw fresh noise on every step.
-DETERMINISTIC_SAMPLERS: tuple[str, ...] = ("ddim", "plms", "euler", "heun", "dpmpp_2m")
 # The grid of deterministic samplers and step counts for `sampler_quality`.
 QUALITY_SETTINGS: tuple[SamplerSetting, ...] = (
     *(SamplerSetting("ddim", n) for n in (10, 20, 50)),

@@ -2,7 +2,7 @@
 
 img2img (SDEdit, Meng et al. 2022): the image's latents are noised to the noise level of the
 sampler step that matches `strength` and only the last `round(strength * num_steps)` steps of the
-sampler's schedule run (`ldm.samplers.sample` with `init_latents` and `start_step`).
+sampler's schedule run (`ldm.samplers.sample` with a `StartPoint`).
 Inpainting keeps the unmasked region of the image: a plain U-Net (4 input channels) through
 `LatentBlend`; a Stable Diffusion 2 inpainting U-Net (9 input channels) sees the mask and the
 masked image's latents at every step through `InpaintingUNet`. Masks are 1 where to repaint.

@@ -1,6 +1,6 @@
 """Sigma-space samplers in the style of k-diffusion (Karras et al. 2022): Euler, Euler ancestral, Heun, DPM++ 2M.
 
-They follow the contract of ``ldm.samplers`` but integrate ``x = x0 + sigma * eps`` with
+They follow the contract of ``ldm.sampling`` but integrate ``x = x0 + sigma * eps`` with
 ``sigma = sqrt((1 - a_t) / a_t)``, i.e. the diffusion's ``x_t`` divided by ``sqrt(a_t)``. In these
 units the probability-flow ODE is ``dx / dsigma = eps``. Conventions:
 
@@ -10,9 +10,8 @@ units the probability-flow ODE is ``dx / dsigma = eps``. Conventions:
   rho = 7 schedule between the same end points, sigma(T - 1) and sigma(0). The run ends at sigma(0),
   the noise level where DDIM ends (SD's ``set_alpha_to_one=False``; diffusers'
   ``final_sigmas_type="sigma_min"``), and returns that sample in the diffusion's units, as DDIM does.
-  k-diffusion takes one step more, to sigma 0, which returns the x0 estimate at timestep 0 instead:
-  on the v8 bundled model that cost Euler 3.5 points of prompt following (95.3 vs 98.8 %,
-  docs/samplers.md).
+  k-diffusion takes one step more, to sigma 0, which returns the x0 estimate at timestep 0 instead,
+  which followed prompts worse on the bundled model (docs/samplers.md).
 - The denoiser gets ``x / sqrt(sigma^2 + 1)`` (the diffusion's ``x_t``) and the timestep whose training
   sigma is nearest to ``sigma`` after interpolating log-sigma linearly between timesteps, rounded to the
   nearest integer (diffusers' ``_sigma_to_t`` plus rounding). Its eps or v output is turned back into
@@ -30,9 +29,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ldm.samplers import (
+from ldm.sampling import (
+    FROM_NOISE,
     Denoiser,
     Generators,
+    StartPoint,
     StepCallback,
     X0Transform,
     check_num_steps,
@@ -102,13 +103,13 @@ class _SigmaSpace:
         return predict(self.denoiser, self.to_x_t(x, i), self.timesteps[i].expand(x.shape[0]), self.sqrt_alphas[i],
                        self.sqrt_one_minus_alphas[i], self.parameterization, self.x0_transform)
 
-    def start(self, x_T: Tensor, init_latents: Tensor | None, start_step: int) -> Tensor:
-        """The first ``x`` (B, C, h, w): noise ``x_T`` at the first sigma, or ``init_latents`` plus ``x_T``
-        at ``sigmas[start_step]``."""
-        check_start(len(self.timesteps), start_step, init_latents, x_T)
-        if init_latents is None:
+    def start(self, x_T: Tensor, start: StartPoint) -> Tensor:
+        """The first ``x`` (B, C, h, w): noise ``x_T`` at the first sigma, or ``start.init_latents`` plus
+        ``x_T`` at ``sigmas[start.start_step]``."""
+        check_start(len(self.timesteps), start, x_T)
+        if start.init_latents is None:
             return x_T * self.sigmas[0].item()
-        return init_latents.to(x_T) + x_T * self.sigmas[start_step].item()
+        return start.init_latents.to(x_T) + x_T * self.sigmas[start.start_step].item()
 
     def to_x_t(self, x: Tensor, i: int) -> Tensor:
         """``x`` at noise level ``sigmas[i]`` in the diffusion's units (what DDIM's callback sees)."""
@@ -121,28 +122,30 @@ def sample_euler(
     x_T: Tensor,
     schedule: NoiseSchedule,
     num_steps: int,
+    *,
+    eta: float = 0.0,
     karras: bool = False,
+    stiffness: float = 1.0,
+    generator: Generators = None,
     parameterization: str = "eps",
     progress: bool = True,
     callback: StepCallback | None = None,
-    init_latents: Tensor | None = None,
-    start_step: int = 0,
-    x0_transform: X0Transform | None = None,
+    start: StartPoint = FROM_NOISE,
 ) -> Tensor:
     """Euler's method on ``dx / dsigma = eps``: ``x_T`` (B, C, h, w) ~ N(0, I) -> latents (B, C, h, w).
 
     One denoiser call per step. After every step ``callback(step_index, x_t)`` gets the new sample in
     the diffusion's units, ``x / sqrt(sigma_next^2 + 1)`` (as DDIM's; the last one is the latents, at
     sigma(0)).
-    ``init_latents``, ``start_step`` and ``x0_transform`` as in ``ldm.samplers``: from step
+    ``start`` as in ``ldm.sampling``: from step
     ``start_step`` on, ``num_steps - start_step`` calls.
     """
-    space = _SigmaSpace(denoiser, schedule, num_steps, karras, x_T, parameterization, x0_transform)
+    space = _SigmaSpace(denoiser, schedule, num_steps, karras, x_T, parameterization, start.x0_transform)
     sigmas = space.sigmas
     step_sizes = per_step(sigmas[1:] - sigmas[:-1], x_T)
 
-    x = space.start(x_T, init_latents, start_step)
-    for i in tqdm(range(start_step, num_steps), desc="Euler", disable=not progress):
+    x = space.start(x_T, start)
+    for i in tqdm(range(start.start_step, num_steps), desc="Euler", disable=not progress):
         _, eps = space(x, i)
         x = x + step_sizes[i] * eps
         if callback is not None:
@@ -156,14 +159,15 @@ def sample_euler_ancestral(
     x_T: Tensor,
     schedule: NoiseSchedule,
     num_steps: int,
+    *,
+    eta: float = 0.0,
     karras: bool = False,
+    stiffness: float = 1.0,
     generator: Generators = None,
     parameterization: str = "eps",
     progress: bool = True,
     callback: StepCallback | None = None,
-    init_latents: Tensor | None = None,
-    start_step: int = 0,
-    x0_transform: X0Transform | None = None,
+    start: StartPoint = FROM_NOISE,
 ) -> Tensor:
     """Euler ancestral (k-diffusion's ``sample_euler_ancestral`` with eta = 1), ``x_T`` (B, C, h, w) ->
     latents (B, C, h, w).
@@ -171,11 +175,11 @@ def sample_euler_ancestral(
     Each step goes deterministically down to ``sigma_down`` and adds fresh noise of std ``sigma_up``,
     with ``sigma_down^2 + sigma_up^2 = sigma_next^2`` and the split that matches DDPM's posterior
     variance. The last step, into sigma(0), is an Euler step and adds no noise, as DDPM's last step
-    (and k-diffusion's, to sigma 0): fresh noise there put the v8 bundled model's prompt following at
-    93.5 instead of 95.3 % (docs/samplers.md). Noise is drawn with ``randn`` from ``generator`` on every
-    other step. ``callback``, ``init_latents``, ``start_step`` and ``x0_transform`` as in ``sample_euler``.
+    (and k-diffusion's, to sigma 0): fresh noise there lowered the bundled model's prompt following
+    (docs/samplers.md). Noise is drawn with ``randn`` from ``generator`` on every
+    other step. ``callback`` and ``start`` as in ``sample_euler``.
     """
-    space = _SigmaSpace(denoiser, schedule, num_steps, karras, x_T, parameterization, x0_transform)
+    space = _SigmaSpace(denoiser, schedule, num_steps, karras, x_T, parameterization, start.x0_transform)
     sigmas = space.sigmas
     sigma, sigma_next = sigmas[:-1], sigmas[1:]
     sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt()
@@ -184,8 +188,8 @@ def sample_euler_ancestral(
     step_sizes = per_step(sigma_down - sigma, x_T)
     noise_scales = per_step(sigma_up, x_T)
 
-    x = space.start(x_T, init_latents, start_step)
-    for i in tqdm(range(start_step, num_steps), desc="Euler a", disable=not progress):
+    x = space.start(x_T, start)
+    for i in tqdm(range(start.start_step, num_steps), desc="Euler a", disable=not progress):
         _, eps = space(x, i)
         x = x + step_sizes[i] * eps
         if i < num_steps - 1:
@@ -201,28 +205,29 @@ def sample_heun(
     x_T: Tensor,
     schedule: NoiseSchedule,
     num_steps: int,
+    *,
+    eta: float = 0.0,
     karras: bool = False,
+    stiffness: float = 1.0,
+    generator: Generators = None,
     parameterization: str = "eps",
     progress: bool = True,
     callback: StepCallback | None = None,
-    init_latents: Tensor | None = None,
-    start_step: int = 0,
-    x0_transform: X0Transform | None = None,
+    start: StartPoint = FROM_NOISE,
 ) -> Tensor:
     """Heun's method (Karras et al. 2022, Algorithm 1 without churn), ``x_T`` (B, C, h, w) -> latents.
 
     Two denoiser calls per step except the last, into sigma(0), which is an Euler step: a corrector from
-    the trained model's eps at timestep 0 made results worse (evenly spaced, 20 steps: latent RMSE to a
-    500-step DDIM run 0.062 -> 0.019 at guidance 5, 0.015 -> 0.0057 at guidance 1; docs/samplers.md).
+    the trained model's eps at timestep 0 made results worse (docs/samplers.md).
     ``2 * num_steps - 1`` calls in all, ``2 * (num_steps - start_step) - 1`` from ``start_step``.
-    ``callback``, ``init_latents``, ``start_step`` and ``x0_transform`` as in ``sample_euler``.
+    ``callback`` and ``start`` as in ``sample_euler``.
     """
-    space = _SigmaSpace(denoiser, schedule, num_steps, karras, x_T, parameterization, x0_transform)
+    space = _SigmaSpace(denoiser, schedule, num_steps, karras, x_T, parameterization, start.x0_transform)
     sigmas = space.sigmas
     step_sizes = per_step(sigmas[1:] - sigmas[:-1], x_T)
 
-    x = space.start(x_T, init_latents, start_step)
-    for i in tqdm(range(start_step, num_steps), desc="Heun", disable=not progress):
+    x = space.start(x_T, start)
+    for i in tqdm(range(start.start_step, num_steps), desc="Heun", disable=not progress):
         _, eps = space(x, i)
         x_euler = x + step_sizes[i] * eps
         if i < num_steps - 1:
@@ -241,13 +246,15 @@ def sample_dpmpp_2m(
     x_T: Tensor,
     schedule: NoiseSchedule,
     num_steps: int,
+    *,
+    eta: float = 0.0,
     karras: bool = False,
+    stiffness: float = 1.0,
+    generator: Generators = None,
     parameterization: str = "eps",
     progress: bool = True,
     callback: StepCallback | None = None,
-    init_latents: Tensor | None = None,
-    start_step: int = 0,
-    x0_transform: X0Transform | None = None,
+    start: StartPoint = FROM_NOISE,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), ``x_T`` (B, C, h, w) -> latents (B, C, h, w).
 
@@ -256,12 +263,11 @@ def sample_dpmpp_2m(
     two denoised estimates linearly in lambda. The first step, the first from ``start_step`` and the
     last two are first order. On evenly spaced timesteps the lambda steps grow towards sigma(0): the
     last is several times the one before it (diffusers' ``lower_order_final`` step), and with guidance
-    extrapolating over either of the last two overshoots (on the v8 bundled model, second order on the
-    step before the last drew orange shapes red: prompt following 96.3 instead of 97.5 %;
-    docs/samplers.md). One denoiser call per step; ``callback``, ``init_latents``, ``start_step`` and
-    ``x0_transform`` as in ``sample_euler``.
+    extrapolating over either of the last two overshoots (on the bundled model second order on the
+    step before the last changed colours; docs/samplers.md). One denoiser call per step; ``callback``
+    and ``start`` as in ``sample_euler``.
     """
-    space = _SigmaSpace(denoiser, schedule, num_steps, karras, x_T, parameterization, x0_transform)
+    space = _SigmaSpace(denoiser, schedule, num_steps, karras, x_T, parameterization, start.x0_transform)
     sigmas = space.sigmas
     ratios = sigmas[1:] / sigmas[:-1]
     # x0_hat = x0 + (h / (2 h_last)) (x0 - x0_last), h = lambda step; zero on the first and last two steps.
@@ -273,9 +279,9 @@ def sample_dpmpp_2m(
     x0_scales = per_step(1 - ratios, x_T)
     extrapolations = per_step(extrapolations, x_T)
 
-    x = space.start(x_T, init_latents, start_step)
+    x = space.start(x_T, start)
     x0_last = None
-    for i in tqdm(range(start_step, num_steps), desc="DPM++ 2M", disable=not progress):
+    for i in tqdm(range(start.start_step, num_steps), desc="DPM++ 2M", disable=not progress):
         x0, _ = space(x, i)
         x0_hat = x0 if x0_last is None else x0 + extrapolations[i] * (x0 - x0_last)
         x = x_scales[i] * x + x0_scales[i] * x0_hat

@@ -24,7 +24,8 @@ from ldm.img2img import (
 )
 from ldm.metrics import to_uint8
 from ldm.prompts import encode_prompts
-from ldm.samplers import randn, sample
+from ldm.samplers import sample
+from ldm.sampling import StartPoint, randn
 from ldm.schedule import NoiseSchedule
 from ldm.sd_checkpoint import ModelSpec, detect_spec, read_checkpoint, split_state_dict, write_checkpoint
 from ldm.text_encoder import TextEncoder
@@ -255,7 +256,7 @@ class Pipeline:
         denoiser = ClassifierFreeGuidance(unet, context, uncond_context, guidance_scale, guidance_rescale)
         z = sample(sampler, denoiser, noise, self.schedule, num_steps, eta=eta, karras=karras,
                    stiffness=denoiser.stiffness, generator=generators, parameterization=self.spec.parameterization,
-                   progress=progress, init_latents=x0, start_step=first_step, x0_transform=blend)
+                   progress=progress, start=StartPoint(x0, first_step, blend))
         if blend is not None:
             z = blend(z)
         if output_type == "latent":

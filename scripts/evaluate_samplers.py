@@ -26,7 +26,6 @@ from ldm.cli import ScriptParser, resolve_device, run_main
 from ldm.data.shapes import ATTRIBUTES, VOCABULARY
 from ldm.errors import InputError
 from ldm.evaluation import (
-    DETERMINISTIC_SAMPLERS,
     QUALITY_SETTINGS,
     autoencoder_keep_rates,
     canonical_captions,
@@ -39,7 +38,7 @@ from ldm.evaluation import (
 from ldm.files import write_json
 from ldm.generate import BUNDLED_CHECKPOINT
 from ldm.pipeline import Pipeline
-from ldm.samplers import DEFAULT_STEPS, KARRAS_BY_DEFAULT, SAMPLERS
+from ldm.samplers import DEFAULT_STEPS, DETERMINISTIC_SAMPLERS, KARRAS_BY_DEFAULT, SAMPLERS
 
 # The checks: a prompt that leaves the colour open, with a colour as negative prompt, and img2img
 # strengths around the asked-for 0.3.

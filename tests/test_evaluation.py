@@ -18,7 +18,6 @@ from ldm.data.shape_checker import parse_caption, read_attributes
 from ldm.data.shapes import BACKGROUNDS, ShapeSample, render, sample_attributes
 from ldm.errors import InputError
 from ldm.evaluation import (
-    DETERMINISTIC_SAMPLERS,
     INCEPTION_FILE,
     SamplerSetting,
     attributes_kept,
@@ -37,6 +36,7 @@ from ldm.evaluation import (
 )
 from ldm.metrics import frechet_distance, psnr
 from ldm.pipeline import Pipeline, to_pil
+from ldm.samplers import DETERMINISTIC_SAMPLERS
 from tests.conftest import randomize_, tiny_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

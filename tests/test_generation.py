@@ -16,10 +16,12 @@ from ldm.guidance import ClassifierFreeGuidance
 from ldm.img2img import InpaintingUNet, LatentBlend, start_step
 from ldm.pipeline import Pipeline
 from ldm.prompts import apply_weights, encode_prompts, parse_weights
-from ldm.samplers import SAMPLERS, ddim_timesteps, sample, sample_ddim
+from ldm.samplers import SAMPLERS, sample
+from ldm.sampling import StartPoint
 from ldm.schedule import NoiseSchedule
 from ldm.sd_checkpoint import UNET_PREFIX, detect_spec
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
+from ldm.timestep_samplers import ddim_timesteps, sample_ddim
 from tests.conftest import randomize_, tiny_spec
 
 SCHEDULE = NoiseSchedule()
@@ -241,7 +243,7 @@ def test_img2img_runs_the_sampler_from_the_strengths_step(tiny_pipeline, sampler
     generator = torch.Generator().manual_seed(3)
     noise = torch.randn(1, 4, 8, 8, generator=generator)
     expected = sample(sampler, denoiser, noise, SCHEDULE, 8, karras=karras, stiffness=denoiser.stiffness,
-                      generator=generator, init_latents=tiny_pipeline.encode(image), start_step=4, progress=False)
+                      generator=generator, start=StartPoint(tiny_pipeline.encode(image), 4), progress=False)
     torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
 
 
@@ -286,7 +288,7 @@ def test_latent_blend_follows_the_noised_original_like_diffusers(parameterizatio
     timesteps = scheduler.timesteps[first_step:]
     blend = LatentBlend(x0, masks)
     latents = blend(sample("ddim", _toy_denoiser, noise, SCHEDULE, num_steps, parameterization=parameterization,
-                           progress=False, init_latents=x0, start_step=first_step, x0_transform=blend))
+                           progress=False, start=StartPoint(x0, first_step, blend)))
     expected = scheduler.add_noise(x0, noise, timesteps[:1])
     for i, t in enumerate(timesteps):
         expected = scheduler.step(_toy_denoiser(expected, t.expand(2)), t, expected).prev_sample
@@ -332,7 +334,7 @@ def test_latent_blend_keeps_the_unmasked_latents_with_every_sampler(name, karras
     num_steps, first_step, seen = 8, 2, []
     latents = sample(name, _toy_denoiser, noise, SCHEDULE, num_steps, karras=karras, progress=False,
                      generator=torch.Generator().manual_seed(10), callback=lambda i, x_t: seen.append((i, x_t)),
-                     init_latents=x0, start_step=first_step, x0_transform=LatentBlend(x0, masks))
+                     start=StartPoint(x0, first_step, LatentBlend(x0, masks)))
     assert [i for i, _ in seen] == list(range(first_step, num_steps))
     if name == "ddpm":
         torch.testing.assert_close(latents[keep], x0[keep], rtol=0, atol=1e-6)

@@ -5,8 +5,8 @@ import torch
 from torch import Tensor
 
 from ldm.guidance import ClassifierFreeGuidance
-from ldm.samplers import sample_ddim
 from ldm.schedule import NoiseSchedule
+from ldm.timestep_samplers import sample_ddim
 
 
 class RecordingUNet:

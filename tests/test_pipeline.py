@@ -138,7 +138,7 @@ def test_negative_prompt_replaces_the_empty_unconditional_prompt(tiny_pipeline):
 
 @pytest.mark.parametrize(("guidance_scale", "stiffness"), [(0.5, 1.0), (1.0, 1.0), (7.5, 7.5)])
 def test_samplers_get_the_guided_stiffness(tiny_pipeline, monkeypatch, guidance_scale, stiffness):
-    # PLMS bounds its orders by how fast the guided eps can change (ldm.samplers.plms_orders); the pipeline
+    # PLMS bounds its orders by how fast the guided eps can change (ldm.timestep_samplers.plms_orders); the pipeline
     # passes on ClassifierFreeGuidance.stiffness, max(1, guidance scale).
     seen = []
 

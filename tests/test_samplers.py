@@ -18,18 +18,16 @@ from torch import Tensor
 
 from ldm.errors import InputError
 from ldm.k_samplers import karras_sigmas, sampling_sigmas, sigmas_to_timesteps
-from ldm.samplers import (
+from ldm.samplers import KARRAS_BY_DEFAULT, SAMPLERS, SIGMA_SAMPLERS, sample
+from ldm.sampling import StartPoint
+from ldm.schedule import NoiseSchedule
+from ldm.timestep_samplers import (
     _ADAMS_BASHFORTH,
     _ADAMS_BASHFORTH_STABLE_STEP,
-    KARRAS_BY_DEFAULT,
-    SAMPLERS,
-    SIGMA_SAMPLERS,
     ddim_timesteps,
     plms_orders,
-    sample,
     sample_ddim,
 )
-from ldm.schedule import NoiseSchedule
 
 SCHEDULE = NoiseSchedule()
 
@@ -757,7 +755,7 @@ def test_start_step_zero_is_a_full_run_from_the_noised_latents(name: str, karras
     denoiser = _fixed_denoiser("eps")
     eta = 0.5 if name == "ddim" else 0.0
     from_latents = sample(name, denoiser, noise, SCHEDULE, 10, eta=eta, karras=karras, progress=False,
-                          generator=torch.Generator().manual_seed(21), init_latents=init_latents)
+                          generator=torch.Generator().manual_seed(21), start=StartPoint(init_latents))
     full = sample(name, denoiser, x_T, SCHEDULE, 10, eta=eta, karras=karras, progress=False,
                   generator=torch.Generator().manual_seed(21))
     torch.testing.assert_close(from_latents, full, rtol=1e-5, atol=1e-5 * full.abs().max().item())
@@ -791,7 +789,7 @@ def test_start_step_matches_diffusers_img2img(name: str, karras: bool, parameter
     # stiffness 0 as in test_samplers_match_diffusers.
     latents = sample(name, denoiser, noise, SCHEDULE, num_steps, eta=eta, karras=karras, stiffness=0,
                      parameterization=parameterization, generator=torch.Generator().manual_seed(23), progress=False,
-                     init_latents=init_latents, start_step=start_step)
+                     start=StartPoint(init_latents, start_step))
     relative_error = ((latents - expected).norm() / expected.norm()).item()
     assert relative_error <= 1e-4
     # Not a full run that ignores the start point.
@@ -816,8 +814,8 @@ def test_a_start_step_runs_only_the_remaining_steps(name: str, karras: bool, sta
     gen = torch.Generator().manual_seed(24)
     x_T, init_latents = torch.randn(1, 2, 4, 4, generator=gen), torch.randn(1, 2, 4, 4, generator=gen)
     latents = sample(name, denoiser, x_T, SCHEDULE, num_steps, karras=karras, progress=False,
-                     generator=torch.Generator().manual_seed(25), callback=callback, init_latents=init_latents,
-                     start_step=start_step)
+                     generator=torch.Generator().manual_seed(25), callback=callback,
+                     start=StartPoint(init_latents, start_step))
     num_run = num_steps - start_step
     assert seen_steps == list(range(start_step, num_steps))
     assert len(seen_t) == {"plms": num_run + 1, "heun": 2 * num_run - 1}.get(name, num_run)
@@ -849,5 +847,5 @@ def test_bad_start_points_are_input_errors(name: str, kwargs: dict, match: str) 
 
     arguments = {"init_latents": torch.zeros(1, 4, 2, 2), **kwargs}
     with pytest.raises(InputError, match=match):
-        sample(name, denoiser, torch.zeros(1, 4, 2, 2), SCHEDULE, 10, progress=False, **arguments)
+        sample(name, denoiser, torch.zeros(1, 4, 2, 2), SCHEDULE, 10, progress=False, start=StartPoint(**arguments))
     assert not calls
