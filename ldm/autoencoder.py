@@ -14,6 +14,7 @@ from torch import nn
 
 from ldm.attention import DEFAULT_SLICE_SIZE, attention
 from ldm.config import config_dict, config_kwargs
+from ldm.nn import Upsample
 
 # Keys of the original `first_stage_config.params` that do not shape the network.
 ORIGINAL_ONLY_KEYS = {"monitor", "lossconfig", "ckpt_path", "ignore_keys", "image_key"}
@@ -109,8 +110,9 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(out.transpose(2, 3).reshape(b, c, h, w))
 
 
-class Downsample(nn.Module):
-    """Stride-2 3x3 convolution with the original's asymmetric padding (right and bottom only)."""
+class PaddedDownsample(nn.Module):
+    """Stride-2 3x3 convolution with the original autoencoder's asymmetric padding (right and bottom only);
+    the U-Net's `ldm.nn.Downsample` pads all sides."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -118,17 +120,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling and a 3x3 convolution."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):
@@ -176,7 +167,7 @@ class Encoder(nn.Module):
             level = Level(block_in, cfg.ch * mult, cfg.num_res_blocks, resolution in cfg.attn_resolutions, cfg)
             block_in = cfg.ch * mult
             if i != len(cfg.ch_mult) - 1:
-                level.downsample = Downsample(block_in)
+                level.downsample = PaddedDownsample(block_in)
                 resolution //= 2
             self.down.append(level)
         self.mid = MidBlock(block_in, cfg)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -35,20 +34,6 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "autocast":
         return torch.float32 if device.type == "cpu" else torch.float16
     return PRECISIONS[precision]
-
-
-def check_output_folder(path: str | Path, name: str) -> Path:
-    """Fail before any work is done when folder `path` (given as `name`, a flag or config key) cannot
-    be created or written: a file in the way, or no write permission. Creates nothing."""
-    path = Path(path)
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(f"{name}: cannot write to output folder {path}: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{name}: cannot write to output folder {path}: no write permission on {existing}")
-    return path
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

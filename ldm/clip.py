@@ -24,9 +24,8 @@ from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ldm.config import config_dict, config_kwargs
-from ldm.pipeline import load_strict
-from ldm.sd_checkpoint import load_module_file
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
+from ldm.weights_io import load_module_file, load_strict
 
 # CLIP's initial temperature 0.07 and its cap on the multiplier (Radford et al. 2021).
 _INIT_LOGIT_SCALE = 1 / 0.07

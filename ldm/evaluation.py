@@ -15,11 +15,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.autoencoder import AutoencoderKL
-from ldm.cli import check_output_folder
 from ldm.data.loader import to_tensor
 from ldm.data.shape_checker import check, parse_caption, read_attributes
 from ldm.data.shapes import ATTRIBUTES, VOCABULARY, canonical_caption, render, sample_attributes
 from ldm.errors import InputError
+from ldm.files import check_output_folder
 from ldm.pipeline import Pipeline, to_pil
 from ldm.samplers import DETERMINISTIC_SAMPLERS, KARRAS_BY_DEFAULT
 

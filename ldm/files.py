@@ -1,4 +1,5 @@
-"""Files written whole or not at all: a reader (or a killed run) never finds half of one."""
+"""Files written whole or not at all (a reader, or a killed run, never finds half of one), and output
+folders checked before any work starts."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from ldm.errors import InputError
 
 
 @contextmanager
@@ -31,3 +34,17 @@ def write_json(path: str | Path, data: object) -> None:
     """`data` as indented JSON, atomically."""
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2))
+
+
+def check_output_folder(path: str | Path, name: str) -> Path:
+    """Fail before any work is done when folder `path` (given as `name`, a flag or config key) cannot
+    be created or written: a file in the way, or no write permission. Creates nothing."""
+    path = Path(path)
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{name}: cannot write to output folder {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{name}: cannot write to output folder {path}: no write permission on {existing}")
+    return path

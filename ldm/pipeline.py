@@ -27,10 +27,11 @@ from ldm.prompts import encode_prompts
 from ldm.samplers import sample
 from ldm.sampling import StartPoint, randn
 from ldm.schedule import NoiseSchedule
-from ldm.sd_checkpoint import ModelSpec, detect_spec, read_checkpoint, split_state_dict, write_checkpoint
+from ldm.sd_checkpoint import ModelSpec, detect_spec, split_state_dict, write_checkpoint
 from ldm.text_encoder import TextEncoder
 from ldm.tiling import tiled_decode, tiled_encode
 from ldm.unet import UNetModel
+from ldm.weights_io import load_strict, read_checkpoint
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -298,19 +299,3 @@ class Pipeline:
         if self.is_inpainting:
             return InpaintingUNet(self.unet, small_masks, self.encode(masked_images(init_images, masks))), x0, None
         return self.unet, x0, LatentBlend(x0, small_masks)
-
-
-def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], part: str, path: str | Path) -> None:
-    """Load with strict key matching; on mismatch, one line naming the first missing and unexpected keys."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
-    if missing or unexpected or wrong_shape:
-        details = "; ".join(f"{what} {keys[0]}" + (f" (+{len(keys) - 1} more)" if len(keys) > 1 else "")
-                            for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                               ("wrong shape", wrong_shape)) if keys)
-        raise InputError(f"{path}: the {part} weights do not match the detected config: {details} "
-                         "(pass --config for a model of another shape)")
-    module.load_state_dict(state_dict, strict=True, assign=True)
-

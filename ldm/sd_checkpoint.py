@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import json
 import warnings
-import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ldm.autoencoder import AutoencoderConfig
 from ldm.config import config_dict, config_kwargs
-from ldm.errors import InputError, with_article
-from ldm.files import atomic_write
+from ldm.errors import InputError
 from ldm.text_encoder import PRESETS, TextEncoderConfig, hf_clip_text_to_open_clip
 from ldm.unet import UNetConfig
+from ldm.weights_io import save_atomic
 
 UNET_PREFIX = "model.diffusion_model."
 AUTOENCODER_PREFIX = "first_stage_model."
@@ -69,37 +66,6 @@ class ModelSpec:
                    text_encoder=TextEncoderConfig(**config_kwargs(TextEncoderConfig, d["text_encoder"])),
                    parameterization=d["parameterization"], schedule=dict(d["schedule"]),
                    image_size=int(d["image_size"]))
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a .safetensors or .ckpt file, on the CPU.
-
-    `.ckpt` files are pickles: they are read with `weights_only=True`, which refuses any object
-    that is not plain tensors and containers, so a malicious file cannot run code.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"checkpoint not found: {path} (pass an existing .ckpt or .safetensors file)")
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                return {k: f.get_tensor(k) for k in f.keys()}, metadata
-        except (SafetensorError, OSError, ValueError) as e:
-            raise InputError(f"cannot read {path}: {e} (is the file truncated or corrupt? download it again)") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt or unsafe pickles
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot read {path}: {reason[:300]} (truncated, corrupt or not a plain-tensor "
-                         f"checkpoint; convert trusted files to .safetensors)") from None
-    state_dict = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state_dict, dict):
-        raise InputError(f"{path} holds no state dict (expected a dict of tensors)")
-    metadata = {}
-    if isinstance(obj, dict) and isinstance(obj.get("global_step"), int):
-        metadata["global_step"] = str(obj["global_step"])
-    return {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}, metadata
 
 
 def spec_from_yaml(path: str | Path) -> dict:
@@ -241,47 +207,3 @@ def write_checkpoint(path: str | Path, spec: ModelSpec, unet: dict, autoencoder:
     """
     tensors = join_state_dicts(unet, autoencoder, text_encoder)
     return save_atomic(path, tensors, {**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(spec.to_dict())})
-
-
-def save_module(path: str | Path, module: torch.nn.Module, kind: str, config: dict,
-                metadata: dict[str, str] | None = None) -> Path:
-    """Save one stage (e.g. a trained autoencoder) as .safetensors with its config, atomically."""
-    metadata = {**(metadata or {}), "ldm_module": kind, "config": json.dumps(config)}
-    return save_atomic(path, module.state_dict(), metadata)
-
-
-def load_module_file(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
-    """Weights, config and metadata of a file written by `save_module` for stage `kind`."""
-    state_dict, metadata = read_checkpoint(path)
-    if metadata.get("ldm_module") != kind:
-        raise InputError(f"{path} is not {with_article(kind)} file written by this project "
-                         f"(found {metadata.get('ldm_module') or 'no stage tag'}); pass the {kind} .safetensors "
-                         "that its training run exported")
-    return state_dict, json.loads(metadata["config"]), metadata
-
-
-def convert_to_safetensors(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write a .safetensors copy of a checkpoint (e.g. a pickled .ckpt), keeping its metadata;
-    with `dtype` (e.g. torch.float16, half the size) its floating-point tensors are cast.
-
-    The source is read with `read_checkpoint`, so a pickle that tries to run code is refused.
-    """
-    dst = Path(dst)
-    if dst.suffix != ".safetensors":
-        raise InputError(f"the converted file must end in .safetensors, got {dst}")
-    state_dict, metadata = read_checkpoint(src)
-    if dtype is not None:
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    return save_atomic(dst, state_dict, metadata)
-
-
-def save_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write .safetensors through a temporary file and a rename: a failed or interrupted save (disk full,
-    kill) leaves no partial file, and whatever was at `path` before stays intact."""
-    path = Path(path)
-    try:
-        with atomic_write(path) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    except (OSError, SafetensorError) as e:
-        raise InputError(f"could not write {path}: {e}") from None
-    return path

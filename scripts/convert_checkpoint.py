@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ldm.cli import ScriptParser, check_output_folder, run_main
+from ldm.cli import ScriptParser, run_main
 from ldm.errors import InputError
-from ldm.sd_checkpoint import convert_to_safetensors
+from ldm.files import check_output_folder
+from ldm.weights_io import convert_to_safetensors
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

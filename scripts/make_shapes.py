@@ -16,9 +16,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ldm.cli import ScriptParser, check_output_folder, run_main
+from ldm.cli import ScriptParser, run_main
 from ldm.data.shapes import DATASET_NAME, DEFAULT_SAMPLES_PER_SHARD, SPLITS, shard_name, write_shards
 from ldm.errors import InputError
+from ldm.files import check_output_folder
 
 
 def first_missing(path: Path) -> Path | None:

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ldm import sd_checkpoint
+from ldm import weights_io
 from ldm.cli import run_main
 from ldm.errors import InputError
-from ldm.sd_checkpoint import convert_to_safetensors, read_checkpoint, save_atomic
+from ldm.weights_io import convert_to_safetensors, read_checkpoint, save_atomic
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 import convert_checkpoint  # noqa: E402
@@ -102,7 +102,7 @@ def test_failed_write_leaves_the_previous_file_and_no_partial_file(tmp_path, mon
             f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sd_checkpoint, "save_file", disk_full)
+    monkeypatch.setattr(weights_io, "save_file", disk_full)
     with pytest.raises(InputError, match="No space left"):
         save_atomic(path, {"w": torch.zeros(2)}, {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]

@@ -21,10 +21,10 @@ from ldm.config import config_dict
 from ldm.data.loader import make_loader, shapes_dataset
 from ldm.data.shapes import HELDOUT_PAIRS, VOCABULARY
 from ldm.errors import InputError
-from ldm.sd_checkpoint import save_module
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
 from ldm.training.clip import canonical_samples, caption_positives, hard_negative_captions, train_clip
 from ldm.training.common import load_stage
+from ldm.weights_io import save_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import train_clip as train_clip_script  # noqa: E402

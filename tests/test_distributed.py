@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from ldm.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.config import config_dict
 from ldm.pipeline import Pipeline
-from ldm.sd_checkpoint import save_module
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
+from ldm.weights_io import save_module
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 NUM_STEPS, BATCH_SIZE = 3, 2

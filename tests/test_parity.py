@@ -42,11 +42,11 @@ from ldm.sd_checkpoint import (
     ModelSpec,
     detect_spec,
     join_state_dicts,
-    read_checkpoint,
     spec_from_yaml,
 )
 from ldm.text_encoder import TextEncoder, hf_clip_text_to_open_clip, sd2
 from ldm.unet import UNetConfig, UNetModel
+from ldm.weights_io import read_checkpoint
 
 # The public inference configs of Stable Diffusion, as released (CompVis/stable-diffusion
 # configs/stable-diffusion/v1-inference.yaml, Stability-AI/stablediffusion configs/stable-diffusion/).

@@ -14,7 +14,8 @@ from ldm import pipeline, samplers
 from ldm.errors import InputError
 from ldm.pipeline import Pipeline
 from ldm.samplers import SAMPLERS
-from ldm.sd_checkpoint import read_checkpoint, spec_from_yaml
+from ldm.sd_checkpoint import spec_from_yaml
+from ldm.weights_io import read_checkpoint
 from tests.conftest import randomize_
 
 PROMPTS = ["a red circle", "a large blue square on a white background"]

@@ -21,12 +21,12 @@ from ldm.data.loader import make_loader, shapes_dataset
 from ldm.errors import InputError
 from ldm.pipeline import Pipeline
 from ldm.schedule import NoiseSchedule
-from ldm.sd_checkpoint import save_module
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
 from ldm.training.autoencoder import train_autoencoder
 from ldm.training.common import Checkpoints, TrainingRun, load_stage
 from ldm.training.config import TrainConfig
 from ldm.training.diffusion import DiffusionConfig, LatentCache, draw_timesteps, drop_captions, train_diffusion
+from ldm.weights_io import save_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = {"batch_size": 4, "log_every": 1, "sample_every": 1000, "checkpoint_every": 2, "learning_rate": 1e-3}

@@ -25,8 +25,7 @@ from ldm.files import write_json
 from ldm.generate import save_grid
 from ldm.losses import AutoencoderLoss, AutoencoderLossConfig
 from ldm.metrics import psnr
-from ldm.pipeline import load_strict, to_pil
-from ldm.sd_checkpoint import load_module_file, save_module
+from ldm.pipeline import to_pil
 from ldm.training.common import (
     EMA,
     TrainingRun,
@@ -47,6 +46,7 @@ from ldm.training.config import (
     require,
     train_config,
 )
+from ldm.weights_io import load_module_file, load_strict, save_module
 
 SECTIONS = ("autoencoder", "loss", "autoencoder_training", "data", "train")
 

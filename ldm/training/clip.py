@@ -50,7 +50,6 @@ from ldm.data.shapes import (
 )
 from ldm.errors import InputError
 from ldm.files import write_json
-from ldm.sd_checkpoint import save_module
 from ldm.training.common import (
     EMA,
     TrainingRun,
@@ -69,6 +68,7 @@ from ldm.training.config import (
     parse_section,
     train_config,
 )
+from ldm.weights_io import save_module
 
 SECTIONS = ("clip", "clip_training", "data", "train")
 

@@ -35,10 +35,9 @@ from ldm.config import config_kwargs
 from ldm.data.loader import ImageTextDataset, ShapesDataset, image_text_dataset, shapes_dataset
 from ldm.errors import InputError
 from ldm.files import atomic_write
-from ldm.pipeline import load_strict
-from ldm.sd_checkpoint import load_module_file
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
 from ldm.training.config import DataConfig, TrainConfig
+from ldm.weights_io import load_module_file, load_strict
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:

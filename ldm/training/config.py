@@ -20,10 +20,10 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 from safetensors import SafetensorError, safe_open
 
-from ldm.cli import check_output_folder
 from ldm.config import config_kwargs
 from ldm.data.shapes import SPLITS
 from ldm.errors import InputError, with_article
+from ldm.files import check_output_folder
 
 
 @dataclass

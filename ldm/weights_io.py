@@ -1,0 +1,109 @@
+"""Weights on disk: reading checkpoints safely, writing them whole or not at all, loading them strictly.
+
+The original SD key layout (which prefix is which stage, family detection) is ``ldm.sd_checkpoint``'s;
+this module knows files and state dicts only, and is what the pipeline and training both load through.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ldm.errors import InputError, with_article
+from ldm.files import atomic_write
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a .safetensors or .ckpt file, on the CPU.
+
+    `.ckpt` files are pickles: they are read with `weights_only=True`, which refuses any object
+    that is not plain tensors and containers, so a malicious file cannot run code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint not found: {path} (pass an existing .ckpt or .safetensors file)")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                return {k: f.get_tensor(k) for k in f.keys()}, metadata
+        except (SafetensorError, OSError, ValueError) as e:
+            raise InputError(f"cannot read {path}: {e} (is the file truncated or corrupt? download it again)") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt or unsafe pickles
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot read {path}: {reason[:300]} (truncated, corrupt or not a plain-tensor "
+                         f"checkpoint; convert trusted files to .safetensors)") from None
+    state_dict = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state_dict, dict):
+        raise InputError(f"{path} holds no state dict (expected a dict of tensors)")
+    metadata = {}
+    if isinstance(obj, dict) and isinstance(obj.get("global_step"), int):
+        metadata["global_step"] = str(obj["global_step"])
+    return {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}, metadata
+
+
+def save_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write .safetensors through a temporary file and a rename: a failed or interrupted save (disk full,
+    kill) leaves no partial file, and whatever was at `path` before stays intact."""
+    path = Path(path)
+    try:
+        with atomic_write(path) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    except (OSError, SafetensorError) as e:
+        raise InputError(f"could not write {path}: {e}") from None
+    return path
+
+
+def convert_to_safetensors(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a .safetensors copy of a checkpoint (e.g. a pickled .ckpt), keeping its metadata;
+    with `dtype` (e.g. torch.float16, half the size) its floating-point tensors are cast.
+
+    The source is read with `read_checkpoint`, so a pickle that tries to run code is refused.
+    """
+    dst = Path(dst)
+    if dst.suffix != ".safetensors":
+        raise InputError(f"the converted file must end in .safetensors, got {dst}")
+    state_dict, metadata = read_checkpoint(src)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    return save_atomic(dst, state_dict, metadata)
+
+
+def save_module(path: str | Path, module: torch.nn.Module, kind: str, config: dict,
+                metadata: dict[str, str] | None = None) -> Path:
+    """Save one stage (e.g. a trained autoencoder) as .safetensors with its config, atomically."""
+    metadata = {**(metadata or {}), "ldm_module": kind, "config": json.dumps(config)}
+    return save_atomic(path, module.state_dict(), metadata)
+
+
+def load_module_file(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
+    """Weights, config and metadata of a file written by `save_module` for stage `kind`."""
+    state_dict, metadata = read_checkpoint(path)
+    if metadata.get("ldm_module") != kind:
+        raise InputError(f"{path} is not {with_article(kind)} file written by this project "
+                         f"(found {metadata.get('ldm_module') or 'no stage tag'}); pass the {kind} .safetensors "
+                         "that its training run exported")
+    return state_dict, json.loads(metadata["config"]), metadata
+
+
+def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], part: str, path: str | Path) -> None:
+    """Load with strict key matching; on mismatch, one line naming the first missing and unexpected keys."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        details = "; ".join(f"{what} {keys[0]}" + (f" (+{len(keys) - 1} more)" if len(keys) > 1 else "")
+                            for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                               ("wrong shape", wrong_shape)) if keys)
+        raise InputError(f"{path}: the {part} weights do not match the detected config: {details} "
+                         "(pass --config for a model of another shape)")
+    module.load_state_dict(state_dict, strict=True, assign=True)
+
