@@ -41,8 +41,8 @@ class VisionConfig:
     (CLIP's choice). The defaults are for position: shapes-v1 shapes are small, and a freshly
     initialised ViT is nearly blind to where they lie (moving a shape changes its embedding about
     20x less than recolouring it). With a class token over learned positions, contrastive training
-    on shapes-v1 stayed at chance on position for 500 steps even with hard negatives; with the mean
-    of tokens carrying fixed 2-D positions it reached 50% by step 400 and 100% by step 1200.
+    on shapes-v1 stayed at chance on position even with hard negatives; the mean of tokens carrying
+    fixed 2-D positions learns it (the training curves are in ldm/weights/MODEL_CARD.md's history).
     """
 
     image_size: int = 64

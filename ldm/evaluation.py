@@ -222,7 +222,7 @@ def erased_shares(autoencoder: AutoencoderKL, num_samples: int = 500, batch_size
                   split: str = "val") -> dict[str, float]:
     """Per "<colour> on <background>" group of the first `num_samples` images of `split`, the share that comes
     back from encoding (posterior mean) and decoding with no object the checker can read. A stage-1 autoencoder
-    can map a whole group onto its plain background (ldm/weights/MODEL_CARD.md, "The training seeds since d5dde9b")."""
+    can map a whole group onto its plain background (ldm/weights/MODEL_CARD.md, on the training seeds)."""
     parameter = next(autoencoder.parameters())
     erased: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)

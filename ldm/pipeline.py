@@ -43,8 +43,8 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 def compile_for_inference(module: torch.nn.Module) -> torch.nn.Module:
     """torch.compile `module` in place (state dict keys unchanged) with static shapes and inductor's
     freezing: the weights become constants of the compiled graph, so on a CPU the convolution and
-    linear weights are packed for oneDNN once instead of at every call (SD 1.5 U-Net, 2 cores: 0.69x
-    diffusers' time with freezing, 1.25-1.31x without; docs/benchmarks.md).
+    linear weights are packed for oneDNN once instead of at every call (the gain is measured in
+    docs/benchmarks.md).
 
     Freezing is a process-wide inductor setting, read when a call first traces a graph (passing it
     in torch.compile's `options` does not reach that step). Both dynamo and inductor apply it only
@@ -168,7 +168,7 @@ class Pipeline:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1]."""
         # Channels-last: oneDNN convolutions copy NCHW inputs into a blocked layout first, which at full
-        # resolution is the decode's peak (449 -> 322 MiB for 2 x 256 x 256 in SD: docs/benchmarks.md).
+        # resolution is the decode's peak memory (measured in docs/benchmarks.md).
         z = (latents / self.autoencoder.scale_factor).contiguous(memory_format=torch.channels_last)
         images = self.autoencoder.decode(z) if self.tiling is None else tiled_decode(self.autoencoder, z, *self.tiling)
         return images.clamp(-1, 1)

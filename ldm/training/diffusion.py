@@ -130,7 +130,7 @@ class LatentCache:
 
     Latents are drawn afresh from the stored posterior (mean, std) at every draw; the text encoder's
     context is stored once per distinct caption (and for "", the dropped caption), which saves its
-    forward pass at every step (~30 of ~350 ms for the shapes U-Net on 2 CPU cores).
+    forward pass at every step.
     """
 
     def __init__(self, autoencoder: AutoencoderKL, text_encoder: TextEncoder, batches: Iterator[dict],
@@ -196,7 +196,8 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path | None
     unet.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.channels_last:
         unet.to(memory_format=torch.channels_last)
-    # Fused AdamW: on 2 CPU cores the shapes U-Net's update takes 4.5 instead of 18 ms (a step is ~350).
+    # Fused AdamW: one kernel over all tensors, several times faster than the default on a CPU
+    # (docs/benchmarks.md).
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas,
                                   weight_decay=cfg.weight_decay, fused=True)
     lr_schedule = lr_scheduler(optimizer, cfg)
