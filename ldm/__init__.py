@@ -13,7 +13,7 @@ __all__ = ["ModelSpec", "Pipeline"]
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use, so `import ldm.data.shapes` does not pay for torch and open_clip.
+    # Imported on first use, so `import ldm.shapes.dataset` does not pay for torch and open_clip.
     if name == "Pipeline":
         from ldm.pipeline import Pipeline
 

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 from ldm.cli import ScriptParser, resolve_device, run_main
-from ldm.data.shapes import ATTRIBUTES, VOCABULARY
 from ldm.errors import InputError
 from ldm.evaluation import (
     QUALITY_SETTINGS,
@@ -39,6 +38,7 @@ from ldm.files import write_json
 from ldm.generate import BUNDLED_CHECKPOINT
 from ldm.pipeline import Pipeline
 from ldm.samplers import DEFAULT_STEPS, DETERMINISTIC_SAMPLERS, KARRAS_BY_DEFAULT, SAMPLERS
+from ldm.shapes.dataset import ATTRIBUTES, VOCABULARY
 
 # The checks: a prompt that leaves the colour open, with a colour as negative prompt, and img2img
 # strengths around the asked-for 0.3.

@@ -17,9 +17,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ldm.cli import ScriptParser, run_main
-from ldm.data.shapes import DATASET_NAME, DEFAULT_SAMPLES_PER_SHARD, SPLITS, shard_name, write_shards
 from ldm.errors import InputError
 from ldm.files import check_output_folder
+from ldm.shapes.dataset import DATASET_NAME, DEFAULT_SAMPLES_PER_SHARD, SPLITS, shard_name, write_shards
 
 
 def first_missing(path: Path) -> Path | None:

@@ -1,6 +1,6 @@
 """The bundled shapes-v1 model: it ships, is small, is the default of txt2img, and follows prompts.
 
-Prompt following is judged by the pixel-rule attribute checker (ldm/data/shape_checker.py), which is
+Prompt following is judged by the pixel-rule attribute checker (ldm/shapes/checker.py), which is
 tested on the dataset's own renderings in tests/test_shapes.py, independently of any model. A missing
 weights file fails these tests: it is part of the product, not an optional extra.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ldm.data.shape_checker import check, parse_caption
 from ldm.generate import BUNDLED_CHECKPOINT
 from ldm.pipeline import Pipeline
+from ldm.shapes.checker import check, parse_caption
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import txt2img  # noqa: E402

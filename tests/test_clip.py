@@ -19,8 +19,8 @@ from ldm.cli import run_main
 from ldm.clip import ClipConfig, SmallCLIP, VisionConfig, clip_score, contrastive_loss, load_clip
 from ldm.config import config_dict
 from ldm.data.loader import make_loader, shapes_dataset
-from ldm.data.shapes import HELDOUT_PAIRS, VOCABULARY
 from ldm.errors import InputError
+from ldm.shapes.dataset import HELDOUT_PAIRS, VOCABULARY
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
 from ldm.training.clip import canonical_samples, caption_positives, hard_negative_captions, train_clip
 from ldm.training.common import load_stage

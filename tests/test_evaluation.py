@@ -14,8 +14,6 @@ import torch
 
 from ldm.cli import run_main
 from ldm.data.loader import to_tensor
-from ldm.data.shape_checker import parse_caption, read_attributes
-from ldm.data.shapes import BACKGROUNDS, ShapeSample, render, sample_attributes
 from ldm.errors import InputError
 from ldm.evaluation import (
     INCEPTION_FILE,
@@ -37,6 +35,8 @@ from ldm.evaluation import (
 from ldm.metrics import frechet_distance, psnr
 from ldm.pipeline import Pipeline, to_pil
 from ldm.samplers import DETERMINISTIC_SAMPLERS
+from ldm.shapes.checker import parse_caption, read_attributes
+from ldm.shapes.dataset import BACKGROUNDS, ShapeSample, render, sample_attributes
 from tests.conftest import randomize_, tiny_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

@@ -16,8 +16,8 @@ from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ldm.data import shapes
 from ldm.data.loader import image_text_dataset, make_loader, shapes_dataset
+from ldm.shapes import dataset as shapes
 
 NUM_SHAPES = 12
 PER_SHARD = 3  # -> 4 shards

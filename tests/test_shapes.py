@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from ldm.data import shape_checker, shapes
+from ldm.shapes import checker as shape_checker
+from ldm.shapes import dataset as shapes
 
 REPO = Path(__file__).resolve().parents[1]
 

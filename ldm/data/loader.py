@@ -38,8 +38,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ldm.data import shapes
 from ldm.errors import InputError
+from ldm.shapes import dataset as shapes
 
 logger = logging.getLogger(__name__)
 

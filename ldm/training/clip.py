@@ -39,7 +39,9 @@ import torch
 from ldm.clip import ClipConfig, SmallCLIP, contrastive_loss
 from ldm.config import config_dict
 from ldm.data.loader import make_loader, shapes_dataset
-from ldm.data.shapes import (
+from ldm.errors import InputError
+from ldm.files import write_json
+from ldm.shapes.dataset import (
     CANONICAL_FORM,
     HELDOUT_PAIRS,
     PARTIAL_FORMS,
@@ -48,8 +50,6 @@ from ldm.data.shapes import (
     canonical_caption,
     format_caption,
 )
-from ldm.errors import InputError
-from ldm.files import write_json
 from ldm.training.common import (
     EMA,
     TrainingRun,

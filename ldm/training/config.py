@@ -21,9 +21,9 @@ import yaml
 from safetensors import SafetensorError, safe_open
 
 from ldm.config import config_kwargs
-from ldm.data.shapes import SPLITS
 from ldm.errors import InputError, with_article
 from ldm.files import check_output_folder
+from ldm.shapes.dataset import SPLITS
 
 
 @dataclass

@@ -21,7 +21,7 @@ from itertools import product
 import numpy as np
 from PIL import Image
 
-from ldm.data.shapes import (
+from ldm.shapes.dataset import (
     ATTRIBUTES,
     BACKGROUNDS,
     COLORS,
