@@ -42,7 +42,7 @@ class VisionConfig:
     initialised ViT is nearly blind to where they lie (moving a shape changes its embedding about
     20x less than recolouring it). With a class token over learned positions, contrastive training
     on shapes-v1 stayed at chance on position even with hard negatives; the mean of tokens carrying
-    fixed 2-D positions learns it (the training curves are in ldm/weights/MODEL_CARD.md's history).
+    fixed 2-D positions learns it (ldm/weights/MODEL_CARD.md, "How the recipe got here").
     """
 
     image_size: int = 64

@@ -130,7 +130,7 @@ class LatentCache:
 
     Latents are drawn afresh from the stored posterior (mean, std) at every draw; the text encoder's
     context is stored once per distinct caption (and for "", the dropped caption), which saves its
-    forward pass at every step.
+    forward pass at every step (docs/benchmarks.md, "The training step's optimizer").
     """
 
     def __init__(self, autoencoder: AutoencoderKL, text_encoder: TextEncoder, batches: Iterator[dict],
