@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ModelSpec", "Pipeline"]
+__all__ = ["GenerationSettings", "ModelSpec", "Pipeline"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,6 +18,10 @@ def __getattr__(name: str) -> Any:
         from ldm.pipeline import Pipeline
 
         return Pipeline
+    if name == "GenerationSettings":
+        from ldm.settings import GenerationSettings
+
+        return GenerationSettings
     if name == "ModelSpec":
         from ldm.sd_checkpoint import ModelSpec
 

@@ -18,7 +18,8 @@ from ldm.autoencoder import AutoencoderKL
 from ldm.data.loader import to_tensor
 from ldm.errors import InputError
 from ldm.files import check_output_folder
-from ldm.pipeline import Pipeline, to_pil
+from ldm.images import to_pil
+from ldm.pipeline import Pipeline
 from ldm.samplers import DETERMINISTIC_SAMPLERS, KARRAS_BY_DEFAULT
 from ldm.shapes.checker import check, parse_caption, read_attributes
 from ldm.shapes.dataset import ATTRIBUTES, VOCABULARY, canonical_caption, render, sample_attributes

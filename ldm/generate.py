@@ -6,12 +6,14 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.errors import InputError
 from ldm.files import atomic_write
+from ldm.settings import FIELDS, GenerationSettings, from_text
 
 # The checkpoint txt2img uses when no --ckpt is given (shipped inside the package).
 BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "shapes-v1.safetensors"
@@ -60,6 +62,34 @@ def save_png(image: Image.Image, outdir: Path, metadata: dict[str, object], pref
                 index += 1
     finally:
         os.unlink(tmp)
+
+
+def image_text(settings: GenerationSettings, index: int, image: Image.Image, model: str,
+               model_file: str) -> dict[str, str]:
+    """The PNG text of image `index` of a batch made with `settings`: its settings, its size and the model."""
+    return {**settings.to_text(index), "height": str(image.height), "width": str(image.width), "model": model,
+            "model_file": model_file, "batch_index": str(index)}
+
+
+def read_image_text(png: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """What `image_text` wrote into `png`: the settings that remake its whole batch, and the other text
+    (model, model_file, batch_index)."""
+    try:
+        with Image.open(png) as image:
+            text = dict(getattr(image, "text", {}))
+    except (OSError, UnidentifiedImageError) as e:
+        raise InputError(f"cannot read {png} to replay it: {e.strerror or e} (pass a PNG written by txt2img)") from None
+    if "prompt" not in text or "seed" not in text:
+        raise InputError(f"{png} has no generation metadata (prompt, seed, ...); pass a PNG written by txt2img, "
+                         "not a grid")
+    try:
+        settings, batch_index = from_text(text), int(text.get("batch_index", 0))
+    except (InputError, ValueError) as e:
+        raise InputError(f"{png}: {e}") from None
+    # Row k of a batch can differ from the same image made alone in the last bit (batched kernels round
+    # differently), so the whole batch is made again, from its first seed, and row k kept.
+    settings["seed"] -= batch_index
+    return settings, {key: value for key, value in text.items() if key not in FIELDS}
 
 
 def make_grid(images: list[Image.Image], num_columns: int) -> Image.Image:

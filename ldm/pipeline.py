@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -13,31 +14,18 @@ from ldm.attention import DEFAULT_SLICE_SIZE, set_attention_backend
 from ldm.autoencoder import AutoencoderKL
 from ldm.errors import InputError
 from ldm.guidance import ClassifierFreeGuidance
-from ldm.img2img import (
-    InpaintingUNet,
-    LatentBlend,
-    UNet,
-    default_strength,
-    latent_masks,
-    masked_images,
-    start_step,
-)
-from ldm.metrics import to_uint8
+from ldm.images import load_image, to_pil
+from ldm.img2img import InpaintingUNet, LatentBlend, UNet, latent_masks, masked_images, start_step
 from ldm.prompts import encode_prompts
 from ldm.samplers import sample
-from ldm.sampling import StartPoint, randn
+from ldm.sampling import FROM_NOISE, StartPoint, randn
 from ldm.schedule import NoiseSchedule
 from ldm.sd_checkpoint import ModelSpec, detect_spec, split_state_dict, write_checkpoint
+from ldm.settings import FIELDS, GenerationSettings
 from ldm.text_encoder import TextEncoder
 from ldm.tiling import tiled_decode, tiled_encode
 from ldm.unet import UNetModel
 from ldm.weights_io import load_strict, read_checkpoint
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """Images (B, 3, H, W) in [-1, 1] -> PIL RGB images."""
-    arrays = to_uint8(images).to(torch.uint8)
-    return [Image.fromarray(a) for a in arrays.permute(0, 2, 3, 1).cpu().numpy()]
 
 
 def compile_for_inference(module: torch.nn.Module) -> torch.nn.Module:
@@ -55,6 +43,11 @@ def compile_for_inference(module: torch.nn.Module) -> torch.nn.Module:
     torch._inductor.config.freezing = True
     module.compile(dynamic=False)
     return module
+
+
+# Pipeline.__call__'s diffusers-style keyword names -> GenerationSettings fields.
+CALL_NAMES = {"num_steps": "steps", "guidance_scale": "scale", "negative_prompts": "negative_prompt",
+              "init_images": "init_img", "masks": "mask"}
 
 
 def check_size(height: int, width: int, factor: int) -> None:
@@ -178,86 +171,70 @@ class Pipeline:
         """An SD 2 inpainting U-Net: latents + mask + masked-image latents in (4 + 1 + 4 channels)."""
         return self.unet.config.in_channels == 2 * self.unet.config.out_channels + 1
 
-    @torch.no_grad()
-    def __call__(self, prompts: str | Sequence[str], num_steps: int = 50, guidance_scale: float = 7.5,
-                 eta: float = 0.0, seed: int | Sequence[int] = 0, height: int | None = None,
-                 width: int | None = None, latents: torch.Tensor | None = None,
-                 negative_prompts: str | Sequence[str] = "", output_type: str = "pil",
-                 progress: bool = True, sampler: str = "ddim", karras: bool | None = None,
-                 guidance_rescale: float = 0.0, init_images: torch.Tensor | None = None,
-                 masks: torch.Tensor | None = None, strength: float | None = None) -> list[Image.Image] | torch.Tensor:
-        """Generate one image per prompt.
+    def __call__(self, prompts: str | Sequence[str], *, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", progress: bool = True, **settings: Any) -> list[Image.Image] | torch.Tensor:
+        """`generate` with the settings as keyword arguments: one image per prompt, e.g.
+        `pipe(["a fox"], num_steps=20, guidance_scale=7.5, seed=42, sampler="dpmpp_2m")`.
 
-        `seed` is the seed of the first image; image k uses seed + k (or pass one seed per prompt).
-        `latents` (B, 4, h, w), if given, replace the seeded initial noise. `negative_prompts` (one for
-        all, or one per prompt) replace the empty unconditional prompt of guidance. Prompts may carry
-        `(text:1.3)` weights and be longer than the text encoder's context (see `ldm.prompts`).
-        `sampler` is one of `ldm.samplers.SAMPLERS`; `karras` picks Karras et al.'s noise levels (None:
-        the sampler's default, on for `ldm.samplers.KARRAS_BY_DEFAULT`); `guidance_rescale` is phi of
-        Lin et al. (0 = plain guidance).
-
-        img2img: `init_images` (1 or B, 3, H, W) in [-1, 1] set the size; `strength` in (0, 1] is how
-        much of the sampler's schedule reruns (default 0.75). Inpainting: also `masks` (1 or B, 1, H, W)
-        in [0, 1], 1 where to repaint (default strength 1). Both work with every sampler.
-
-        Returns PIL images, or with `output_type="tensor"` images (B, 3, H, W) in [-1, 1], or with
-        "latent" the latents.
+        Takes every `GenerationSettings` field, and the diffusers-style names `num_steps` (steps),
+        `guidance_scale` (scale), `negative_prompts` (negative_prompt), `init_images` (init_img) and
+        `masks` (mask).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise InputError("no prompts given")
+        names = {CALL_NAMES.get(name, name): value for name, value in settings.items()}
+        if unknown := sorted(set(names) - set(FIELDS) | {"prompt", "batch_size"} & set(names)):
+            raise InputError(f"unknown setting(s) {', '.join(unknown)}; the prompts set prompt and batch_size, "
+                             f"the others are {', '.join(sorted(set(FIELDS) - {'prompt', 'batch_size'}))}")
+        batch = GenerationSettings(prompt=tuple(prompts), batch_size=len(prompts), **names)
+        return self.generate(batch, latents=latents, output_type=output_type, progress=progress)
+
+    @torch.no_grad()
+    def generate(self, settings: GenerationSettings, *, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", progress: bool = True) -> list[Image.Image] | torch.Tensor:
+        """Generate `settings.batch_size` images.
+
+        `latents` (B, 4, h, w), if given, replace the seeded initial noise. Prompts may carry
+        `(text:1.3)` weights and be longer than the text encoder's context (see `ldm.prompts`).
+        img2img: `settings.init_img` (a file, a PIL image or a tensor (1 or B, 3, H, W) in [-1, 1]) sets
+        the size; inpainting: also `settings.mask` (1 or B, 1, H, W) in [0, 1], 1 where to repaint. Both
+        work with every sampler.
+
+        Returns PIL images, or with `output_type="tensor"` images (B, 3, H, W) in [-1, 1], or with
+        "latent" the latents.
+        """
         if output_type not in ("pil", "tensor", "latent"):
             raise InputError(f"output_type must be 'pil', 'tensor' or 'latent', got {output_type!r}")
-        if num_steps < 1:
-            raise InputError(f"steps must be >= 1, got {num_steps}")
-        if guidance_scale < 0:
-            raise InputError(f"guidance scale must be >= 0, got {guidance_scale}")
-        if not 0 <= guidance_rescale <= 1:
-            raise InputError(f"guidance rescale must be in [0, 1], got {guidance_rescale}")
-        first_step = 0
-        if init_images is not None:
-            height, width = self._check_images(init_images, masks, len(prompts), height, width)
-            first_step = start_step(num_steps, default_strength(masks is not None) if strength is None else strength)
-        elif masks is not None:
-            raise InputError("a mask needs an init image to inpaint (pass init_images)")
-        elif strength is not None:
-            raise InputError("strength needs an init image (pass init_images)")
+        batch_size = settings.batch_size
+        init_images, masks = self._init_images(settings)
         if self.is_inpainting and masks is None:
             raise InputError(f"{self.name} is an inpainting model: pass an init image and a mask")
-        factor = self.autoencoder.config.downsampling_factor
-        height = self.spec.image_size if height is None else height
-        width = self.spec.image_size if width is None else width
-        check_size(height, width, factor)
-        seeds = [seed + k for k in range(len(prompts))] if isinstance(seed, int) else list(seed)
-        if len(seeds) != len(prompts):
-            raise InputError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-
-        if isinstance(negative_prompts, str):
-            negative_prompts = [negative_prompts] * len(prompts)
-        if len(negative_prompts) != len(prompts):
-            raise InputError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+        height, width = self._size(settings, init_images)
 
         # 1. Prompts -> context; the negative (by default empty) prompt is the unconditional context.
-        context, uncond_context = self.encode_context(prompts, negative_prompts, guidance_scale)
+        context, uncond_context = self.encode_context(settings.prompts(), settings.negative_prompts(), settings.scale)
         # 2. Initial noise in float32 from one CPU generator per image, which then also draws
         #    that image's sampler noise (eta > 0): image k is reproducible alone, on any device.
-        shape = (len(prompts), self.unet.config.out_channels, height // factor, width // factor)
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        factor = self.autoencoder.config.downsampling_factor
+        shape = (batch_size, self.unet.config.out_channels, height // factor, width // factor)
+        generators = [torch.Generator().manual_seed(s) for s in settings.seeds()]
         if latents is None:
             noise = randn(shape, generators, self.device, torch.float32)
         elif tuple(latents.shape) != shape:
             raise InputError(f"initial latents must have shape {shape}, got {tuple(latents.shape)}")
         else:
             noise = latents.to(self.device, torch.float32)
-        # 3. Denoise with guidance, from noise or, from step `first_step` on, from the init images' latents
-        #    noised to that step's level.
-        unet, x0, blend = self.unet, None, None
+        # 3. Denoise with guidance, from noise or, for img2img, from the init images' latents noised to
+        #    the level of the first step that `strength` reruns.
+        unet, start, blend = self.unet, FROM_NOISE, None
         if init_images is not None:
-            unet, x0, blend = self._start_from_images(init_images, masks, len(prompts))
-        denoiser = ClassifierFreeGuidance(unet, context, uncond_context, guidance_scale, guidance_rescale)
-        z = sample(sampler, denoiser, noise, self.schedule, num_steps, eta=eta, karras=karras,
-                   stiffness=denoiser.stiffness, generator=generators, parameterization=self.spec.parameterization,
-                   progress=progress, start=StartPoint(x0, first_step, blend))
+            unet, x0, blend = self._start_from_images(init_images, masks, batch_size)
+            start = StartPoint(x0, start_step(settings.steps, settings.strength), blend)
+        denoiser = ClassifierFreeGuidance(unet, context, uncond_context, settings.scale, settings.guidance_rescale)
+        z = sample(settings.sampler, denoiser, noise, self.schedule, settings.steps, eta=settings.eta,
+                   karras=settings.karras, stiffness=denoiser.stiffness, generator=generators,
+                   parameterization=self.spec.parameterization, progress=progress, start=start)
         if blend is not None:
             z = blend(z)
         if output_type == "latent":
@@ -266,24 +243,42 @@ class Pipeline:
         images = self.decode(z.to(self.dtype))
         return images if output_type == "tensor" else to_pil(images)
 
-    def _check_images(self, init_images: torch.Tensor, masks: torch.Tensor | None, batch_size: int,
-                      height: int | None, width: int | None) -> tuple[int, int]:
-        """The init images' (height, width), after checking them against the masks and the requested size."""
+    def _init_images(self, settings: GenerationSettings) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The init images (1 or B, 3, H, W) in [-1, 1] and masks (1 or B, 1, H, W) in [0, 1] as tensors,
+        checked against each other and the batch; None where not given."""
+        init_images, masks = settings.init_img, settings.mask
+        if init_images is None:
+            return None, None
+        if not isinstance(init_images, torch.Tensor):
+            init_images = load_image(init_images, "RGB") * 2 - 1
+        if masks is not None and not isinstance(masks, torch.Tensor):
+            masks = load_image(masks, "L")
+        batch_size = settings.batch_size
         if init_images.ndim != 4 or init_images.shape[1] != 3 or init_images.shape[0] not in (1, batch_size):
             raise InputError(f"init images must be (1 or {batch_size}, 3, H, W), got {tuple(init_images.shape)}")
-        image_height, image_width = init_images.shape[-2:]
-        factor = self.autoencoder.config.downsampling_factor
-        if image_height % factor or image_width % factor:
-            raise InputError(f"the init image is {image_width}x{image_height}; its sides must be multiples of "
-                             f"{factor} (crop or resize it)")
-        if height not in (None, image_height) or width not in (None, image_width):
-            raise InputError(f"the init image is {image_width}x{image_height} but {width}x{height} was asked "
-                             "for; resize the image or leave the size out")
         if masks is not None and (masks.ndim != 4 or masks.shape[1] != 1 or masks.shape[0] not in (1, batch_size)
                                   or masks.shape[-2:] != init_images.shape[-2:]):
-            raise InputError(f"masks must be (1 or {batch_size}, 1, {image_height}, {image_width}) like the init "
-                             f"image, got {tuple(masks.shape)}")
-        return image_height, image_width
+            raise InputError(f"masks must be (1 or {batch_size}, 1, {init_images.shape[-2]}, {init_images.shape[-1]})"
+                             f" like the init image, got {tuple(masks.shape)}; give a mask of the image's size")
+        return init_images, masks
+
+    def _size(self, settings: GenerationSettings, init_images: torch.Tensor | None) -> tuple[int, int]:
+        """(height, width) of the images: the init images' if given (the settings may only repeat it),
+        else the settings' or the model's; InputError unless sides are multiples of the autoencoder's factor."""
+        factor = self.autoencoder.config.downsampling_factor
+        if init_images is None:
+            height = self.spec.image_size if settings.height is None else settings.height
+            width = self.spec.image_size if settings.width is None else settings.width
+            check_size(height, width, factor)
+            return height, width
+        height, width = init_images.shape[-2:]
+        if height % factor or width % factor:
+            raise InputError(f"the init image is {width}x{height}; its sides must be multiples of "
+                             f"{factor} (crop or resize it)")
+        if settings.height not in (None, height) or settings.width not in (None, width):
+            raise InputError(f"the init image is {width}x{height} but {settings.width}x{settings.height} was "
+                             "asked for; resize the image or leave the size out")
+        return height, width
 
     def _start_from_images(self, init_images: torch.Tensor, masks: torch.Tensor | None, batch_size: int
                            ) -> tuple[UNet, torch.Tensor, LatentBlend | None]:

@@ -68,6 +68,17 @@ def get_sampler(name: str) -> Sampler:
     return REGISTRY[name]
 
 
+def check_options(name: str, karras: bool | None, eta: float) -> Sampler:
+    """The registry entry of ``name`` after checking that it takes ``karras`` and ``eta``; InputError if not."""
+    sampler = get_sampler(name)
+    if karras and not sampler.sigma_space:
+        raise InputError(f"karras sigmas work only with the samplers {', '.join(SIGMA_SAMPLERS)}; "
+                         f"drop karras for {name!r}")
+    if eta != 0 and not sampler.takes_eta:
+        raise InputError(f"eta applies only to the ddim sampler; set eta to 0 for {name!r}")
+    return sampler
+
+
 def sample(
     name: str,
     denoiser: Denoiser,
@@ -93,14 +104,9 @@ def sample(
     ``start`` (see ``ldm.sampling``). Raises InputError for an unknown name or an option the sampler does
     not take.
     """
-    sampler = get_sampler(name)
+    sampler = check_options(name, karras, eta)
     if karras is None:
         karras = sampler.karras_by_default
-    if karras and not sampler.sigma_space:
-        raise InputError(f"karras sigmas work only with the samplers {', '.join(SIGMA_SAMPLERS)}; "
-                         f"drop karras for {name!r}")
-    if eta != 0 and not sampler.takes_eta:
-        raise InputError(f"eta applies only to the ddim sampler; set eta to 0 for {name!r}")
     return sampler.function(denoiser, x_T, schedule, num_steps, eta=eta, karras=karras, stiffness=stiffness,
                             generator=generator, parameterization=parameterization, progress=progress,
                             callback=callback, start=start)

@@ -32,8 +32,9 @@ from ldm.evaluation import (
     prompt_following_by_sampler,
     sampler_quality,
 )
+from ldm.images import to_pil
 from ldm.metrics import frechet_distance, psnr
-from ldm.pipeline import Pipeline, to_pil
+from ldm.pipeline import Pipeline
 from ldm.samplers import DETERMINISTIC_SAMPLERS
 from ldm.shapes.checker import parse_caption, read_attributes
 from ldm.shapes.dataset import BACKGROUNDS, ShapeSample, render, sample_attributes

@@ -98,6 +98,10 @@ def test_long_prompt_is_encoded_whole_without_warning(random_ckpt, tmp_path, cap
     (["--ckpt", "/nonexistent/model.ckpt"], "checkpoint not found"),
     (["--from-file", "/nonexistent/prompts.txt"], "give exactly one of"),
     (["--vae_tile_size", "-4"], "--vae_tile_size must be 0 (off) or a positive multiple of 4"),
+    (["--scale", "nan"], "--scale must be a finite number"),
+    (["--ddim_eta", "inf"], "--ddim_eta must be a finite number"),
+    (["--seed", "1180591620717411303424"], "--seed must be at most"),
+    (["--H", "100000"], "--H must be at most 8192"),
 ])
 def test_bad_input_is_one_line_without_output(tiny_ckpt, tmp_path, capsys, extra, message):
     argv = ["--prompt", "a red circle", "--ckpt", str(tiny_ckpt), "--outdir", str(tmp_path / "o"), "--steps", "1",
@@ -202,13 +206,13 @@ def test_replay_regenerates_the_same_pixels(random_ckpt, tmp_path, capsys, extra
     (["--sampler", "euler", "--karras"], True), (["--sampler", "dpmpp_2m", "--no-karras"], False),
 ])
 def test_karras_defaults_to_the_samplers_choice(flags, karras):
-    assert txt2img.parse_args(["--prompt", "a red circle", *flags]).karras is karras
+    assert txt2img.parse_args(["--prompt", "a red circle", *flags]).settings.karras is karras
 
 
 def test_plms_flag_of_the_original_scripts_picks_plms():
-    args = txt2img.parse_args(["--prompt", "a red circle", "--plms"])
+    args = txt2img.parse_args(["--prompt", "a red circle", "--plms"]).settings
     assert (args.sampler, args.steps, args.karras) == ("plms", 50, False)
-    assert txt2img.parse_args(["--prompt", "a red circle"]).sampler == "ddim"
+    assert txt2img.parse_args(["--prompt", "a red circle"]).settings.sampler == "ddim"
     with pytest.raises(InputError, match="--sampler: not allowed with argument --plms"):
         txt2img.parse_args(["--prompt", "a red circle", "--plms", "--sampler", "heun"])
 
@@ -221,7 +225,7 @@ def test_replay_keeps_recorded_noise_levels_for_the_recorded_sampler_only(random
     assert Image.open(png).text["karras"] == "False"
     for flags, karras in [([], False), (["--karras"], True), (["--sampler", "dpmpp_2m"], True),
                           (["--sampler", "euler"], False), (["--sampler", "dpmpp_2m", "--no-karras"], False)]:
-        assert txt2img.parse_args(["--replay", png, *flags]).karras is karras, flags
+        assert txt2img.parse_args(["--replay", png, *flags]).settings.karras is karras, flags
 
 
 def test_replay_names_the_model_it_needs(random_ckpt, tmp_path, capsys):

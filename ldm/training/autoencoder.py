@@ -23,9 +23,9 @@ from ldm.config import config_dict
 from ldm.data.loader import make_loader
 from ldm.files import write_json
 from ldm.generate import save_grid
+from ldm.images import to_pil
 from ldm.losses import AutoencoderLoss, AutoencoderLossConfig
 from ldm.metrics import psnr
-from ldm.pipeline import to_pil
 from ldm.training.common import (
     EMA,
     TrainingRun,
