@@ -166,7 +166,15 @@ _ADAMS_BASHFORTH_STABLE_STEP = {1: 2.0, 2: 1.0, 3: 6 / 11, 4: 3 / 10}
 def plms_orders(sigmas: Tensor, sigmas_prev: Tensor, stiffness: float) -> list[int]:
     """The highest Adams-Bashforth order (1-4) that is stable on each PLMS step from noise level ``sigmas`` to
     ``sigmas_prev`` (``NoiseSchedule.sigmas`` units, float64 vectors, one per step), for eps of ``stiffness``
-    (see ``sample_plms``).
+    (see below).
+
+    ``stiffness`` bounds how fast eps changes with ``x_t``, ``sqrt(1 - a) |d eps / d x_t|``: 1 for an eps
+    model alone (an exact one has 1 off the data), about the guidance scale for classifier-free guidance
+    (``ClassifierFreeGuidance.stiffness``). Each step takes the highest order whose stability interval
+    holds it, at most 4: with guidance, fourth order is unstable on the last steps of evenly spaced
+    timesteps, where sigma falls by 20-70 % per step whatever the number of steps, and its overshoot
+    changes colours and shapes (docs/samplers.md, "PLMS with guidance"). ``stiffness=0`` keeps order 4
+    everywhere: ldm's PLMS and diffusers' PNDM without Runge-Kutta warm-up.
 
     A DDIM step is an Euler step of d xbar / d sigma = eps, xbar = x / sqrt(a), so a perturbation of xbar
     grows with -h lambda = stiffness * (sigma - sigma_prev) / sigma.
@@ -202,14 +210,7 @@ def sample_plms(
     turned into eps first. With ``num_steps = 1`` that extra call sees timestep 0, the level the step
     lands on (ldm reuses the current timestep there).
 
-    ``stiffness`` bounds how fast eps changes with ``x_t``, ``sqrt(1 - a) |d eps / d x_t|``: 1 for an eps
-    model alone (an exact one has 1 off the data), about the guidance scale for classifier-free guidance
-    (``ClassifierFreeGuidance.stiffness``). Each step takes the highest order whose stability interval
-    holds it (``plms_orders``), at most 4: with guidance, fourth order is unstable on the last steps of
-    evenly spaced timesteps, where sigma falls by 20-70 % per step whatever ``num_steps``, and its
-    overshoot changes colours and shapes (docs/samplers.md, "PLMS with guidance"). ``stiffness=0`` keeps
-    order 4 everywhere: ldm's PLMS and diffusers' PNDM without Runge-Kutta warm-up.
-
+    Each step takes the highest order that is stable for ``stiffness`` (``plms_orders``).
     ``callback`` and ``start`` as in ``sample_ddim``; a run from
     ``start_step`` begins without history, so it makes ``num_steps - start_step + 1`` calls.
     """

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 from ldm.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.config import config_dict
@@ -26,26 +27,9 @@ from ldm.generate import save_grid
 from ldm.images import to_pil
 from ldm.losses import AutoencoderLoss, AutoencoderLossConfig
 from ldm.metrics import psnr
-from ldm.training.common import (
-    EMA,
-    TrainingRun,
-    build_dataset,
-    check_run_dir,
-    lr_scheduler,
-    make_accelerator,
-    optimizer_step,
-    save_run_config,
-)
-from ldm.training.config import (
-    DataConfig,
-    at_least,
-    check_sections,
-    config_errors,
-    data_config,
-    parse_section,
-    require,
-    train_config,
-)
+from ldm.training.common import TrainingRun, build_dataset, lr_scheduler, optimizer_step
+from ldm.training.config import DataConfig, at_least, config_errors, parse_section, require
+from ldm.training.loop import Stage, StepResult, train
 from ldm.weights_io import load_module_file, load_strict, save_module
 
 SECTIONS = ("autoencoder", "loss", "autoencoder_training", "data", "train")
@@ -115,110 +99,102 @@ def evaluate_psnr(autoencoder: AutoencoderKL, batches: Iterator[dict], num_sampl
     return torch.cat(values)[:num_samples].mean().item()
 
 
-def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | None:
-    """Run (or resume) an autoencoder training run; returns the exported `autoencoder.safetensors`, or None
-    when a stop signal ended the run early (after saving a checkpoint to resume from)."""
-    check_sections(config, SECTIONS)
-    cfg = train_config(config)
-    data = data_config(config)
-    model_config = parse_section(config, "autoencoder", AutoencoderConfig)
-    loss_config = parse_section(config, "loss", AutoencoderLossConfig)
-    acfg = parse_section(config, "autoencoder_training", AutoencoderTraining)
-    check_autoencoder_config(model_config, loss_config, acfg, data)
-    check_run_dir(cfg, resume)
-    accelerator = make_accelerator(cfg)
-    device = accelerator.device
-    run_dir = Path(cfg.output_dir)
+class AutoencoderStage(Stage):
+    name, sections, output = "autoencoder", SECTIONS, "autoencoder.safetensors"
 
-    with config_errors("autoencoder"):
-        model = AutoencoderKL(model_config)
-    if acfg.init_from:
-        state_dict, start_config, _ = load_module_file(acfg.init_from, "autoencoder")
-        load_strict(model, state_dict, "autoencoder", acfg.init_from)
-        model.config.scale_factor = start_config["scale_factor"]
-    if acfg.train_decoder_only:
-        model.encoder.requires_grad_(False)
-        model.quant_conv.requires_grad_(False)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    with config_errors("loss"):
-        loss_fn = AutoencoderLoss(loss_config)
-    # The original trains both players with Adam betas (0.5, 0.9): set train.adam_betas to match.
-    # Fused Adam: one kernel for all tensors instead of a loop over them (as for the other stages).
-    trained = [p for p in model.parameters() if p.requires_grad]
-    opt_g = torch.optim.Adam(trained, lr=cfg.learning_rate, betas=cfg.adam_betas, fused=True)
-    opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas,
-                             fused=True)
-    sched_g, sched_d = lr_scheduler(opt_g, cfg), lr_scheduler(opt_d, cfg)
-    # The discriminator runs inside the loss several times per step, which DDP does not allow, so
-    # it stays unwrapped and its gradients are averaged across processes by hand.
-    loss_fn.to(device)
-    accelerator.register_for_checkpointing(loss_fn)
-    model, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(model, opt_g, opt_d, sched_g, sched_d)
-    # Averaged weights smooth out the noise of small-batch steps; they are what gets exported.
-    ema = EMA(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    run = TrainingRun(accelerator, cfg, "autoencoder", resume)
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.model_config = parse_section(config, "autoencoder", AutoencoderConfig)
+        self.loss_config = parse_section(config, "loss", AutoencoderLossConfig)
+        self.acfg = parse_section(config, "autoencoder_training", AutoencoderTraining)
+        check_autoencoder_config(self.model_config, self.loss_config, self.acfg, self.data)
 
-    dataset = build_dataset(data, accelerator, run.samples_seen, seed=cfg.seed + run.step)
-    batches = iter(make_loader(dataset, cfg.batch_size, cfg.num_workers))
-    val_data = dataclasses.replace(data, split="val") if data.dataset == "shapes-v1" else data
-    val_images = next(iter(make_loader(build_dataset(val_data, accelerator), acfg.num_sample_images)))["images"]
-    save_run_config(accelerator, config)  # only now: a run that fails to start leaves no folder behind
+    def build(self, accelerator: Accelerator) -> torch.nn.Module:
+        cfg, acfg = self.cfg, self.acfg
+        self.accelerator = accelerator
+        with config_errors("autoencoder"):
+            model = AutoencoderKL(self.model_config)
+        if acfg.init_from:
+            state_dict, start_config, _ = load_module_file(acfg.init_from, "autoencoder")
+            load_strict(model, state_dict, "autoencoder", acfg.init_from)
+            model.config.scale_factor = start_config["scale_factor"]
+        if acfg.train_decoder_only:
+            model.encoder.requires_grad_(False)
+            model.quant_conv.requires_grad_(False)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        with config_errors("loss"):
+            self.loss_fn = AutoencoderLoss(self.loss_config)
+        # The original trains both players with Adam betas (0.5, 0.9): set train.adam_betas to match.
+        # Fused Adam: one kernel for all tensors instead of a loop over them (as for the other stages).
+        trained = [p for p in model.parameters() if p.requires_grad]
+        opt_g = torch.optim.Adam(trained, lr=cfg.learning_rate, betas=cfg.adam_betas, fused=True)
+        opt_d = torch.optim.Adam(self.loss_fn.discriminator.parameters(), lr=cfg.learning_rate,
+                                 betas=cfg.adam_betas, fused=True)
+        # The discriminator runs inside the loss several times per step, which DDP does not allow, so
+        # it stays unwrapped and its gradients are averaged across processes by hand.
+        self.loss_fn.to(accelerator.device)
+        accelerator.register_for_checkpointing(self.loss_fn)
+        self.model, self.opt_g, self.opt_d, self.sched_g, self.sched_d = accelerator.prepare(
+            model, opt_g, opt_d, lr_scheduler(opt_g, cfg), lr_scheduler(opt_d, cfg))
+        self.last_layer = accelerator.unwrap_model(self.model).decoder.conv_out.weight
+        return self.model
 
-    last_layer = accelerator.unwrap_model(model).decoder.conv_out.weight
-    with run:
-        while not run.done:
-            generator, device_generator = run.generators(device)
-            batch = next(batches)
-            run.samples_seen += len(batch["captions"])
-            images = random_crop(batch["images"], acfg.crop_size, generator).to(device)
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    reconstructions, posterior = model(images, generator=device_generator)
-                g_loss, logs = loss_fn.generator_loss(images, reconstructions.float(), posterior, run.step,
-                                                      last_layer)
-                optimizer_step(accelerator, g_loss, model, opt_g, sched_g, cfg.max_grad_norm)
-                if run.step >= loss_config.disc_start:
-                    d_loss, d_logs = loss_fn.discriminator_loss(images, reconstructions.detach().float(), run.step)
-                    logs.update(d_logs)
-                    accelerator.backward(d_loss)
-                    if accelerator.num_processes > 1:
-                        for p in loss_fn.discriminator.parameters():
-                            p.grad = accelerator.reduce(p.grad, reduction="mean")
-                    opt_d.step()
-                    opt_d.zero_grad(set_to_none=True)
-                    if accelerator.sync_gradients:
-                        sched_d.step()
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(model))
-            if not run.end_step(g_loss, {"rec_loss": logs["rec_loss"], **logs, "skipped_samples": dataset.num_skipped}):
-                return None
-            if run.sample_due():
-                write_reconstructions(ema.model if ema is not None else accelerator.unwrap_model(model),
-                                      val_images.to(device),
-                                      run_dir / "samples" / f"step-{run.step:06d}.png")
+    def start(self, run: TrainingRun) -> None:
+        cfg, data = self.cfg, self.data
+        self.dataset = build_dataset(data, self.accelerator, run.samples_seen, seed=cfg.seed + run.step)
+        self.batches = iter(make_loader(self.dataset, cfg.batch_size, cfg.num_workers))
+        self.val_data = dataclasses.replace(data, split="val") if data.dataset == "shapes-v1" else data
+        val_loader = make_loader(build_dataset(self.val_data, self.accelerator), self.acfg.num_sample_images)
+        self.val_images = next(iter(val_loader))["images"]
 
-    autoencoder = (ema.model if ema is not None else accelerator.unwrap_model(model)).eval()
-    path = run_dir / "autoencoder.safetensors"
-    if accelerator.is_main_process:
+    def step(self, run: TrainingRun, generator: torch.Generator, device_generator: torch.Generator) -> StepResult:
+        accelerator, loss_fn = self.accelerator, self.loss_fn
+        batch = next(self.batches)
+        run.samples_seen += len(batch["captions"])
+        images = random_crop(batch["images"], self.acfg.crop_size, generator).to(accelerator.device)
+        if self.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            reconstructions, posterior = self.model(images, generator=device_generator)
+        g_loss, logs = loss_fn.generator_loss(images, reconstructions.float(), posterior, run.step, self.last_layer)
+        optimizer_step(accelerator, g_loss, self.model, self.opt_g, self.sched_g, self.cfg.max_grad_norm)
+        if run.step >= self.loss_config.disc_start:
+            d_loss, d_logs = loss_fn.discriminator_loss(images, reconstructions.detach().float(), run.step)
+            logs.update(d_logs)
+            accelerator.backward(d_loss)
+            if accelerator.num_processes > 1:
+                for p in loss_fn.discriminator.parameters():
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+            self.opt_d.step()
+            self.opt_d.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                self.sched_d.step()
+        return g_loss, {"rec_loss": logs["rec_loss"], **logs, "skipped_samples": self.dataset.num_skipped}
+
+    def write_samples(self, model: torch.nn.Module, path: Path) -> None:
+        write_reconstructions(model, self.val_images.to(self.accelerator.device), path)
+
+    def export(self, model: torch.nn.Module, run: TrainingRun) -> None:
+        """`autoencoder.safetensors` with the measured scale factor (kept from `init_from` when only the
+        decoder trained), and `metrics.json` with the validation PSNR."""
+        autoencoder, acfg, device = model.eval(), self.acfg, self.accelerator.device
+        run_dir = Path(self.cfg.output_dir)
         if not acfg.train_decoder_only:
-            autoencoder.config.scale_factor = measure_scale_factor(autoencoder, batches, acfg.scale_factor_samples,
-                                                                   device)
-        val_batches = iter(make_loader(build_dataset(val_data, accelerator), cfg.batch_size))
+            autoencoder.config.scale_factor = measure_scale_factor(autoencoder, self.batches,
+                                                                   acfg.scale_factor_samples, device)
+        val_batches = iter(make_loader(build_dataset(self.val_data, self.accelerator), self.cfg.batch_size))
         metrics = {"steps": run.step, "scale_factor": autoencoder.config.scale_factor,
                    f"psnr_val_{acfg.eval_samples}": evaluate_psnr(autoencoder, val_batches, acfg.eval_samples, device)}
         write_json(run_dir / "metrics.json", metrics)
-        accelerator.print(json.dumps(metrics))
-        save_module(path, autoencoder, "autoencoder", config_dict(autoencoder.config))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # last: it destroys the process group that wait_for_everyone needs
-    return path
+        self.accelerator.print(json.dumps(metrics))
+        save_module(run_dir / self.output, autoencoder, "autoencoder", config_dict(autoencoder.config))
+
+
+def train_autoencoder(config: dict[str, Any], resume: bool = False) -> Path | None:
+    """Run (or resume) an autoencoder training run; returns the exported `autoencoder.safetensors`, or None
+    when a stop signal ended the run early (after saving a checkpoint to resume from)."""
+    return train(AutoencoderStage(config), resume)
 
 
 @torch.no_grad()

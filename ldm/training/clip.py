@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 from ldm.clip import ClipConfig, SmallCLIP, contrastive_loss
 from ldm.config import config_dict
@@ -50,24 +51,9 @@ from ldm.shapes.dataset import (
     canonical_caption,
     format_caption,
 )
-from ldm.training.common import (
-    EMA,
-    TrainingRun,
-    build_dataset,
-    check_run_dir,
-    lr_scheduler,
-    make_accelerator,
-    optimizer_step,
-    save_run_config,
-)
-from ldm.training.config import (
-    at_least,
-    check_sections,
-    config_errors,
-    data_config,
-    parse_section,
-    train_config,
-)
+from ldm.training.common import TrainingRun, build_dataset, lr_scheduler, optimizer_step
+from ldm.training.config import at_least, config_errors, parse_section
+from ldm.training.loop import Stage, StepResult, train
 from ldm.weights_io import save_module
 
 SECTIONS = ("clip", "clip_training", "data", "train")
@@ -178,95 +164,83 @@ def retrieval_metrics(model: SmallCLIP, split: str, num_samples: int, batch_size
     return metrics
 
 
-def train_clip(config: dict[str, Any], resume: bool = False) -> Path | None:
-    """Run (or resume) a CLIP training run; returns the exported `text_encoder.safetensors`.
+class ClipStage(Stage):
+    name, sections, output = "clip", SECTIONS, "text_encoder.safetensors"
 
-    Also writes `clip.safetensors` (the whole CLIP, for CLIP scores) and, on shapes-v1,
-    `metrics.json` with retrieval accuracies on the val and heldout splits.
-    """
-    check_sections(config, SECTIONS)
-    cfg = train_config(config)
-    data = data_config(config)
-    clip_config = parse_section(config, "clip", ClipConfig)
-    ccfg = parse_section(config, "clip_training", ClipTraining)
-    at_least(ccfg, "clip_training", 1, "eval_samples", "eval_batch_size")
-    if data.size != clip_config.vision.image_size:
-        raise InputError(f"data.size is {data.size} but clip.vision.image_size is {clip_config.vision.image_size}; "
-                         "set both to the same size")
-    check_run_dir(cfg, resume)
-    accelerator = make_accelerator(cfg)
-    device = accelerator.device
-    run_dir = Path(cfg.output_dir)
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.clip_config = parse_section(config, "clip", ClipConfig)
+        self.ccfg = parse_section(config, "clip_training", ClipTraining)
+        at_least(self.ccfg, "clip_training", 1, "eval_samples", "eval_batch_size")
+        if self.data.size != self.clip_config.vision.image_size:
+            raise InputError(f"data.size is {self.data.size} but clip.vision.image_size is "
+                             f"{self.clip_config.vision.image_size}; set both to the same size")
 
-    with config_errors("clip"):
-        model = SmallCLIP(clip_config)
-    model.text.set_grad_checkpointing(cfg.gradient_checkpointing)
-    model.visual.set_grad_checkpointing(cfg.gradient_checkpointing)
-    # Fused: one kernel for all tensors, several times faster than the default loop on a CPU, where
-    # the dense gradient of the 49408-row token embedding makes the update a large share of a step.
-    optimizer = torch.optim.AdamW(_weight_decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                                  betas=cfg.adam_betas, fused=True)
-    lr_schedule = lr_scheduler(optimizer, cfg)
-    model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
-    ema = EMA(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    def build(self, accelerator: Accelerator) -> torch.nn.Module:
+        cfg = self.cfg
+        self.accelerator = accelerator
+        with config_errors("clip"):
+            model = SmallCLIP(self.clip_config)
+        model.text.set_grad_checkpointing(cfg.gradient_checkpointing)
+        model.visual.set_grad_checkpointing(cfg.gradient_checkpointing)
+        # Fused: one kernel for all tensors, several times faster than the default loop on a CPU, where
+        # the dense gradient of the 49408-row token embedding makes the update a large share of a step.
+        optimizer = torch.optim.AdamW(_weight_decay_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                      betas=cfg.adam_betas, fused=True)
+        self.model, self.optimizer, self.lr_schedule = accelerator.prepare(model, optimizer,
+                                                                           lr_scheduler(optimizer, cfg))
+        self.tokenize = accelerator.unwrap_model(self.model).text.tokenize
+        return self.model
 
-    run = TrainingRun(accelerator, cfg, "clip", resume)
-    dataset = build_dataset(data, accelerator, run.samples_seen, seed=cfg.seed + run.step)
-    batches = iter(make_loader(dataset, cfg.batch_size, cfg.num_workers))
-    save_run_config(accelerator, config)  # only now: a run that fails to start leaves no folder behind
-    tokenize = accelerator.unwrap_model(model).text.tokenize
+    def start(self, run: TrainingRun) -> None:
+        self.dataset = build_dataset(self.data, self.accelerator, run.samples_seen, seed=self.cfg.seed + run.step)
+        self.batches = iter(make_loader(self.dataset, self.cfg.batch_size, self.cfg.num_workers))
 
-    with run:
-        while not run.done:
-            generator, _ = run.generators(device)  # the hard negatives
-            with accelerator.accumulate(model):
-                batch = next(batches)
-                captions, canonical = batch["captions"], batch.get("canonical_captions")
-                run.samples_seen += len(captions)
-                texts = captions
-                if ccfg.hard_negatives and canonical is not None:
-                    texts = captions + hard_negative_captions(canonical, generator)
-                positives = caption_positives(captions, texts, canonical)
-                with accelerator.autocast():
-                    image_features, text_features, logit_scale = model(batch["images"].to(device), tokenize(texts))
-                loss = contrastive_loss(image_features.float(), text_features.float(), logit_scale.float(),
-                                        positives)
-                if run.skip(loss):
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    optimizer_step(accelerator, loss, model, optimizer, lr_schedule, cfg.max_grad_norm)
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(model))
-            if not run.end_step(loss, {"logit_scale": logit_scale, "lr": lr_schedule.get_last_lr()[0],
-                                       "skipped_samples": dataset.num_skipped}):
-                return None
+    def step(self, run: TrainingRun, generator: torch.Generator, device_generator: torch.Generator) -> StepResult:
+        batch = next(self.batches)
+        captions, canonical = batch["captions"], batch.get("canonical_captions")
+        run.samples_seen += len(captions)
+        texts = captions
+        if self.ccfg.hard_negatives and canonical is not None:
+            texts = captions + hard_negative_captions(canonical, generator)
+        positives = caption_positives(captions, texts, canonical)
+        with self.accelerator.autocast():
+            image_features, text_features, logit_scale = self.model(batch["images"].to(self.accelerator.device),
+                                                                    self.tokenize(texts))
+        loss = contrastive_loss(image_features.float(), text_features.float(), logit_scale.float(), positives)
+        if run.skip(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer_step(self.accelerator, loss, self.model, self.optimizer, self.lr_schedule, self.cfg.max_grad_norm)
+        return loss, {"logit_scale": logit_scale, "lr": self.lr_schedule.get_last_lr()[0],
+                      "skipped_samples": self.dataset.num_skipped}
 
-    path = run_dir / "text_encoder.safetensors"
-    if accelerator.is_main_process:
-        clip = export_clip(accelerator.unwrap_model(model), ema).to(device)
-        if data.dataset == "shapes-v1":
+    def export(self, model: torch.nn.Module, run: TrainingRun) -> None:
+        """`text_encoder.safetensors`, `clip.safetensors` (the whole CLIP, for CLIP scores) and, on
+        shapes-v1, `metrics.json` with retrieval accuracies on the val and heldout splits."""
+        run_dir, ccfg = Path(self.cfg.output_dir), self.ccfg
+        clip = export_clip(model).to(self.accelerator.device)
+        if self.data.dataset == "shapes-v1":
+            splits = ("val", "heldout")
             metrics = {"steps": run.step, **{split: retrieval_metrics(clip, split, ccfg.eval_samples,
-                                                                      ccfg.eval_batch_size)
-                                             for split in ("val", "heldout")}}
-            accelerator.log({f"{split}/{k}": v for split in ("val", "heldout") for k, v in metrics[split].items()},
-                            step=run.step)
+                                                                      ccfg.eval_batch_size) for split in splits}}
+            self.accelerator.log({f"{split}/{k}": v for split in splits for k, v in metrics[split].items()},
+                                 step=run.step)
             write_json(run_dir / "metrics.json", metrics)
-            accelerator.print(json.dumps(metrics))
+            self.accelerator.print(json.dumps(metrics))
         metadata = {"training_steps": str(run.step)}
-        save_module(run_dir / "clip.safetensors", clip, "clip", clip_config.to_dict(), metadata)
-        save_module(path, clip.text, "text_encoder", config_dict(clip_config.text), metadata)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # last: it destroys the process group that wait_for_everyone needs
-    return path
+        save_module(run_dir / "clip.safetensors", clip, "clip", self.clip_config.to_dict(), metadata)
+        save_module(run_dir / self.output, clip.text, "text_encoder", config_dict(self.clip_config.text), metadata)
 
 
-def export_clip(model: SmallCLIP, ema: EMA | None) -> SmallCLIP:
-    """The CLIP to evaluate and save: EMA weights when kept, in float32 on the CPU, frozen."""
-    weights = (ema.model if ema is not None else model).state_dict()
+def train_clip(config: dict[str, Any], resume: bool = False) -> Path | None:
+    """Run (or resume) a CLIP training run; returns the exported `text_encoder.safetensors` (see
+    `ClipStage.export` for the other files)."""
+    return train(ClipStage(config), resume)
+
+
+def export_clip(model: SmallCLIP) -> SmallCLIP:
+    """A copy of `model` to evaluate and save: float32 on the CPU, frozen."""
     clip = SmallCLIP(model.config)
-    clip.load_state_dict({k: v.float().cpu() for k, v in weights.items()})
+    clip.load_state_dict({k: v.float().cpu() for k, v in model.state_dict().items()})
     return clip.requires_grad_(False).eval()

@@ -259,16 +259,8 @@ def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, model: nn.Modul
 
 class TrainingRun:
     """The bookkeeping every stage shares, around its own training step: resume, step count and
-    data position, progress bar, logging, NaN checks, atomic checkpoints and stop signals.
-
-        with TrainingRun(accelerator, cfg, "diffusion", resume) as run:
-            while not run.done:
-                generator, device_generator = run.generators(device)  # once per micro-batch
-                ...  # one micro-batch of an optimizer step
-                if not accelerator.sync_gradients:
-                    continue  # more micro-batches to accumulate before the step ends
-                if not run.end_step(loss, {"lr": ...}):
-                    return None  # a stop signal: a checkpoint was saved to resume from
+    data position, progress bar, logging, NaN checks, atomic checkpoints and stop signals. The loop
+    that drives it is `ldm.training.loop.train`; a stage's `step` reads `samples_seen`, `step` and `skip`.
     """
 
     def __init__(self, accelerator: Accelerator, cfg: TrainConfig, name: str, resume: bool) -> None:

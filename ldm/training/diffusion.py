@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
 from tqdm import tqdm
 
 from ldm.autoencoder import AutoencoderKL
@@ -24,27 +26,9 @@ from ldm.pipeline import Pipeline
 from ldm.schedule import NoiseSchedule
 from ldm.sd_checkpoint import ModelSpec
 from ldm.text_encoder import TextEncoder
-from ldm.training.common import (
-    EMA,
-    TrainingRun,
-    build_dataset,
-    check_run_dir,
-    load_stage,
-    lr_scheduler,
-    make_accelerator,
-    optimizer_step,
-    save_run_config,
-)
-from ldm.training.config import (
-    at_least,
-    check_sections,
-    check_stage_file,
-    config_errors,
-    data_config,
-    parse_section,
-    require,
-    train_config,
-)
+from ldm.training.common import TrainingRun, build_dataset, load_stage, lr_scheduler, optimizer_step
+from ldm.training.config import at_least, check_stage_file, config_errors, parse_section, require
+from ldm.training.loop import Stage, StepResult, train
 from ldm.unet import UNetConfig, UNetModel
 
 SECTIONS = ("unet", "diffusion", "data", "train")
@@ -165,108 +149,97 @@ class LatentCache:
         return self.means[rows] + self.stds[rows] * noise, self.contexts[caption_rows]
 
 
+class DiffusionStage(Stage):
+    name, sections, output = "diffusion", SECTIONS, "model.safetensors"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.dcfg = parse_section(config, "diffusion", DiffusionConfig)
+        self.unet_config = parse_section(config, "unet", UNetConfig)
+        check_diffusion_config(self.dcfg)
+        with config_errors("diffusion.schedule"):
+            self.schedule = NoiseSchedule(**self.dcfg.schedule)
+
+    def build(self, accelerator: Accelerator) -> nn.Module:
+        cfg, dcfg, unet_config, device = self.cfg, self.dcfg, self.unet_config, accelerator.device
+        self.accelerator = accelerator
+        self.autoencoder = load_stage(dcfg.autoencoder, "autoencoder").to(device)
+        self.text_encoder = load_stage(dcfg.text_encoder, "text_encoder").to(device)
+        check_sizes(self.data.size, self.autoencoder.config.downsampling_factor, unet_config)
+        self.spec = ModelSpec(family="custom", unet=unet_config, autoencoder=self.autoencoder.config,
+                              text_encoder=self.text_encoder.config, parameterization=dcfg.parameterization,
+                              schedule=dict(dcfg.schedule), image_size=self.data.size)
+        if unet_config.context_dim != self.text_encoder.config.width:
+            raise InputError(f"unet.context_dim is {unet_config.context_dim} but the text encoder is "
+                             f"{self.text_encoder.config.width} wide; set unet.context_dim="
+                             f"{self.text_encoder.config.width}")
+        with config_errors("unet"):
+            unet = UNetModel(unet_config)
+        unet.gradient_checkpointing = cfg.gradient_checkpointing
+        if cfg.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        # Fused AdamW: one kernel over all tensors, several times faster than the default on a CPU
+        # (docs/benchmarks.md).
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas,
+                                      weight_decay=cfg.weight_decay, fused=True)
+        self.unet, self.optimizer, self.lr_schedule = accelerator.prepare(unet, optimizer,
+                                                                          lr_scheduler(optimizer, cfg))
+        return self.unet
+
+    def start(self, run: TrainingRun) -> None:
+        # With a latent cache the cache is the whole data set, always encoded from the first samples;
+        # otherwise the stream continues where the checkpoint left it.
+        dcfg, accelerator = self.dcfg, self.accelerator
+        start = 0 if dcfg.precompute_latents > 0 else run.samples_seen
+        self.dataset = build_dataset(self.data, accelerator, start, seed=self.cfg.seed + run.step)
+        self.batches = iter(make_loader(self.dataset, self.cfg.batch_size, self.cfg.num_workers))
+        self.cache = LatentCache(self.autoencoder, self.text_encoder, self.batches, dcfg.precompute_latents,
+                                 accelerator.device, accelerator.is_local_main_process) if dcfg.precompute_latents \
+            else None
+
+    def step(self, run: TrainingRun, generator: torch.Generator, device_generator: torch.Generator) -> StepResult:
+        cfg, dcfg, schedule, device = self.cfg, self.dcfg, self.schedule, self.accelerator.device
+        if self.cache is not None:
+            latents, context = self.cache.draw(cfg.batch_size, dcfg.caption_dropout, generator)
+        else:
+            batch = next(self.batches)
+            with torch.no_grad():
+                latents = self.autoencoder.encode(batch["images"].to(device)).sample(device_generator)
+                context = self.text_encoder(drop_captions(batch["captions"], dcfg.caption_dropout, generator))
+        run.samples_seen += latents.shape[0]
+        latents = latents * self.autoencoder.scale_factor
+        noise = torch.randn(latents.shape, generator=device_generator, device=device, dtype=latents.dtype)
+        t = draw_timesteps(schedule, latents.shape[0], dcfg, device_generator, device)
+        x_t = schedule.add_noise(latents, noise, t)
+        if cfg.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        target = noise if dcfg.parameterization == "eps" else schedule.v_target(latents, noise, t)
+        with self.accelerator.autocast():
+            prediction = self.unet(x_t, t, context)
+        loss = F.mse_loss(prediction.float(), target.float())
+        if run.skip(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer_step(self.accelerator, loss, self.unet, self.optimizer, self.lr_schedule, cfg.max_grad_norm)
+        return loss, {"lr": self.lr_schedule.get_last_lr()[0], "skipped_samples": self.dataset.num_skipped}
+
+    def write_samples(self, model: nn.Module, path: Path) -> None:
+        write_samples(self.pipeline(model), self.dcfg, path)
+
+    def export(self, model: nn.Module, run: TrainingRun) -> None:
+        self.pipeline(model).save(Path(self.cfg.output_dir) / self.output, metadata={"training_steps": str(run.step)})
+
+    def pipeline(self, unet: UNetModel) -> Pipeline:
+        """The pipeline to sample from and save, with `unet`'s weights in float32 on the CPU."""
+        export_unet = UNetModel(self.spec.unet)
+        export_unet.load_state_dict({k: v.float().cpu() for k, v in unet.state_dict().items()})
+        return Pipeline(self.spec, export_unet, self.text_encoder, self.autoencoder, name=self.spec.family)
+
+
 def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path | None:
     """Run (or resume) a diffusion training run; returns the exported pipeline checkpoint, or None when a
     stop signal ended the run early (after saving a checkpoint to resume from)."""
-    check_sections(config, SECTIONS)
-    cfg = train_config(config)
-    data = data_config(config)
-    dcfg = parse_section(config, "diffusion", DiffusionConfig)
-    unet_config = parse_section(config, "unet", UNetConfig)
-    check_diffusion_config(dcfg)
-    with config_errors("diffusion.schedule"):
-        schedule = NoiseSchedule(**dcfg.schedule)
-    check_run_dir(cfg, resume)
-    accelerator = make_accelerator(cfg)
-    device = accelerator.device
-    run_dir = Path(cfg.output_dir)
-
-    autoencoder = load_stage(dcfg.autoencoder, "autoencoder").to(device)
-    text_encoder = load_stage(dcfg.text_encoder, "text_encoder").to(device)
-    check_sizes(data.size, autoencoder.config.downsampling_factor, unet_config)
-    spec = ModelSpec(family="custom", unet=unet_config, autoencoder=autoencoder.config,
-                     text_encoder=text_encoder.config, parameterization=dcfg.parameterization,
-                     schedule=dict(dcfg.schedule), image_size=data.size)
-    if unet_config.context_dim != text_encoder.config.width:
-        raise InputError(f"unet.context_dim is {unet_config.context_dim} but the text encoder is "
-                         f"{text_encoder.config.width} wide; set unet.context_dim={text_encoder.config.width}")
-
-    with config_errors("unet"):
-        unet = UNetModel(unet_config)
-    unet.gradient_checkpointing = cfg.gradient_checkpointing
-    if cfg.channels_last:
-        unet.to(memory_format=torch.channels_last)
-    # Fused AdamW: one kernel over all tensors, several times faster than the default on a CPU
-    # (docs/benchmarks.md).
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas,
-                                  weight_decay=cfg.weight_decay, fused=True)
-    lr_schedule = lr_scheduler(optimizer, cfg)
-    unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
-    ema = EMA(accelerator.unwrap_model(unet), cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-
-    run = TrainingRun(accelerator, cfg, "diffusion", resume)
-    # With a latent cache the cache is the whole data set, always encoded from the first samples;
-    # otherwise the stream continues where the checkpoint left it.
-    start = 0 if dcfg.precompute_latents > 0 else run.samples_seen
-    dataset = build_dataset(data, accelerator, start, seed=cfg.seed + run.step)
-    batches = iter(make_loader(dataset, cfg.batch_size, cfg.num_workers))
-    save_run_config(accelerator, config)  # only now: a run that fails to start leaves no folder behind
-    cache = LatentCache(autoencoder, text_encoder, batches, dcfg.precompute_latents, device,
-                        accelerator.is_local_main_process) if dcfg.precompute_latents else None
-
-    with run:
-        while not run.done:
-            generator, device_generator = run.generators(device)
-            with accelerator.accumulate(unet):
-                if cache is not None:
-                    latents, context = cache.draw(cfg.batch_size, dcfg.caption_dropout, generator)
-                else:
-                    batch = next(batches)
-                    with torch.no_grad():
-                        latents = autoencoder.encode(batch["images"].to(device)).sample(device_generator)
-                        context = text_encoder(drop_captions(batch["captions"], dcfg.caption_dropout, generator))
-                run.samples_seen += latents.shape[0]
-                latents = latents * autoencoder.scale_factor
-                noise = torch.randn(latents.shape, generator=device_generator, device=device, dtype=latents.dtype)
-                t = draw_timesteps(schedule, latents.shape[0], dcfg, device_generator, device)
-                x_t = schedule.add_noise(latents, noise, t)
-                if cfg.channels_last:
-                    x_t = x_t.contiguous(memory_format=torch.channels_last)
-                target = noise if dcfg.parameterization == "eps" else schedule.v_target(latents, noise, t)
-                with accelerator.autocast():
-                    prediction = unet(x_t, t, context)
-                loss = F.mse_loss(prediction.float(), target.float())
-                if run.skip(loss):
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    optimizer_step(accelerator, loss, unet, optimizer, lr_schedule, cfg.max_grad_norm)
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(unet))
-            if not run.end_step(loss, {"lr": lr_schedule.get_last_lr()[0], "skipped_samples": dataset.num_skipped}):
-                return None
-            if run.sample_due():
-                write_samples(export_pipeline(spec, accelerator.unwrap_model(unet), ema, text_encoder, autoencoder),
-                              dcfg, run_dir / "samples" / f"step-{run.step:06d}.png")
-    path = run_dir / "model.safetensors"
-    if accelerator.is_main_process:
-        pipe = export_pipeline(spec, accelerator.unwrap_model(unet), ema, text_encoder, autoencoder)
-        pipe.save(path, metadata={"training_steps": str(run.step)})
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # last: it destroys the process group that wait_for_everyone needs
-    return path
-
-
-def export_pipeline(spec: ModelSpec, unet: UNetModel, ema: EMA | None, text_encoder: TextEncoder,
-                    autoencoder: AutoencoderKL) -> Pipeline:
-    """The pipeline to sample from and save: EMA weights when kept, in float32 on the CPU."""
-    weights = (ema.model if ema is not None else unet).state_dict()
-    export_unet = UNetModel(spec.unet)
-    export_unet.load_state_dict({k: v.float().cpu() for k, v in weights.items()})
-    return Pipeline(spec, export_unet, text_encoder, autoencoder, name=spec.family)
+    return train(DiffusionStage(config), resume)
 
 
 def write_samples(pipe: Pipeline, dcfg: DiffusionConfig, path: Path) -> None:
