@@ -1,41 +1,33 @@
-"""Evaluating a trained pipeline on shapes-v1: prompt following (pixel-rule checker), samplers against a
-long DDIM run, negative prompts, img2img; FID features."""
+"""Evaluating a trained pipeline on any image-text data: prompt following as judged by a checker that
+a dataset plugs in (shapes-v1's pixel rules: `ldm.shapes.evaluation`), samplers against a long DDIM run,
+FID features."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from ldm.autoencoder import AutoencoderKL
-from ldm.data.loader import to_tensor
 from ldm.errors import InputError
 from ldm.files import check_output_folder
-from ldm.images import to_pil
 from ldm.pipeline import Pipeline
 from ldm.samplers import DETERMINISTIC_SAMPLERS, KARRAS_BY_DEFAULT
-from ldm.shapes.checker import check, parse_caption, read_attributes
-from ldm.shapes.dataset import ATTRIBUTES, VOCABULARY, canonical_caption, render, sample_attributes
 
-Images = Sequence[Image.Image | np.ndarray]
-
-
-def canonical_captions(split: str, num_samples: int) -> list[str]:
-    """The canonical captions of samples 0 .. num_samples - 1 of `split` (no rendering)."""
-    return [canonical_caption(sample_attributes(split, i)[0]) for i in range(num_samples)]
+# Reads an image and the caption it was generated from: whether each attribute the caption asks for is
+# drawn, by attribute name.
+Checker = Callable[[Image.Image, str], dict[str, bool]]
 
 
-def prompt_following(pipe: Pipeline, captions: list[str], num_steps: int = 50, guidance_scale: float = 5.0,
-                     batch_size: int = 50, seed: int = 0, progress: bool = True, sampler: str = "ddim",
-                     karras: bool | None = None) -> dict[str, float]:
-    """Share of images with every requested attribute right (`all`), and per attribute.
+def prompt_following(pipe: Pipeline, captions: list[str], checker: Checker, num_steps: int = 50,
+                     guidance_scale: float = 5.0, batch_size: int = 50, seed: int = 0, progress: bool = True,
+                     sampler: str = "ddim", karras: bool | None = None) -> dict[str, float]:
+    """Share of images with every requested attribute right (`all`), and per attribute, as `checker` reads them.
 
     Image k is generated with seed `seed + k`, so the figure is reproducible and the same for every sampler.
     """
@@ -46,7 +38,7 @@ def prompt_following(pipe: Pipeline, captions: list[str], num_steps: int = 50, g
         images = pipe(batch, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed + start, progress=False,
                       sampler=sampler, karras=karras)
         for caption, image in zip(batch, images, strict=True):
-            result = check(image, parse_caption(caption))
+            result = checker(image, caption)
             for name, ok in result.items():
                 correct[name] += ok
                 counts[name] += 1
@@ -125,7 +117,7 @@ def sampler_quality(pipe: Pipeline, captions: list[str], settings: Sequence[Samp
             for k, setting in enumerate(settings)]
 
 
-def prompt_following_by_sampler(pipe: Pipeline, captions: list[str], steps: dict[str, int],
+def prompt_following_by_sampler(pipe: Pipeline, captions: list[str], checker: Checker, steps: dict[str, int],
                                 guidance_scale: float = 5.0, batch_size: int = 100, seed: int = 0,
                                 progress: bool = True) -> dict[str, dict[str, float]]:
     """`prompt_following` for each sampler at its step count in `steps` (e.g. `ldm.samplers.DEFAULT_STEPS`) and
@@ -136,123 +128,11 @@ def prompt_following_by_sampler(pipe: Pipeline, captions: list[str], steps: dict
     for name, num_steps in steps.items():
         karras = name in KARRAS_BY_DEFAULT
         with CallCounter(pipe.unet) as counter:
-            scores = prompt_following(pipe, captions, num_steps=num_steps, guidance_scale=guidance_scale,
+            scores = prompt_following(pipe, captions, checker, num_steps=num_steps, guidance_scale=guidance_scale,
                                       batch_size=batch_size, seed=seed, progress=progress, sampler=name,
                                       karras=karras)
         results[name] = {"steps": num_steps, "karras": karras, "evaluations": counter.count // num_batches,
                          **scores}
-    return results
-
-
-def color_shares(images: Images) -> dict[str, float]:
-    """Share of `images` (64 x 64 RGB) whose object the checker reads as each colour of shapes-v1, and under
-    "none" the share in which it finds no object."""
-    if not images:
-        raise InputError("no images to count colours in")
-    colors = [read_attributes(image)["color"] or "none" for image in images]
-    return {color: colors.count(color) / len(images) for color in (*VOCABULARY["color"], "none")}
-
-
-def negative_prompt_effect(pipe: Pipeline, prompt: str = "a circle", negative_prompt: str | None = None,
-                           num_samples: int = 200, num_steps: int = 50, guidance_scale: float = 5.0,
-                           batch_size: int = 100, seed: int = 0,
-                           progress: bool = True) -> dict[str, str | dict[str, float]]:
-    """`color_shares` of `num_samples` images of `prompt` (image k from seed `seed + k`), without (`"without"`)
-    and with (`"with"`) `negative_prompt` in place of the empty unconditional prompt, and under
-    `"negative_prompt"` the one used: by default the colour drawn most often without it, so that the check
-    measures something on any model (a colour the model never draws for `prompt` cannot fall)."""
-
-    def shares(negative: str, key: str) -> dict[str, float]:
-        images = []
-        for start in tqdm(range(0, num_samples, batch_size), desc=f"{key} negative prompt", disable=not progress):
-            num = min(batch_size, num_samples - start)
-            images += pipe([prompt] * num, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed + start,
-                           negative_prompts=negative, progress=False)
-        return color_shares(images)
-
-    without = shares("", "without")
-    negative_prompt = most_drawn_color(without, prompt) if negative_prompt is None else negative_prompt
-    return {"negative_prompt": negative_prompt, "without": without, "with": shares(negative_prompt, "with")}
-
-
-def most_drawn_color(shares: dict[str, float], prompt: str) -> str:
-    """The shapes-v1 colour with the largest share in `color_shares` output (the first in vocabulary order on
-    a tie); InputError if no image of `prompt` had a colour the checker reads."""
-    color = max(VOCABULARY["color"], key=lambda c: shares[c])
-    if shares[color] == 0:
-        raise InputError(f"no image of {prompt!r} has an object of a colour the checker reads; name the negative "
-                         "prompt yourself")
-    return color
-
-
-def attributes_kept(inputs: Images, outputs: Images) -> dict[str, float]:
-    """Share of (input, output) pairs in which the checker reads the same value of each attribute in the output
-    as in the input, and of all five at once (`all`). No object found in one of them counts as a change."""
-    if len(inputs) != len(outputs) or not inputs:
-        raise InputError(f"need as many outputs as inputs, at least one, got {len(inputs)} and {len(outputs)}")
-    kept: dict[str, int] = defaultdict(int)
-    for before, after in zip(inputs, outputs, strict=True):
-        read_before, read_after = read_attributes(before), read_attributes(after)
-        same = {name: read_before[name] is not None and read_before[name] == read_after[name] for name in ATTRIBUTES}
-        for name, ok in same.items():
-            kept[name] += ok
-        kept["all"] += all(same.values())
-    return {name: kept[name] / len(inputs) for name in ("all", *ATTRIBUTES)}
-
-
-def rendered_images(split: str, num_samples: int) -> list[Image.Image]:
-    """Samples 0 .. num_samples - 1 of `split` as rendered 64 x 64 RGB images."""
-    return [render(sample_attributes(split, index)[0]) for index in range(num_samples)]
-
-
-@torch.no_grad()
-def autoencoder_keep_rates(pipe: Pipeline, num_samples: int = 100, batch_size: int = 100,
-                           split: str = "val") -> dict[str, float]:
-    """`attributes_kept` by encoding and decoding alone, on the images `img2img_keep_rates` starts from: what
-    img2img could keep at the smallest strength."""
-    inputs = rendered_images(split, num_samples)
-    outputs = []
-    for start in range(0, num_samples, batch_size):
-        images = torch.stack([to_tensor(image) for image in inputs[start : start + batch_size]])
-        outputs += to_pil(pipe.decode(pipe.encode(images.to(pipe.device, pipe.dtype))))
-    return attributes_kept(inputs, outputs)
-
-
-@torch.no_grad()
-def erased_shares(autoencoder: AutoencoderKL, num_samples: int = 500, batch_size: int = 100,
-                  split: str = "val") -> dict[str, float]:
-    """Per "<colour> on <background>" group of the first `num_samples` images of `split`, the share that comes
-    back from encoding (posterior mean) and decoding with no object the checker can read. A stage-1 autoencoder
-    can map a whole group onto its plain background (ldm/weights/MODEL_CARD.md, on the training seeds)."""
-    parameter = next(autoencoder.parameters())
-    erased: dict[str, int] = defaultdict(int)
-    total: dict[str, int] = defaultdict(int)
-    for start in range(0, num_samples, batch_size):
-        samples = [sample_attributes(split, k)[0] for k in range(start, min(start + batch_size, num_samples))]
-        images = torch.stack([to_tensor(render(sample)) for sample in samples]).to(parameter)
-        decoded = to_pil(autoencoder.decode(autoencoder.encode(images).mean))
-        for sample, image in zip(samples, decoded, strict=True):
-            group = f"{sample.color} on {sample.background}"
-            total[group] += 1
-            erased[group] += read_attributes(image)["color"] is None
-    return {group: erased[group] / total[group] for group in sorted(total)}
-
-
-def img2img_keep_rates(pipe: Pipeline, num_samples: int = 100, strengths: Sequence[float] = (0.3, 0.6, 0.9),
-                       num_steps: int = 50, guidance_scale: float = 5.0, batch_size: int = 100, seed: int = 0,
-                       split: str = "val", progress: bool = True) -> dict[str, dict[str, float]]:
-    """img2img of the first `num_samples` rendered images of `split`, each prompted with its own canonical
-    caption: `attributes_kept` between input and output, per strength (keyed by e.g. "0.3")."""
-    inputs = rendered_images(split, num_samples)
-    captions = canonical_captions(split, num_samples)
-    results = {}
-    for strength in strengths:
-        outputs = []
-        for start in tqdm(range(0, num_samples, batch_size), desc=f"img2img {strength:g}", disable=not progress):
-            init_images = torch.stack([to_tensor(image) for image in inputs[start : start + batch_size]])
-            outputs += pipe(captions[start : start + batch_size], num_steps=num_steps, guidance_scale=guidance_scale,
-                            seed=seed + start, init_images=init_images, strength=strength, progress=False)
-        results[f"{strength:g}"] = attributes_kept(inputs, outputs)
     return results
 
 

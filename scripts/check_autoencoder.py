@@ -3,7 +3,7 @@
     python scripts/check_autoencoder.py runs/shapes-autoencoder/autoencoder.safetensors
 
 Encodes and decodes the first `val` images and prints, per "<colour> on <background>" group, the share that
-comes back with no object the pixel-rule checker can read (`ldm.evaluation.erased_shares`). Ends with an
+comes back with no object the pixel-rule checker can read (`ldm.shapes.evaluation.erased_shares`). Ends with an
 error when a group's share is above --max_erased: `scripts/train_shapes_model.sh` runs it after stage 1, so
 that an autoencoder that maps a whole group onto its background stops the recipe before the hour of
 training built on it.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ldm.cli import ScriptParser, run_main
 from ldm.errors import InputError
-from ldm.evaluation import erased_shares
+from ldm.shapes.evaluation import erased_shares
 from ldm.training.common import load_stage
 
 

@@ -20,16 +20,11 @@ from ldm.cli import ScriptParser, resolve_device, run_main
 from ldm.clip import clip_score, load_clip
 from ldm.data.loader import make_loader, shapes_dataset
 from ldm.errors import InputError
-from ldm.evaluation import (
-    canonical_captions,
-    check_json_path,
-    inception_features,
-    inception_features_model,
-    prompt_following,
-)
+from ldm.evaluation import check_json_path, inception_features, inception_features_model, prompt_following
 from ldm.files import write_json
 from ldm.metrics import frechet_distance, psnr
 from ldm.pipeline import Pipeline
+from ldm.shapes.evaluation import canonical_captions, check_caption
 
 
 def batches_of(split: str, num: int, batch_size: int, size: int):
@@ -84,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     for scale in args.scales:
         for split, num in (("val", args.num_prompts), ("heldout", args.num_heldout)):
             if num > 0:
-                scores = prompt_following(pipe, canonical_captions(split, num), num_steps=args.steps,
+                scores = prompt_following(pipe, canonical_captions(split, num), check_caption, num_steps=args.steps,
                                           guidance_scale=scale, batch_size=args.batch_size)
                 results[f"prompt_following_{split}_{num}_scale_{scale:g}"] = scores
                 print(json.dumps({f"{split} scale {scale:g}": scores}), flush=True)

@@ -24,21 +24,19 @@ from pathlib import Path
 
 from ldm.cli import ScriptParser, resolve_device, run_main
 from ldm.errors import InputError
-from ldm.evaluation import (
-    QUALITY_SETTINGS,
-    autoencoder_keep_rates,
-    canonical_captions,
-    check_json_path,
-    img2img_keep_rates,
-    negative_prompt_effect,
-    prompt_following_by_sampler,
-    sampler_quality,
-)
+from ldm.evaluation import QUALITY_SETTINGS, check_json_path, prompt_following_by_sampler, sampler_quality
 from ldm.files import write_json
 from ldm.generate import BUNDLED_CHECKPOINT
 from ldm.pipeline import Pipeline
 from ldm.samplers import DEFAULT_STEPS, DETERMINISTIC_SAMPLERS, KARRAS_BY_DEFAULT, SAMPLERS
 from ldm.shapes.dataset import ATTRIBUTES, VOCABULARY
+from ldm.shapes.evaluation import (
+    autoencoder_keep_rates,
+    canonical_captions,
+    check_caption,
+    img2img_keep_rates,
+    negative_prompt_effect,
+)
 
 # The checks: a prompt that leaves the colour open, with a colour as negative prompt, and img2img
 # strengths around the asked-for 0.3.
@@ -168,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         finish("quality", {"reference_steps": args.reference_steps, "num_images": args.num_quality, "rows": rows})
     if args.num_prompts:
         steps = {name: n for name, n in DEFAULT_STEPS.items() if name in args.samplers}
-        by_sampler = prompt_following_by_sampler(pipe, canonical_captions("val", args.num_prompts), steps, **common)
+        captions = canonical_captions("val", args.num_prompts)
+        by_sampler = prompt_following_by_sampler(pipe, captions, check_caption, steps, **common)
         finish("prompt_following", {"num_captions": args.num_prompts, "by_sampler": by_sampler})
     if args.num_negative:
         negative = None if args.negative_color == "auto" else args.negative_color

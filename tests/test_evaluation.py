@@ -18,16 +18,8 @@ from ldm.errors import InputError
 from ldm.evaluation import (
     INCEPTION_FILE,
     SamplerSetting,
-    attributes_kept,
-    autoencoder_keep_rates,
-    canonical_captions,
-    color_shares,
-    erased_shares,
-    img2img_keep_rates,
     inception_features,
     inception_features_model,
-    most_drawn_color,
-    negative_prompt_effect,
     prompt_following,
     prompt_following_by_sampler,
     sampler_quality,
@@ -38,6 +30,17 @@ from ldm.pipeline import Pipeline
 from ldm.samplers import DETERMINISTIC_SAMPLERS
 from ldm.shapes.checker import parse_caption, read_attributes
 from ldm.shapes.dataset import BACKGROUNDS, ShapeSample, render, sample_attributes
+from ldm.shapes.evaluation import (
+    attributes_kept,
+    autoencoder_keep_rates,
+    canonical_captions,
+    check_caption,
+    color_shares,
+    erased_shares,
+    img2img_keep_rates,
+    most_drawn_color,
+    negative_prompt_effect,
+)
 from tests.conftest import randomize_, tiny_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -66,7 +69,7 @@ class DrawingPipeline:
 
 def test_prompt_following_counts_attributes():
     captions = canonical_captions("val", 40)
-    scores = prompt_following(DrawingPipeline(wrong_every=4), captions, batch_size=16, progress=False)
+    scores = prompt_following(DrawingPipeline(wrong_every=4), captions, check_caption, batch_size=16, progress=False)
     assert scores["all"] == pytest.approx(0.75) and scores["color"] == pytest.approx(0.75)
     assert scores["shape"] == scores["size"] == scores["position"] == scores["background"] == 1.0
 
@@ -214,7 +217,7 @@ class SamplerDrawingPipeline:
 
 def test_prompt_following_by_sampler_runs_each_at_its_steps():
     pipe = SamplerDrawingPipeline(bad_sampler="heun")
-    results = prompt_following_by_sampler(pipe, canonical_captions("val", 5), {"ddim": 4, "heun": 2},
+    results = prompt_following_by_sampler(pipe, canonical_captions("val", 5), check_caption, {"ddim": 4, "heun": 2},
                                           guidance_scale=3.0, batch_size=2, seed=10, progress=False)
     assert results["ddim"] == {"steps": 4, "karras": False, "evaluations": 4, "all": 1.0, "color": 1.0, "shape": 1.0,
                                "size": 1.0, "position": 1.0, "background": 1.0}
