@@ -1,6 +1,6 @@
 """Evaluating a trained pipeline on any image-text data: prompt following as judged by a checker that
-a dataset plugs in (shapes-v1's pixel rules: `ldm.shapes.evaluation`), samplers against a long DDIM run,
-FID features."""
+a dataset plugs in (the shapes dataset's pixel rules: `ldm.shapes.evaluation`), samplers against a
+long DDIM run, FID features."""
 
 from __future__ import annotations
 

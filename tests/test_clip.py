@@ -69,10 +69,13 @@ def test_exported_text_tower_loads_strictly_and_gives_the_same_context(tmp_path)
     loaded = load_stage(path, "text_encoder")
     assert isinstance(loaded, TextEncoder)
     assert loaded.state_dict().keys() == model.text.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.text.state_dict().items())
     with torch.no_grad():
         inside = model.text(PROMPTS)
     assert inside.shape == (3, 16, 32)
-    assert torch.equal(loaded(PROMPTS), inside)
+    # Equal weights, yet not always equal bits: on some CPUs the masked attention kernel's
+    # summation order depends on where the weights sit in memory (measured: 1.3e-6 apart).
+    torch.testing.assert_close(loaded(PROMPTS), inside, rtol=1e-5, atol=1e-5)
 
 
 def test_text_embedding_is_open_clip_pooling_and_projection():
