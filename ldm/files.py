@@ -3,6 +3,8 @@ folders checked before any work starts."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -48,3 +50,20 @@ def check_output_folder(path: str | Path, name: str) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{name}: cannot write to output folder {path}: no write permission on {existing}")
     return path
+
+
+@functools.cache
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file as hex, computed once per file version (A1111 names checkpoints by its first
+    10 digits, the "Model hash"; a checkpoint of several GB takes seconds)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _sha256(path, stat.st_size, stat.st_mtime_ns)

@@ -13,6 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ldm.errors import InputError
 from ldm.files import atomic_write
+from ldm.infotext import format_infotext, read_infotext
 from ldm.settings import FIELDS, GenerationSettings, from_text
 
 # The checkpoint txt2img uses when no --ckpt is given (shipped inside the package).
@@ -64,32 +65,39 @@ def save_png(image: Image.Image, outdir: Path, metadata: dict[str, object], pref
         os.unlink(tmp)
 
 
-def image_text(settings: GenerationSettings, index: int, image: Image.Image, model: str,
-               model_file: str) -> dict[str, str]:
-    """The PNG text of image `index` of a batch made with `settings`: its settings, its size and the model."""
+def image_text(settings: GenerationSettings, index: int, image: Image.Image, model: str, model_file: str,
+               model_hash: str) -> dict[str, str]:
+    """The PNG text of image `index` of a batch made with `settings`: its settings, its size and the model
+    (`model_hash`: the start of the checkpoint's sha256), and the same as A1111 infotext (`parameters`)."""
     return {**settings.to_text(index), "height": str(image.height), "width": str(image.width), "model": model,
-            "model_file": model_file, "batch_index": str(index)}
+            "model_file": model_file, "batch_index": str(index),
+            "parameters": format_infotext(settings, index, image.width, image.height, model, model_hash)}
 
 
 def read_image_text(png: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """What `image_text` wrote into `png`: the settings that remake its whole batch, and the other text
-    (model, model_file, batch_index)."""
+    """What `image_text` wrote into `png`, or where only that is there, its A1111 infotext: the settings that
+    remake its whole batch, and the other text (model, model_file or model_hash, batch_index, ...)."""
     try:
         with Image.open(png) as image:
             text = dict(getattr(image, "text", {}))
     except (OSError, UnidentifiedImageError) as e:
         raise InputError(f"cannot read {png} to replay it: {e.strerror or e} (pass a PNG written by txt2img)") from None
-    if "prompt" not in text or "seed" not in text:
-        raise InputError(f"{png} has no generation metadata (prompt, seed, ...); pass a PNG written by txt2img, "
-                         "not a grid")
+    own = "prompt" in text and "seed" in text
+    if not own and "parameters" not in text:
+        raise InputError(f"{png} has no generation metadata (prompt, seed, ...); pass a PNG written by txt2img "
+                         "or A1111, not a grid")
     try:
-        settings, batch_index = from_text(text), int(text.get("batch_index", 0))
+        if own:
+            settings, other = from_text(text), {key: value for key, value in text.items() if key not in FIELDS}
+        else:  # only A1111's infotext, e.g. an image made by A1111 or by our server
+            settings, other = read_infotext(text["parameters"])
+        batch_index = int(other.get("batch_index", 0))
     except (InputError, ValueError) as e:
         raise InputError(f"{png}: {e}") from None
     # Row k of a batch can differ from the same image made alone in the last bit (batched kernels round
     # differently), so the whole batch is made again, from its first seed, and row k kept.
     settings["seed"] -= batch_index
-    return settings, {key: value for key, value in text.items() if key not in FIELDS}
+    return settings, other
 
 
 def make_grid(images: list[Image.Image], num_columns: int) -> Image.Image:

@@ -17,6 +17,7 @@ from ldm.attention import ATTENTION_BACKENDS
 from ldm.cli import ScriptParser, resolve_device, resolve_dtype, run_main
 from ldm.errors import InputError
 from ldm.generate import BUNDLED_CHECKPOINT, image_text, make_grid, prepare_outdir, read_image_text, save_png
+from ldm.infotext import model_hash
 from ldm.pipeline import Pipeline
 
 
@@ -60,14 +61,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def checkpoint_path(args: argparse.Namespace) -> Path:
-    """--ckpt, else the bundled model; a replay names the file its image was made with."""
-    recorded = args.recorded.get("model_file")
+    """--ckpt, else the bundled model; a replay names the model its image was made with: its file, or in
+    A1111 infotext its name (the file's stem)."""
+    recorded = args.recorded.get("model_file") or args.recorded.get("model")
+
+    def made_with(path: Path) -> bool:
+        return recorded in (path.name, path.stem)
+
     if args.ckpt is not None:
-        if recorded is not None and args.ckpt.name != recorded:
+        if recorded is not None and not made_with(args.ckpt):
             warnings.warn(f"{args.replay} was made with {recorded}, not {args.ckpt.name}: the pixels will differ",
                           stacklevel=2)
         return args.ckpt
-    if recorded is not None and recorded != BUNDLED_CHECKPOINT.name:
+    if recorded is not None and not made_with(BUNDLED_CHECKPOINT):
         raise InputError(f"{args.replay} was made with the model {recorded}; pass that file with --ckpt PATH")
     if not BUNDLED_CHECKPOINT.is_file():
         raise InputError("no bundled model in this install yet: pass a checkpoint with --ckpt PATH "
@@ -115,13 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.compile:
         pipe.compile_unet()
 
-    seed, images = settings.seed, []
+    seed, images, checkpoint_hash = settings.seed, [], model_hash(ckpt)
     for _ in range(args.n_iter):
         for batch in batches:
             batch = replace(batch, seed=seed)
             for k, image in enumerate(pipe.generate(batch)):
                 if keep is None or k == keep:
-                    print(save_png(image, outdir, image_text(batch, k, image, pipe.name, ckpt.name)))
+                    print(save_png(image, outdir, image_text(batch, k, image, pipe.name, ckpt.name, checkpoint_hash)))
                     images.append(image)
             seed += batch.batch_size
     if len(images) > 1 and not args.skip_grid:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -36,6 +38,14 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> tor
             else:
                 p.copy_(std * torch.randn(p.shape, generator=generator))
     return module
+
+
+@pytest.fixture(scope="module")
+def random_ckpt(tmp_path_factory) -> Path:
+    """A tiny checkpoint whose U-Net output is not zero, so that prompts, seeds and settings show in the pixels."""
+    pipe = Pipeline.from_spec(tiny_spec(), name="tiny")
+    randomize_(pipe.unet, seed=1)
+    return pipe.save(tmp_path_factory.mktemp("random") / "tiny.safetensors")
 
 
 @pytest.fixture

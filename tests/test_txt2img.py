@@ -14,7 +14,7 @@ from PIL import Image
 from ldm import generate
 from ldm.cli import run_main
 from ldm.errors import InputError
-from tests.conftest import randomize_, tiny_spec
+from tests.conftest import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -26,16 +26,6 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     from ldm.pipeline import Pipeline
 
     return Pipeline.from_spec(tiny_spec(), name="tiny").save(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
-
-
-@pytest.fixture(scope="module")
-def random_ckpt(tmp_path_factory) -> Path:
-    """A tiny checkpoint whose U-Net output is not zero, so that prompts, seeds and settings show in the pixels."""
-    from ldm.pipeline import Pipeline
-
-    pipe = Pipeline.from_spec(tiny_spec(), name="tiny")
-    randomize_(pipe.unet, seed=1)
-    return pipe.save(tmp_path_factory.mktemp("random") / "tiny.safetensors")
 
 
 def run(argv: list[str], capsys) -> tuple[int, str]:
