@@ -40,7 +40,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _out_of_memory(e: BaseException) -> bool:
+def out_of_memory(e: BaseException) -> bool:
     # A failed CPU allocation is a plain RuntimeError from torch's DefaultCPUAllocator.
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
 
@@ -73,7 +73,7 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
     except FloatingPointError as e:  # a NaN/inf training loss: the message names the checkpoint to resume from
         return _fail(str(e))
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        if not _out_of_memory(e):
+        if not out_of_memory(e):
             raise
         return _fail("out of memory; use a smaller batch (--n_samples, --batch_size or train.batch_size) or "
                      "smaller images, or decode in tiles (txt2img --vae_tile_size, Pipeline.enable_tiling)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +67,13 @@ def save_png(image: Image.Image, outdir: Path, metadata: dict[str, object], pref
 
 
 def image_text(settings: GenerationSettings, index: int, image: Image.Image, model: str, model_file: str,
-               model_hash: str) -> dict[str, str]:
+               model_hash: str, extra: Mapping[str, object] | None = None) -> dict[str, str]:
     """The PNG text of image `index` of a batch made with `settings`: its settings, its size and the model
-    (`model_hash`: the start of the checkpoint's sha256), and the same as A1111 infotext (`parameters`)."""
+    (`model_hash`: the start of the checkpoint's sha256), and the same as A1111 infotext (`parameters`,
+    with the `extra` pairs)."""
     return {**settings.to_text(index), "height": str(image.height), "width": str(image.width), "model": model,
             "model_file": model_file, "batch_index": str(index),
-            "parameters": format_infotext(settings, index, image.width, image.height, model, model_hash)}
+            "parameters": format_infotext(settings, index, image.width, image.height, model, model_hash, extra)}
 
 
 def read_image_text(png: Path) -> tuple[dict[str, Any], dict[str, str]]:

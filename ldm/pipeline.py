@@ -18,7 +18,7 @@ from ldm.images import load_image, to_pil
 from ldm.img2img import InpaintingUNet, LatentBlend, UNet, latent_masks, masked_images, start_step
 from ldm.prompts import encode_prompts
 from ldm.samplers import sample
-from ldm.sampling import FROM_NOISE, StartPoint, randn
+from ldm.sampling import FROM_NOISE, StartPoint, StepCallback, randn
 from ldm.schedule import NoiseSchedule
 from ldm.sd_checkpoint import ModelSpec, detect_spec, split_state_dict, write_checkpoint
 from ldm.settings import FIELDS, GenerationSettings
@@ -192,7 +192,8 @@ class Pipeline:
 
     @torch.no_grad()
     def generate(self, settings: GenerationSettings, *, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", progress: bool = True) -> list[Image.Image] | torch.Tensor:
+                 output_type: str = "pil", progress: bool = True, callback: StepCallback | None = None
+                 ) -> list[Image.Image] | torch.Tensor:
         """Generate `settings.batch_size` images.
 
         `latents` (B, 4, h, w), if given, replace the seeded initial noise. Prompts may carry
@@ -200,6 +201,9 @@ class Pipeline:
         img2img: `settings.init_img` (a file, a PIL image or a tensor (1 or B, 3, H, W) in [-1, 1]) sets
         the size; inpainting: also `settings.mask` (1 or B, 1, H, W) in [0, 1], 1 where to repaint. Both
         work with every sampler.
+
+        `callback(step_index, x_t)` runs after every sampling step (see `ldm.sampling`); an exception it
+        raises stops the run there (the server's interrupt).
 
         Returns PIL images, or with `output_type="tensor"` images (B, 3, H, W) in [-1, 1], or with
         "latent" the latents.
@@ -234,7 +238,8 @@ class Pipeline:
         denoiser = ClassifierFreeGuidance(unet, context, uncond_context, settings.scale, settings.guidance_rescale)
         z = sample(settings.sampler, denoiser, noise, self.schedule, settings.steps, eta=settings.eta,
                    karras=settings.karras, stiffness=denoiser.stiffness, generator=generators,
-                   parameterization=self.spec.parameterization, progress=progress, start=start)
+                   parameterization=self.spec.parameterization, progress=progress, start=start,
+                   callback=callback)
         if blend is not None:
             z = blend(z)
         if output_type == "latent":

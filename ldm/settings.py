@@ -176,7 +176,7 @@ def _check_batch(s: GenerationSettings) -> None:
             if len(value) != s.batch_size:
                 wanted = f"{s.batch_size} prompts" if name == "negative_prompt" else f"a batch size of {s.batch_size}"
                 raise InputError(f"got {len(value)} {LABELS[name]}s for {wanted}")
-        for text in [value] if isinstance(value, str) else value:
+        for text in value if isinstance(value, tuple) else [value]:
             if not isinstance(text, str):
                 raise SettingError(f"{{{name}}} must be text, got {text!r}")
             parse_weights(text)  # a syntax error stops the run before any model work

@@ -60,6 +60,7 @@ def test_batches_give_each_image_its_prompt_and_seed():
     ({"mask": "m.png"}, "a mask needs an init image", "--mask needs --init-img"),
     ({"init_img": "x.png", "strength": 0.0}, "strength must be in (0, 1]", "--strength must be in (0, 1]"),
     ({"karras": "yes"}, "karras must be true or false", "--karras must be true or false"),
+    ({"prompt": 5}, "prompt must be text, got 5", "--prompt must be text"),
 ])
 def test_bad_settings_are_one_line_errors_in_the_callers_words(values, label_message, flag_message):
     with pytest.raises(SettingError) as error:
