@@ -3,6 +3,7 @@ classifier-free guidance."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,9 @@ class Pipeline:
         self.schedule = NoiseSchedule(**spec.schedule)
         self.name = name or spec.family
         self.tiling: tuple[int, int] | None = None  # (tile size, overlap) in latent pixels; None = whole images
+        # (prompts, negative prompts, guided) -> contexts, most recently used last; None = no cache
+        self.context_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self.context_cache_size = 0
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, name: str = "") -> Pipeline:
@@ -141,13 +145,28 @@ class Pipeline:
         compile_for_inference(self.unet)
         return self
 
+    def enable_context_cache(self, size: int = 32) -> Pipeline:
+        """Keep the contexts of the last `size` distinct prompt lists, so that a repeated prompt is not
+        encoded again (a server's repeated requests). The text encoder must not change while it is on."""
+        self.context_cache, self.context_cache_size = OrderedDict(), size
+        return self
+
     def encode_context(self, prompts: Sequence[str], negative_prompts: Sequence[str],
                        guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cross-attention context (B, N, D) of `prompts` and, unless `guidance_scale` is 1 (no guidance),
         the unconditional context of `negative_prompts` (one per prompt), in the pipeline's dtype."""
+        key = (tuple(prompts), tuple(negative_prompts), guidance_scale != 1)
+        if self.context_cache is not None and key in self.context_cache:
+            self.context_cache.move_to_end(key)
+            return self.context_cache[key]
         context, uncond_context = encode_prompts(self.text_encoder, list(prompts),
                                                  list(negative_prompts) if guidance_scale != 1 else None)
-        return context.to(self.dtype), None if uncond_context is None else uncond_context.to(self.dtype)
+        contexts = context.to(self.dtype), None if uncond_context is None else uncond_context.to(self.dtype)
+        if self.context_cache is not None:
+            self.context_cache[key] = contexts
+            if len(self.context_cache) > self.context_cache_size:
+                self.context_cache.popitem(last=False)
+        return contexts
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8) (posterior mean)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from ldm.errors import InputError
 from ldm.pipeline import Pipeline
 from ldm.samplers import SAMPLERS
 from ldm.sd_checkpoint import spec_from_yaml
+from ldm.settings import GenerationSettings
 from ldm.weights_io import read_checkpoint
 from tests.conftest import randomize_
 
@@ -268,3 +270,17 @@ def test_half_precision_pipeline_follows_float32(tiny_pipeline, dtype):
             images = half(PROMPTS, **settings)
             assert images.dtype == dtype
             assert (images.float() - expected).abs().max() < 10 * torch.finfo(dtype).eps, (sampler, list(inputs))
+
+
+def test_context_cache_encodes_a_repeated_prompt_once(tiny_pipeline, monkeypatch):
+    settings = GenerationSettings(prompt="a red circle", negative_prompt="blue", steps=2, seed=3)
+    plain = tiny_pipeline.generate(settings, output_type="latent", progress=False)
+    calls, encode = [], pipeline.encode_prompts
+    monkeypatch.setattr(pipeline, "encode_prompts", lambda *args: calls.append(args[1]) or encode(*args))
+    tiny_pipeline.enable_context_cache(size=1)
+    first = tiny_pipeline.generate(settings, output_type="latent", progress=False)
+    again = tiny_pipeline.generate(replace(settings, seed=4), output_type="latent", progress=False)
+    assert calls == [["a red circle"]] and torch.equal(first, plain) and not torch.equal(again, first)
+    tiny_pipeline.generate(replace(settings, prompt="a blue square"), output_type="latent", progress=False)
+    tiny_pipeline.generate(settings, output_type="latent", progress=False)  # evicted by the other prompt (size 1)
+    assert calls == [["a red circle"], ["a blue square"], ["a red circle"]]

@@ -228,6 +228,21 @@ def test_concurrent_clients_each_get_what_they_would_get_alone(server):
     assert progress and set(progress) == {200}
 
 
+def test_a_client_that_goes_away_does_not_leave_its_job_running(server):
+    body = json.dumps({"prompt": "a", **FAST, "steps": 150, "n_iter": 8}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as connection:
+        connection.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 60
+        while requests.get(f"{server.url}/sdapi/v1/progress", timeout=10).json()["state"]["sampling_step"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    gone = time.monotonic()
+    while requests.get(f"{server.url}/sdapi/v1/progress", timeout=10).json()["state"]["job_count"]:
+        assert time.monotonic() - gone < 10, "the job kept running"
+        time.sleep(0.05)
+
+
 def test_a_full_queue_answers_503(checkpoints, one_thread):
     config = ServerConfig(checkpoint=checkpoints / "tiny.safetensors", max_queue=1)
     with ThreadServer(create_app(config)) as s, ThreadPoolExecutor(3) as pool:

@@ -70,7 +70,8 @@ class Engine:
         """The model of `path`, loaded unless it is already (worker thread only)."""
         if self.loaded is None or self.loaded[0] != path:
             self.loaded = None  # the old model's memory is free before the new one loads
-            self.loaded = (path, Pipeline.from_checkpoint(path, device=self.device, dtype=self.dtype))
+            pipe = Pipeline.from_checkpoint(path, device=self.device, dtype=self.dtype).enable_context_cache()
+            self.loaded = (path, pipe)
         return self.loaded[1]
 
     def select(self, name: str) -> Path:
