@@ -367,13 +367,16 @@ def test_serve_script_with_api_auth(checkpoints, tmp_path):
     (["--api-auth", "nopassword"], "--api-auth must be USER:PASS, got 'nopassword'"),
     (["--max_queue", "0"], "--max_queue must be >= 1, got 0"),
     (["--ckpt", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
+    (["--ckpt", "BROKEN"], "cannot read"),
 ])
-def test_serve_script_flags_are_checked_in_one_line(flags, message, capsys):
+def test_serve_script_flags_are_checked_in_one_line(flags, message, capsys, tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import serve
 
     from ldm.cli import run_main
 
-    assert run_main(serve.main, flags) == 1
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a checkpoint")
+    assert run_main(serve.main, [str(broken) if flag == "BROKEN" else flag for flag in flags]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1

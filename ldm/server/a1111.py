@@ -96,7 +96,7 @@ def parse_job(body: object, kind: str, limits: Limits) -> Job:
     values.update(_settings_values(body))
     if values.get("eta") is None or not get_sampler(values["sampler"]).takes_eta:
         values.pop("eta", None)  # A1111 clients send an eta for every sampler; only DDIM's is ours
-    n_iter = _whole("n_iter", request["n_iter"], 1)
+    n_iter = _whole("n_iter", request["n_iter"], 1, limits.max_images)
     for name in ("send_images", "include_init_images", "inpainting_mask_invert"):
         if name in request and request[name] not in (True, False):  # 0 and 1 are A1111's spelling of two
             raise InputError(f"{name} must be true or false, got {request[name]!r}")
@@ -109,7 +109,7 @@ def parse_job(body: object, kind: str, limits: Limits) -> Job:
     if kind == "img2img":
         values["init_img"], values["mask"], extra = _init_images(request, limits)
     else:
-        values.pop("strength", None)
+        values.pop("strength", None)  # txt2img's denoising_strength is A1111's hires fix, which is refused
     try:
         settings = GenerationSettings(**values)
     except SettingError as e:
@@ -133,7 +133,7 @@ def _settings_values(fields: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _whole(name: str, value: object, low: int, high: int = 2**31) -> int:
+def _whole(name: str, value: object, low: int, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise InputError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
     return value

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ldm.cli import out_of_memory
 from ldm.errors import InputError
+from ldm.files import file_sha256
 from ldm.infotext import A1111_SAMPLERS, SCHEDULERS, parse_infotext
 from ldm.samplers import REGISTRY
 from ldm.server.a1111 import Limits, decode_image, parse_job
@@ -110,14 +111,15 @@ class Guard:
 
 
 def create_app(config: ServerConfig) -> FastAPI:
-    """The server's ASGI app; the model loads when the app starts (uvicorn's lifespan)."""
+    """The server's ASGI app, with its model loaded (a bad checkpoint fails here, before serving); the
+    worker starts and stops with the app (uvicorn's lifespan)."""
     engine = Engine(Catalog(config.checkpoint, config.models_dir), config.device, config.dtype)
+    engine.load(engine.checkpoint)
     state: dict[str, Worker] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker = state["worker"] = Worker(config.max_queue)
-        await asyncio.wrap_future(worker.submit(lambda task: engine.load(engine.checkpoint), "load").future)
         yield
         await run_in_threadpool(worker.close)
 
@@ -196,7 +198,8 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/sdapi/v1/options")
     def get_options() -> dict[str, Any]:
-        return {"sd_model_checkpoint": Catalog.title(engine.checkpoint), "sd_checkpoint_hash": None,
+        return {"sd_model_checkpoint": Catalog.title(engine.checkpoint),
+                "sd_checkpoint_hash": file_sha256(engine.checkpoint),
                 "samples_format": "png", "CLIP_stop_at_last_layers": 1, "eta_ddim": 0.0}
 
     @app.post("/sdapi/v1/options")

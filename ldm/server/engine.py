@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ldm.errors import InputError
+from ldm.files import file_sha256
 from ldm.generate import image_text
 from ldm.img2img import start_step
 from ldm.infotext import model_hash
@@ -54,7 +55,7 @@ class Catalog:
 
     def items(self) -> list[dict[str, Any]]:
         """A1111's /sdapi/v1/sd-models."""
-        return [{"title": self.title(p), "model_name": p.stem, "hash": model_hash(p), "sha256": None,
+        return [{"title": self.title(p), "model_name": p.stem, "hash": model_hash(p), "sha256": file_sha256(p),
                  "filename": str(p), "config": None} for p in self.files()]
 
 
