@@ -380,3 +380,11 @@ def test_serve_script_flags_are_checked_in_one_line(flags, message, capsys, tmp_
     assert run_main(serve.main, [str(broken) if flag == "BROKEN" else flag for flag in flags]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_listens_on_the_loopback_by_default():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import serve
+
+    args = serve.build_parser().parse_args([])
+    assert (args.host, args.port, args.api_auth) == ("127.0.0.1", 7860, None)
