@@ -65,10 +65,11 @@ def save_png(image: Image.Image, outdir: Path, metadata: dict[str, object], pref
 
 
 def image_text(settings: GenerationSettings, index: int, image: Image.Image, model: str,
-               model_file: str) -> dict[str, str]:
-    """The PNG text of image `index` of a batch made with `settings`: its settings, its size and the model."""
+               model_file: str, model_text: dict[str, str] | None = None) -> dict[str, str]:
+    """The PNG text of image `index` of a batch made with `settings`: its settings, its size and the model
+    (`model_text`: what changed its weights, e.g. `Pipeline.model_text()`'s LoRA hashes)."""
     return {**settings.to_text(index), "height": str(image.height), "width": str(image.width), "model": model,
-            "model_file": model_file, "batch_index": str(index)}
+            "model_file": model_file, **(model_text or {}), "batch_index": str(index)}
 
 
 def read_image_text(png: Path) -> tuple[dict[str, Any], dict[str, str]]:

@@ -16,6 +16,8 @@ from ldm.errors import InputError
 from ldm.guidance import ClassifierFreeGuidance
 from ldm.images import load_image, to_pil
 from ldm.img2img import InpaintingUNet, LatentBlend, UNet, latent_masks, masked_images, start_step
+from ldm.layer_names import text_encoder_layers, unet_layers
+from ldm.lora import Adapter, MergedAdapters, find_adapter, parse_lora_spec, read_adapter, split_lora_tags
 from ldm.prompts import encode_prompts
 from ldm.samplers import sample
 from ldm.sampling import FROM_NOISE, StartPoint, randn
@@ -74,6 +76,12 @@ class Pipeline:
         self.schedule = NoiseSchedule(**spec.schedule)
         self.name = name or spec.family
         self.tiling: tuple[int, int] | None = None  # (tile size, overlap) in latent pixels; None = whole images
+        self.lora_dir: Path | None = None  # where <lora:NAME> tags in prompts are looked up
+        self.adapters = MergedAdapters({"unet": self.unet, "text_encoder": self.text_encoder})
+        self._loras: list[tuple[Adapter, float]] = []  # from load_lora; prompts and settings add theirs
+        self._adapter_files: dict[tuple[Path, int, int], Adapter] = {}
+        self._compiled = False
+        self._traced = False  # compiled and run: the weights are constants of the compiled graph
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, name: str = "") -> Pipeline:
@@ -139,14 +147,69 @@ class Pipeline:
         """torch.compile the U-Net in place for sampling (`compile_for_inference`); the first call per
         shape is slow. Compile after loading the weights: later changes to them are not seen."""
         compile_for_inference(self.unet)
+        self._compiled = True
         return self
 
-    def encode_context(self, prompts: Sequence[str], negative_prompts: Sequence[str],
-                       guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def read_lora(self, path: str | Path) -> Adapter:
+        """A LoRA / LyCORIS file matched to this model's layers; read once while the file is unchanged."""
+        path = Path(path)
+        stat = path.stat() if path.is_file() else None
+        key = (path.resolve(), stat.st_mtime_ns, stat.st_size) if stat else None
+        if key not in self._adapter_files:
+            layers = {"unet": unet_layers(self.unet), "text_encoder": text_encoder_layers(self.text_encoder)}
+            weights = {"unet": self.unet.state_dict(), "text_encoder": self.text_encoder.state_dict()}
+            self._adapter_files[key] = read_adapter(path, layers, weights, self.spec.family)
+        return self._adapter_files[key]
+
+    def load_lora(self, loras: str | Path | Sequence[str | Path | tuple[str | Path, float]],
+                  weight: float = 1.0) -> Pipeline:
+        """Merge LoRA / LyCORIS files into the weights: one file at `weight`, or a list of files or
+        (file, weight) pairs. Replaces what an earlier call loaded; LoRAs that prompts name
+        (`<lora:NAME:WEIGHT>`) or settings list are merged on top of these for their images."""
+        loras = [loras] if isinstance(loras, (str, Path)) else list(loras)
+        pairs = [item if isinstance(item, tuple) else (item, weight) for item in loras]
+        self._loras = [(self.read_lora(path), float(w)) for path, w in pairs]
+        self._merge(self._loras)
+        return self
+
+    def unload_lora(self) -> Pipeline:
+        """Take every merged LoRA out: the weights are the checkpoint's again, bit for bit."""
+        self._loras = []
+        self._merge([])
+        return self
+
+    def _merge(self, adapters: list[tuple[Adapter, float]]) -> None:
+        if self._traced and [(a.path, w) for a, w in adapters] != [(a.path, w) for a, w in self.adapters.active]:
+            raise InputError("the compiled U-Net keeps the weights of its first image: load LoRAs before "
+                             "generating with --compile, and keep them the same")
+        self.adapters.set(adapters)
+        # Files read stay cached while in use, so a batch after a batch does not read them again.
+        self._adapter_files = {k: a for k, a in self._adapter_files.items() if any(a is b for b, _ in adapters)}
+
+    def _batch_loras(self, settings: GenerationSettings) -> tuple[list[str], list[tuple[Adapter, float]]]:
+        """The prompts with their <lora:...> tags removed, and every LoRA the batch uses: `load_lora`'s,
+        the settings', the tags' (the same tags in every prompt of a batch)."""
+        stripped = [split_lora_tags(prompt) for prompt in settings.prompts()]
+        tags = stripped[0][1]
+        if any(other != tags for _, other in stripped):
+            raise InputError("the prompts of one batch name different <lora:...> tags; generate them in separate "
+                             "batches")
+        adapters = [*self._loras, *((self.read_lora(path), w) for path, w in map(parse_lora_spec, settings.lora)),
+                    *((self.read_lora(find_adapter(name, self.lora_dir)), w) for name, w in tags)]
+        return [prompt for prompt, _ in stripped], adapters
+
+    def model_text(self) -> dict[str, str]:
+        """What, beyond the checkpoint, changed the weights of the last images: for their PNG text."""
+        if not self.adapters.active:
+            return {}
+        return {"lora_hashes": ", ".join(f"{a.name}: {a.short_hash}" for a, _ in self.adapters.active)}
+
+    def encode_context(self, prompts: Sequence[str], negative_prompts: Sequence[str], guidance_scale: float,
+                       clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cross-attention context (B, N, D) of `prompts` and, unless `guidance_scale` is 1 (no guidance),
         the unconditional context of `negative_prompts` (one per prompt), in the pipeline's dtype."""
         context, uncond_context = encode_prompts(self.text_encoder, list(prompts),
-                                                 list(negative_prompts) if guidance_scale != 1 else None)
+                                                 list(negative_prompts) if guidance_scale != 1 else None, clip_skip)
         return context.to(self.dtype), None if uncond_context is None else uncond_context.to(self.dtype)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -212,8 +275,12 @@ class Pipeline:
             raise InputError(f"{self.name} is an inpainting model: pass an init image and a mask")
         height, width = self._size(settings, init_images)
 
-        # 1. Prompts -> context; the negative (by default empty) prompt is the unconditional context.
-        context, uncond_context = self.encode_context(settings.prompts(), settings.negative_prompts(), settings.scale)
+        # 1. Prompts -> context; the negative (by default empty) prompt is the unconditional context. The
+        #    batch's LoRAs are merged into the weights first.
+        prompts, adapters = self._batch_loras(settings)
+        self._merge(adapters)
+        context, uncond_context = self.encode_context(prompts, settings.negative_prompts(), settings.scale,
+                                                      settings.clip_skip)
         # 2. Initial noise in float32 from one CPU generator per image, which then also draws
         #    that image's sampler noise (eta > 0): image k is reproducible alone, on any device.
         factor = self.autoencoder.config.downsampling_factor
@@ -235,6 +302,7 @@ class Pipeline:
         z = sample(settings.sampler, denoiser, noise, self.schedule, settings.steps, eta=settings.eta,
                    karras=settings.karras, stiffness=denoiser.stiffness, generator=generators,
                    parameterization=self.spec.parameterization, progress=progress, start=start)
+        self._traced = self._compiled
         if blend is not None:
             z = blend(z)
         if output_type == "latent":

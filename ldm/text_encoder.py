@@ -22,6 +22,8 @@ import torch
 from open_clip.transformer import QuickGELU, TextTransformer
 from torch import Tensor, nn
 
+from ldm.errors import InputError
+
 # The CLIP BPE tokenizer's ids run up to its end-of-text token, 49407.
 _CLIP_VOCAB_SIZE = 49408
 
@@ -156,19 +158,24 @@ class TextEncoder(TextTransformer):
         row[: len(ids) + 2] = torch.tensor([tok.sot_token_id, *ids, tok.eot_token_id])
         return row
 
-    def encode_tokens(self, tokens: Tensor) -> Tensor:
+    def encode_tokens(self, tokens: Tensor, clip_skip: int | None = None) -> Tensor:
         """Token ids (B, context_length) -> context (B, context_length, width).
 
-        The context is on the weights' device and in their dtype.
+        `clip_skip` N takes the output of the N-th block from the end (1 = last, as AUTOMATIC1111 and
+        ComfyUI count) instead of the config's `layer`; the final LayerNorm follows either way. The
+        context is on the weights' device and in their dtype.
         """
         if tokens.ndim != 2 or tokens.shape[1] != self.config.context_length:
             raise ValueError(
                 f"tokens must be (B, {self.config.context_length}), got {tuple(tokens.shape)}; "
                 "make them with tokenize()"
             )
+        if clip_skip is not None and not 1 <= clip_skip <= self.config.layers:
+            raise InputError(f"clip skip must be in [1, {self.config.layers}] for this text encoder "
+                             f"({self.config.layers} layers), got {clip_skip}")
         out = self.forward_intermediates(
             tokens.to(self.token_embedding.weight.device),
-            indices=[self._output_block],
+            indices=[self._output_block if clip_skip is None else self.config.layers - clip_skip],
             stop_early=True,
             normalize_intermediates=True,  # final LayerNorm on the chosen block, as SD does
             intermediates_only=True,

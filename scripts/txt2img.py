@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", type=Path, default=None, help="checkpoint (.ckpt or .safetensors); "
                    "default: the bundled shapes-v1 model")
     p.add_argument("--config", type=Path, default=None, help="optional original SD inference YAML")
+    p.add_argument("--lora_dir", type=Path, default=None, help="folder where <lora:NAME:WEIGHT> tags in prompts "
+                   "find NAME.safetensors (or .pt), searched with its subfolders")
     p.add_argument("--prediction", choices=["eps", "v"], default=None,
                    help="what the U-Net predicts, when the checkpoint does not say (SD 2.x 768-v: v)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto")
@@ -103,11 +105,14 @@ def main(argv: list[str] | None = None) -> None:
     if keep is not None and not 0 <= keep < settings.batch_size:
         raise InputError(f"{args.replay} is image {keep + 1} of its batch: keep --n_samples at least {keep + 1}")
     ckpt = checkpoint_path(args)
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise InputError(f"--lora_dir {args.lora_dir} is not a folder")
     outdir = prepare_outdir(args.outdir)
     device = resolve_device(args.device)
     pipe = Pipeline.from_checkpoint(ckpt, config=args.config, prediction=args.prediction, device=device,
                                     dtype=resolve_dtype(args.precision, device))
     pipe.set_attention_backend(args.attention)
+    pipe.lora_dir = args.lora_dir
     if args.vae_tile_size:
         pipe.enable_tiling(args.vae_tile_size, args.vae_tile_size // 4)
     if args.channels_last:
@@ -121,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
             batch = replace(batch, seed=seed)
             for k, image in enumerate(pipe.generate(batch)):
                 if keep is None or k == keep:
-                    print(save_png(image, outdir, image_text(batch, k, image, pipe.name, ckpt.name)))
+                    print(save_png(image, outdir, image_text(batch, k, image, pipe.name, ckpt.name,
+                                                               pipe.model_text())))
                     images.append(image)
             seed += batch.batch_size
     if len(images) > 1 and not args.skip_grid:
