@@ -3,6 +3,7 @@ classifier-free guidance."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from ldm.prompts import encode_prompts
 from ldm.samplers import sample
 from ldm.sampling import FROM_NOISE, StartPoint, randn
 from ldm.schedule import NoiseSchedule
-from ldm.sd_checkpoint import ModelSpec, detect_spec, split_state_dict, write_checkpoint
+from ldm.sd_checkpoint import ModelSpec, autoencoder_file, detect_spec, ema_unet, split_state_dict, write_checkpoint
 from ldm.settings import FIELDS, GenerationSettings
 from ldm.text_encoder import TextEncoder
 from ldm.tiling import tiled_decode, tiled_encode
@@ -80,6 +81,7 @@ class Pipeline:
         self.adapters = MergedAdapters({"unet": self.unet, "text_encoder": self.text_encoder})
         self._loras: list[tuple[Adapter, float]] = []  # from load_lora; prompts and settings add theirs
         self._adapter_files: dict[tuple[Path, int, int], Adapter] = {}
+        self.weights_text: dict[str, str] = {}  # which weights of the file were replaced, for the PNG text
         self._compiled = False
         self._traced = False  # compiled and run: the weights are constants of the compiled graph
 
@@ -90,18 +92,33 @@ class Pipeline:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: str | Path | None = None, prediction: str | None = None,
-                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Pipeline:
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        vae: str | Path | None = None, use_ema: bool = False) -> Pipeline:
         """Load an original SD 1.x/2.x checkpoint or one of ours; `config` is an optional SD inference YAML,
-        `prediction` ("eps" or "v") overrides what the checkpoint implies."""
+        `prediction` ("eps" or "v") overrides what the checkpoint implies. `vae`: a VAE file that replaces
+        the checkpoint's autoencoder (its latent scale factor stays the checkpoint's); `use_ema`: the U-Net's
+        EMA weights, which full SD training checkpoints carry beside the raw ones."""
         state_dict, metadata = read_checkpoint(path)
         spec = detect_spec(state_dict, metadata, prediction, config)
         parts = split_state_dict(state_dict)
+        ema = ema_unet(state_dict, parts["unet"])
+        if use_ema and ema is None:
+            raise InputError(f"{path} has no EMA weights (model_ema.*); leave out --use_ema")
+        if ema is not None and not use_ema:
+            warnings.warn(f"{Path(path).name} also holds EMA weights of the U-Net; --use_ema (use_ema=True) "
+                          "generates with them", stacklevel=2)
+        parts["unet"] = ema if use_ema else parts["unet"]
+        if vae is not None:
+            parts["autoencoder"] = autoencoder_file(read_checkpoint(vae)[0], vae)
+        del state_dict, ema
         with torch.device("meta"):  # no random init: every weight comes from the file
             modules = UNetModel(spec.unet), TextEncoder(spec.text_encoder), AutoencoderKL(spec.autoencoder)
         pipe = cls(spec, *modules, name=Path(path).stem)
+        pipe.weights_text = {**({"vae": Path(vae).name} if vae is not None else {}),
+                             **({"use_ema": "True"} if use_ema else {})}
         for part, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder),
                              ("autoencoder", pipe.autoencoder)):
-            load_strict(module, parts[part], part, path)
+            load_strict(module, parts[part], part, vae if part == "autoencoder" and vae is not None else path)
         return pipe.to(device, dtype)
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -201,8 +218,9 @@ class Pipeline:
     def model_text(self) -> dict[str, str]:
         """What, beyond the checkpoint, changed the weights of the last images: for their PNG text."""
         if not self.adapters.active:
-            return {}
-        return {"lora_hashes": ", ".join(f"{a.name}: {a.short_hash}" for a, _ in self.adapters.active)}
+            return dict(self.weights_text)
+        return {**self.weights_text,
+                "lora_hashes": ", ".join(f"{a.name}: {a.short_hash}" for a, _ in self.adapters.active)}
 
     def encode_context(self, prompts: Sequence[str], negative_prompts: Sequence[str], guidance_scale: float,
                        clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
