@@ -22,7 +22,6 @@ original weights bit for bit, and a new set of adapters is always merged onto th
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import warnings
@@ -34,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.errors import InputError
+from ldm.files import sha256_file
 from ldm.layer_names import Layer, flat
 from ldm.weights_io import read_checkpoint
 
@@ -145,7 +145,7 @@ def read_adapter(path: str | Path, layers: Mapping[str, Mapping[str, Layer]],
     if ignored:
         warnings.warn(f"{path.name}: used {len(changes)} of {len(groups)} layers; ignored {len(ignored)} that this "
                       f"model lacks or that have another shape (first: {ignored[0]})", stacklevel=2)
-    return Adapter(path, changes, _sha256(path))
+    return Adapter(path, changes, sha256_file(path))
 
 
 def _fits(group: dict[str, Tensor], layer: Layer, weights: Mapping[str, Mapping[str, Tensor]]) -> bool:
@@ -178,14 +178,6 @@ def made_for(tensors: Mapping[str, Tensor]) -> str:
         if "attn2" in key and "to_k" in key and key.endswith(("lora_down.weight", "lora_A.weight")):
             return {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(value.shape[1], f"a {value.shape[1]}-wide context")
     return "another model"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class MergedAdapters:

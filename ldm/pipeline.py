@@ -13,7 +13,9 @@ from PIL import Image
 
 from ldm.attention import DEFAULT_SLICE_SIZE, set_attention_backend
 from ldm.autoencoder import AutoencoderKL
+from ldm.embeddings import read_embeddings
 from ldm.errors import InputError
+from ldm.files import sha256_file
 from ldm.guidance import ClassifierFreeGuidance
 from ldm.images import load_image, to_pil
 from ldm.img2img import InpaintingUNet, LatentBlend, UNet, latent_masks, masked_images, start_step
@@ -82,6 +84,8 @@ class Pipeline:
         self._loras: list[tuple[Adapter, float]] = []  # from load_lora; prompts and settings add theirs
         self._adapter_files: dict[tuple[Path, int, int], Adapter] = {}
         self.weights_text: dict[str, str] = {}  # which weights of the file were replaced, for the PNG text
+        self.embedding_files: dict[str, Path] = {}  # textual-inversion trigger word -> its file
+        self._used_embeddings: list[str] = []  # the trigger words of the last batch
         self._compiled = False
         self._traced = False  # compiled and run: the weights are constants of the compiled graph
 
@@ -215,12 +219,24 @@ class Pipeline:
                     *((self.read_lora(find_adapter(name, self.lora_dir)), w) for name, w in tags)]
         return [prompt for prompt, _ in stripped], adapters
 
+    def load_embeddings(self, folder: str | Path) -> Pipeline:
+        """Textual-inversion files under `folder` (`ldm.embeddings`), each triggered by its file name in a
+        prompt; replaces earlier ones. Files made for another text encoder are skipped with a warning."""
+        found = read_embeddings(Path(folder), self.text_encoder.config.width)
+        self.text_encoder.set_embeddings({word: vectors for word, (vectors, _) in found.items()})
+        self.embedding_files = {word: path for word, (_, path) in found.items()}
+        return self
+
     def model_text(self) -> dict[str, str]:
-        """What, beyond the checkpoint, changed the weights of the last images: for their PNG text."""
-        if not self.adapters.active:
-            return dict(self.weights_text)
-        return {**self.weights_text,
-                "lora_hashes": ", ".join(f"{a.name}: {a.short_hash}" for a, _ in self.adapters.active)}
+        """What, beyond the checkpoint, changed the last images: replaced weights, LoRAs and the embeddings
+        their prompts used (names and short sha256), for their PNG text."""
+        text = dict(self.weights_text)
+        if self.adapters.active:
+            text["lora_hashes"] = ", ".join(f"{a.name}: {a.short_hash}" for a, _ in self.adapters.active)
+        if self._used_embeddings:
+            text["embeddings"] = ", ".join(f"{word}: {sha256_file(self.embedding_files[word])[:12]}"
+                                           for word in self._used_embeddings)
+        return text
 
     def encode_context(self, prompts: Sequence[str], negative_prompts: Sequence[str], guidance_scale: float,
                        clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -297,6 +313,8 @@ class Pipeline:
         #    batch's LoRAs are merged into the weights first.
         prompts, adapters = self._batch_loras(settings)
         self._merge(adapters)
+        used = set().union(*map(self.text_encoder.trigger_words, [*prompts, *settings.negative_prompts()]))
+        self._used_embeddings = [word for word in self.embedding_files if word in used]
         context, uncond_context = self.encode_context(prompts, settings.negative_prompts(), settings.scale,
                                                       settings.clip_skip)
         # 2. Initial noise in float32 from one CPU generator per image, which then also draws

@@ -79,7 +79,7 @@ def tokenize_weighted(text_encoder: TextEncoder, prompt: str) -> tuple[list[int]
     ids: list[int] = []
     weights: list[float] = []
     for text, weight in parse_weights(prompt):
-        piece = text_encoder.tokenizer.encode(text)
+        piece = text_encoder.encode_text(text)
         ids += piece
         weights += [weight] * len(piece)
     return ids, weights

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. SD's ft-MSE VAE, original key layout)")
     p.add_argument("--use_ema", action="store_true", help="generate with the U-Net's EMA weights (model_ema.*), "
                    "which full training checkpoints carry")
+    p.add_argument("--embeddings_dir", type=Path, default=None, help="folder of textual-inversion embeddings "
+                   "(.pt, .safetensors), each triggered by its file name in a prompt")
     p.add_argument("--lora_dir", type=Path, default=None, help="folder where <lora:NAME:WEIGHT> tags in prompts "
                    "find NAME.safetensors (or .pt), searched with its subfolders")
     p.add_argument("--prediction", choices=["eps", "v"], default=None,
@@ -128,6 +130,12 @@ def main(argv: list[str] | None = None) -> None:
                                     use_ema=args.use_ema or args.recorded.get("use_ema") == "True")
     pipe.set_attention_backend(args.attention)
     pipe.lora_dir = args.lora_dir
+    if args.embeddings_dir is not None:
+        pipe.load_embeddings(args.embeddings_dir)
+    recorded = [entry.rpartition(": ")[0] for entry in args.recorded.get("embeddings", "").split(", ") if entry]
+    if missing := [word for word in recorded if word not in pipe.embedding_files]:
+        raise InputError(f"{args.replay} was made with the embedding {missing[0]}; pass the folder that holds "
+                         f"{missing[0]}.pt or .safetensors with --embeddings_dir")
     if args.vae_tile_size:
         pipe.enable_tiling(args.vae_tile_size, args.vae_tile_size // 4)
     if args.channels_last:
