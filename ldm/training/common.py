@@ -115,9 +115,11 @@ class Checkpoints:
         self.keep_last = max(1, keep_last)
 
     def all(self) -> list[Path]:
+        """The complete checkpoints, oldest first: in step order, which is the names' order only up to 999999."""
         if not self.dir.is_dir():
             return []
-        return sorted(p for p in self.dir.glob("step-*") if (p / "state.json").is_file())
+        found = [p for p in self.dir.glob("step-*") if p.name[5:].isdigit() and (p / "state.json").is_file()]
+        return sorted(found, key=lambda p: int(p.name[5:]))
 
     def latest(self) -> Path | None:
         found = self.all()
@@ -320,11 +322,11 @@ class TrainingRun:
                       **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:2]})  # loss, first of logs
             accelerator.log(values, step=self.step)
-        if self.step % cfg.checkpoint_every == 0 or last:
+        stop = self._stop.requested(accelerator)
+        if self.step % cfg.checkpoint_every == 0 or last or stop:
             check_finite(loss, self.step, self.checkpoints, skip=False)
-            self.checkpoints.save(accelerator, self.step, {"samples_seen": self.samples_seen})
-        if self._stop.requested(accelerator):
             path = self.checkpoints.save(accelerator, self.step, {"samples_seen": self.samples_seen})
+        if stop:
             accelerator.print(f"stopped by signal at step {self.step}; saved {path}; continue with --resume")
             accelerator.end_training()
             return False

