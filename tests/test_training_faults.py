@@ -6,17 +6,21 @@ well under a second per run; only what a stage supplies is stubbed.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 from pathlib import Path
 from types import SimpleNamespace
 
+import accelerate.checkpointing
+import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch import nn
 
+from ldm.cli import run_main
 from ldm.training.common import Checkpoints, TrainingRun, lr_scheduler, optimizer_step
 from ldm.training.loop import Stage, StepResult, train
 
@@ -97,3 +101,35 @@ def test_checkpoints_are_ordered_by_step_number_past_a_million(tmp_path):
     assert checkpoints.latest().name == "step-1000000"
     checkpoints.save(fake_accelerator(), 1_000_001, {})
     assert checkpoint_names(tmp_path) == ["step-1000000", "step-1000001"]
+
+
+TORCH_WRITER_FAILED = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"  # torch.save, disk full
+
+
+@pytest.mark.parametrize(("error", "reason"), [
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    (RuntimeError(TORCH_WRITER_FAILED), TORCH_WRITER_FAILED),
+])
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch, capsys,
+                                                                                 error, reason):
+    run_dir = tmp_path / "run"
+    write = accelerate.checkpointing.save
+
+    def fill_the_disk(obj, path, **kwargs):
+        if ".tmp-step-000004" in str(path):
+            Path(path).write_bytes(b"the first bytes")
+            raise error
+        write(obj, path, **kwargs)
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", fill_the_disk)
+    config = toy_config(run_dir, max_steps=6)
+    assert run_main(lambda argv: train(ToyStage(config)), []) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: cannot save checkpoint {run_dir / 'checkpoints' / 'step-000004'}: {reason}")
+    assert "continue from step-000002 with --resume" in lines[0]
+    assert checkpoint_names(run_dir) == ["step-000002"]  # the partial save is gone, the earlier one intact
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", write)
+    assert train(ToyStage(config), resume=True) is not None
+    assert checkpoint_names(run_dir) == ["step-000004", "step-000006"]

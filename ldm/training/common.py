@@ -27,6 +27,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors import SafetensorError
 from torch import nn
 from tqdm import tqdm
 
@@ -126,14 +127,25 @@ class Checkpoints:
         return found[-1] if found else None
 
     def save(self, accelerator: Accelerator, step: int, state: dict[str, Any]) -> Path:
+        """Write checkpoint `step`; every process takes part. A write that fails on any process (a full
+        disk) removes the partial save and raises a one-line OSError on all of them."""
         final = self.dir / f"step-{step:06d}"
         tmp = self.dir / f".tmp-step-{step:06d}"
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        failure = None
+        try:
+            accelerator.save_state(str(tmp))
+            if accelerator.is_main_process:
+                (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch's writer reports a full disk as a RuntimeError
+            failure = e
+        if sum_over_processes(accelerator, failure is not None):
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise self._save_error(final, failure) from None
         if accelerator.is_main_process:
-            (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -141,6 +153,18 @@ class Checkpoints:
                 shutil.rmtree(old)
         accelerator.wait_for_everyone()
         return final
+
+    def _save_error(self, final: Path, failure: Exception | None) -> OSError:
+        if failure is None:
+            reason = "another process could not write its part"
+        elif isinstance(failure, OSError) and failure.strerror:
+            reason = failure.strerror
+        else:
+            reason = (str(failure).splitlines() or [type(failure).__name__])[0]
+        last = self.latest()  # untouched: nothing is renamed or deleted before a save is complete
+        then = f"continue from {last.name} with --resume" if last else "start the run again"
+        return OSError(getattr(failure, "errno", None), f"cannot save checkpoint {final}: {reason}; removed the "
+                       f"partial save; free disk space (or lower train.keep_last), then {then}")
 
     def remove_unfinished(self, accelerator: Accelerator) -> None:
         """Delete `.tmp-step-*` folders: saves of a process killed before it could rename them."""
@@ -237,10 +261,16 @@ class StopSignal:
         self.signal = signum
 
     def requested(self, accelerator: Accelerator) -> bool:
-        flag = torch.tensor([self.signal is not None], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag.int(), reduction="sum") > 0
-        return bool(flag.item())
+        return sum_over_processes(accelerator, self.signal is not None) > 0
+
+
+def sum_over_processes(accelerator: Accelerator, value: int) -> int:
+    """`value` summed over all processes, the same on each: a collective that every process must call,
+    so that all take the same branch (stop, skip, fail) after it."""
+    if accelerator.num_processes == 1:
+        return int(value)
+    total = accelerator.reduce(torch.tensor([int(value)], device=accelerator.device), reduction="sum")
+    return int(total.item())
 
 
 def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
