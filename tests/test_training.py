@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from ldm.config import config_dict
 from ldm.data.loader import make_loader, shapes_dataset
 from ldm.errors import InputError
+from ldm.losses import AutoencoderLoss
 from ldm.pipeline import Pipeline
 from ldm.schedule import NoiseSchedule
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
@@ -162,6 +163,21 @@ def test_nan_loss_stops_with_the_step_and_last_checkpoint(stages, tmp_path):
     config = diffusion_config(tmp_path / "nan", stages, max_steps=4, learning_rate=1e30)
     with pytest.raises(FloatingPointError, match=r"at step \d+; the last good checkpoint is"):
         train_diffusion(config)
+
+
+def test_autoencoder_skips_a_nan_step_when_asked(tmp_path, monkeypatch, capsys):
+    generator_loss = AutoencoderLoss.generator_loss
+
+    def nan_at_step_1(self, images, reconstructions, posterior, step, last_layer):
+        loss, logs = generator_loss(self, images, reconstructions, posterior, step, last_layer)
+        return (loss * float("nan") if step == 1 else loss), logs
+
+    monkeypatch.setattr(AutoencoderLoss, "generator_loss", nan_at_step_1)
+    config = vae_config(tmp_path / "vae")
+    config["train"]["skip_nan_steps"] = True
+    exported = load_file(str(train_autoencoder(config)))
+    assert "1 step(s) skipped for a NaN/inf loss" in capsys.readouterr().out
+    assert all(torch.isfinite(v).all() for v in exported.values())
 
 
 def test_bad_stage_files_and_config_are_input_errors(stages, tmp_path):

@@ -17,7 +17,7 @@ import accelerate.checkpointing
 import pytest
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ldm.cli import run_main
@@ -70,6 +70,26 @@ def toy_config(run_dir: Path, **train) -> dict:
 
 def checkpoint_names(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_a_nan_loss_is_reported_at_the_step_it_appears(tmp_path):
+    stage = ToyStage(toy_config(tmp_path / "run", max_steps=12, log_every=10, checkpoint_every=10), nan_at=(3,))
+    with pytest.raises(FloatingPointError, match=r"^loss is nan at step 3; the last good checkpoint is none"):
+        train(stage)
+
+
+def test_skipped_nan_steps_are_counted_logged_and_printed(tmp_path, capsys, monkeypatch):
+    logged = []
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **kw: logged.append((step, values)))
+    run_dir = tmp_path / "run"
+    # Steps 2 and 4 are logging and checkpoint steps, 3 neither.
+    stage = ToyStage(toy_config(run_dir, max_steps=5, log_every=2, skip_nan_steps=True), nan_at=(2, 3, 4))
+    exported = load_file(str(train(stage)))
+    out = capsys.readouterr().out
+    assert "step 2: NaN/inf loss, step skipped (train.skip_nan_steps)" in out
+    assert "3 step(s) skipped for a NaN/inf loss" in out
+    assert [(step, values["skipped_nan_steps"]) for step, values in logged] == [(2, 1), (4, 3), (5, 3)]
+    assert all(torch.isfinite(v).all() for v in exported.values())  # no NaN step was applied
 
 
 def test_a_stop_signal_on_a_checkpoint_step_saves_once(tmp_path, monkeypatch, capsys):

@@ -158,6 +158,9 @@ class AutoencoderStage(Stage):
         with accelerator.autocast():
             reconstructions, posterior = self.model(images, generator=device_generator)
         g_loss, logs = loss_fn.generator_loss(images, reconstructions.float(), posterior, run.step, self.last_layer)
+        if run.skip(g_loss):  # the discriminator sits the step out too
+            self.opt_g.zero_grad(set_to_none=True)
+            return g_loss, {"skipped_samples": self.dataset.num_skipped}
         optimizer_step(accelerator, g_loss, self.model, self.opt_g, self.sched_g, self.cfg.max_grad_norm)
         if run.step >= self.loss_config.disc_start:
             d_loss, d_logs = loss_fn.discriminator_loss(images, reconstructions.detach().float(), run.step)

@@ -189,19 +189,35 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
                          "pass --resume to continue it, or set train.output_dir to a new folder")
 
 
-def check_finite(loss: torch.Tensor, step: int, checkpoints: Checkpoints, skip: bool) -> bool:
-    """False if the step should be skipped; raises on NaN/inf unless `skip` (never saves NaN weights).
+class NonFiniteLoss:
+    """The first NaN/inf loss of a run: noted on the device at every micro-batch, with no sync, and
+    read only when checked (logging and checkpoint steps), so it is reported at the step it appeared."""
 
-    Reading the loss syncs with the device, so callers do it only on logging steps or when asked to skip.
-    """
-    if math.isfinite(loss.item()):
-        return True
-    if skip:
-        return False
-    last = checkpoints.latest()
-    raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good checkpoint is "
-                             f"{last or 'none'} (resume from it with a lower learning rate, or set "
-                             "train.skip_nan_steps=true)")
+    def __init__(self) -> None:
+        self._step: torch.Tensor | None = None  # the first step with a NaN/inf loss; 0 while there is none
+        self._loss: torch.Tensor | None = None  # that loss
+
+    def note(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        if self._step is None or self._loss is None:
+            self._step = torch.zeros((), dtype=torch.long, device=loss.device)
+            self._loss = torch.zeros((), device=loss.device)
+        first = ~torch.isfinite(loss) & (self._step == 0)
+        self._step = torch.where(first, step, self._step)
+        self._loss = torch.where(first, loss, self._loss)
+
+    def check(self, accelerator: Accelerator, checkpoints: Checkpoints) -> None:
+        """Raise FloatingPointError at the first NaN/inf loss of any process (every process calls this)."""
+        if self._step is None or self._loss is None:
+            return
+        steps, losses = accelerator.gather(self._step[None]), accelerator.gather(self._loss[None])
+        seen = steps > 0
+        if not seen.any():
+            return
+        first = int(torch.where(seen, steps, steps.max() + 1).argmin())
+        raise FloatingPointError(f"loss is {losses[first].item()} at step {steps[first].item()}; the last good "
+                                 f"checkpoint is {checkpoints.latest() or 'none'} (resume from it with a lower "
+                                 "learning rate, or set train.skip_nan_steps=true)")
 
 
 def progress_bar(accelerator: Accelerator, cfg: TrainConfig, initial: int, desc: str) -> tqdm:
@@ -300,6 +316,11 @@ class TrainingRun:
         self.checkpoints = Checkpoints(cfg.output_dir, cfg.keep_last)
         self.step, self.samples_seen = 0, 0  # optimizer steps; samples read by this process
         self.micro_batch = 0  # micro-batches of the current optimizer step drawn so far (gradient accumulation)
+        self.nan_steps = 0  # steps of this session that skipped a NaN/inf micro-batch (train.skip_nan_steps)
+        self.stopped = False  # a stop signal ended the run, after saving a checkpoint
+        self._skipped = False  # `skip` dropped the current micro-batch
+        self._skipping = False  # the current step has skipped a micro-batch
+        self._nonfinite = NonFiniteLoss()
         if resume and (latest := self.checkpoints.latest()) is not None:
             state = self.checkpoints.load(accelerator, latest)
             self.step, self.samples_seen = state["step"], state["samples_seen"]
@@ -313,9 +334,11 @@ class TrainingRun:
         self._stop.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self._stop.__exit__()
         self._bar.close()
+        if exc_type is None and self.cfg.skip_nan_steps:
+            self.accelerator.print(f"{self.nan_steps} step(s) skipped for a NaN/inf loss (train.skip_nan_steps)")
 
     @property
     def done(self) -> bool:
@@ -334,33 +357,49 @@ class TrainingRun:
         return torch.Generator().manual_seed(2 * seed), torch.Generator(device).manual_seed(2 * seed + 1)
 
     def skip(self, loss: torch.Tensor) -> bool:
-        """True if this step's loss is NaN/inf and the config says to skip such steps."""
-        return self.cfg.skip_nan_steps and not check_finite(loss, self.step, self.checkpoints, skip=True)
+        """True if train.skip_nan_steps is set and this micro-batch's loss is NaN/inf on any process: the
+        stage then drops its gradients. Reads the loss (a device sync), so only when skipping is on."""
+        if not self.cfg.skip_nan_steps:
+            return False
+        self._skipped = sum_over_processes(self.accelerator, not math.isfinite(loss.item())) > 0
+        return self._skipped
 
-    def end_step(self, loss: torch.Tensor, logs: dict[str, float | torch.Tensor]) -> bool:
+    def watch(self, loss: torch.Tensor) -> None:
+        """Note a micro-batch's loss, after the stage's step: a NaN/inf that was not skipped ends the run at
+        the next logging or checkpoint step, reported at the step where it appeared."""
+        if self._skipped:
+            self._skipped, self._skipping = False, True
+        else:
+            self._nonfinite.note(loss, self.step + 1)
+
+    def end_step(self, loss: torch.Tensor, logs: dict[str, float | torch.Tensor]) -> None:
         """Count a finished optimizer step: log the loss (averaged over processes) and `logs`, save
-        checkpoints when due; False when a stop signal asks the run to end now (a checkpoint has
-        then been saved). Values are read (a device sync) only on logging steps."""
+        checkpoints when due, and set `stopped` when a stop signal asks the run to end now (a checkpoint
+        has then been saved). Values are read (a device sync) only on logging and checkpoint steps."""
         cfg, accelerator = self.cfg, self.accelerator
         self.step += 1
         self.micro_batch = 0
         self._bar.update(1)
+        if self._skipping:
+            self._skipping, self.nan_steps = False, self.nan_steps + 1
+            if self.nan_steps == 1 and accelerator.is_local_main_process:
+                tqdm.write(f"step {self.step}: NaN/inf loss, step skipped (train.skip_nan_steps); "
+                                "the logs count skips as skipped_nan_steps")
         last = self.done
         if self.step % cfg.log_every == 0 or last:
-            check_finite(loss, self.step, self.checkpoints, skip=False)
+            self._nonfinite.check(accelerator, self.checkpoints)
             values = {"loss": self.accelerator.gather(loss.detach()[None]).mean().item(),
                       **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}}
+            if cfg.skip_nan_steps:
+                values["skipped_nan_steps"] = self.nan_steps
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:2]})  # loss, first of logs
             accelerator.log(values, step=self.step)
-        stop = self._stop.requested(accelerator)
-        if self.step % cfg.checkpoint_every == 0 or last or stop:
-            check_finite(loss, self.step, self.checkpoints, skip=False)
+        self.stopped = self._stop.requested(accelerator)
+        if self.step % cfg.checkpoint_every == 0 or last or self.stopped:
+            self._nonfinite.check(accelerator, self.checkpoints)  # never save weights a NaN has reached
             path = self.checkpoints.save(accelerator, self.step, {"samples_seen": self.samples_seen})
-        if stop:
+        if self.stopped:
             accelerator.print(f"stopped by signal at step {self.step}; saved {path}; continue with --resume")
-            accelerator.end_training()
-            return False
-        return True
 
     def sample_due(self) -> bool:
         """Whether this process should write sample images now (main process, every sample_every)."""
