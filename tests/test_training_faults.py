@@ -72,6 +72,22 @@ def checkpoint_names(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
 
+def test_resume_applies_the_configs_learning_rate_and_schedule_and_says_so(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train(ToyStage(toy_config(run_dir, max_steps=2)))
+    capsys.readouterr()
+    train(ToyStage(toy_config(run_dir, max_steps=3, learning_rate=0.01, warmup_steps=8)), resume=True)
+    out = capsys.readouterr().out
+    assert ("resuming with the config's learning-rate schedule, not the checkpoint's: train.learning_rate 0.01 "
+            "(was 0.1), train.warmup_steps 8 (was 0)") in out
+    schedule = torch.load(run_dir / "checkpoints" / "step-000003" / "scheduler.bin", weights_only=True)
+    optimizer = torch.load(run_dir / "checkpoints" / "step-000003" / "optimizer.bin", weights_only=True)
+    assert schedule["base_lrs"] == [0.01] and schedule["last_epoch"] == 3
+    assert optimizer["param_groups"][0]["lr"] == pytest.approx(0.01 * 4 / 8)  # warmup: (step + 1) / 8
+    train(ToyStage(toy_config(run_dir, max_steps=4, learning_rate=0.01, warmup_steps=8)), resume=True)
+    assert "learning-rate schedule" not in capsys.readouterr().out  # unchanged: nothing to say
+
+
 def test_a_nan_loss_is_reported_at_the_step_it_appears(tmp_path):
     stage = ToyStage(toy_config(tmp_path / "run", max_steps=12, log_every=10, checkpoint_every=10), nan_at=(3,))
     with pytest.raises(FloatingPointError, match=r"^loss is nan at step 3; the last good checkpoint is none"):

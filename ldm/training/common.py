@@ -68,8 +68,23 @@ def save_run_config(accelerator: Accelerator, config: dict[str, Any]) -> None:
             tmp.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 0 to the base learning rate over `warmup_steps`, then constant or cosine decay."""
+class ConfigSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """A LambdaLR that keeps its own base learning rates when it loads a checkpoint: a resumed run takes
+    the step count from the checkpoint and the learning rate at that step from its config, as a new run
+    with that config would. (accelerate loads the optimizers, which carry the old rates, before this.)"""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        base_lrs = self.base_lrs
+        super().load_state_dict(state_dict)
+        self.base_lrs = base_lrs
+        for group, base_lr, factor in zip(self.optimizer.param_groups, base_lrs, self.lr_lambdas, strict=True):
+            group["initial_lr"], group["lr"] = base_lr, base_lr * factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> ConfigSchedule:
+    """Linear warmup from 0 to the base learning rate over `warmup_steps`, then constant or cosine decay;
+    the config's also when resuming (`ConfigSchedule`)."""
     warmup, total = max(1, cfg.warmup_steps), max(cfg.max_steps, cfg.warmup_steps + 1)
 
     def factor(step: int) -> float:
@@ -77,7 +92,19 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.op
             return min(1.0, (step + 1) / warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return ConfigSchedule(optimizer, factor)
+
+
+def schedule_changes(cfg: TrainConfig) -> list[str]:
+    """The learning-rate settings in which `cfg` differs from those of the run in `cfg.output_dir`, read
+    from its config.yaml (written by the session that wrote its checkpoints), as `train.KEY NEW (was OLD)`."""
+    try:
+        previous = yaml.safe_load((Path(cfg.output_dir) / "config.yaml").read_text())["train"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return []  # nothing readable to compare with
+    keys = ("learning_rate", "lr_schedule", "warmup_steps") + (("max_steps",) if cfg.lr_schedule == "cosine" else ())
+    was = {key: previous.get(key, getattr(TrainConfig, key)) for key in keys} if isinstance(previous, dict) else {}
+    return [f"train.{key} {getattr(cfg, key)} (was {was[key]})" for key in was if was[key] != getattr(cfg, key)]
 
 
 class EMA:
@@ -325,6 +352,9 @@ class TrainingRun:
             state = self.checkpoints.load(accelerator, latest)
             self.step, self.samples_seen = state["step"], state["samples_seen"]
             accelerator.print(f"resumed from {latest} at step {self.step}")
+            if changes := schedule_changes(cfg):
+                accelerator.print("resuming with the config's learning-rate schedule, not the checkpoint's: "
+                                  + ", ".join(changes))
             self.checkpoints.remove_unfinished(accelerator)
         self._stop = StopSignal()
 
