@@ -226,6 +226,22 @@ def test_an_existing_run_needs_resume(files, capsys):
     assert "already holds a run (latest checkpoint step-000002); pass --resume" in message
 
 
+@pytest.mark.parametrize(("env", "phrase"), [
+    # torchrun (or accelerate launch --multi_gpu) on a machine without GPUs, without ACCELERATE_USE_CPU
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "the launcher started 2 processes but accelerate set up 1"),
+    # accelerate launch --num_processes 2 without --multi_gpu: its simple launcher starts one process
+    ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "ACCELERATE_MIXED_PRECISION": "no"},
+     "accelerate launch started 1 process although --num_processes"),
+])
+def test_a_launch_that_accelerate_does_not_join_is_refused(env, phrase, files, capsys, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)  # with it, WORLD_SIZE=2 would wait for a second process
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = files["tmp"] / "config.yaml"
+    config.write_text(yaml.safe_dump(resolve(CONFIGS["clip"], files)))
+    assert phrase in fails_cleanly(train_clip.main, ["--config", str(config)], files["tmp"], capsys)
+
+
 SCRIPT_CASES = [
     ("evaluate", [], "the following arguments are required: --ckpt"),
     ("evaluate", ["--ckpt", "@tmp/absent.safetensors"], "checkpoint not found"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -56,8 +57,31 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_config=project,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               step_scheduler_with_optimizer=False)
+    check_launch(accelerator)
     set_seed(cfg.seed, device_specific=True)
     return accelerator
+
+
+# Where launchers put the number of processes they started: torchrun and accelerate's multi-GPU launcher,
+# then the MPI implementations that accelerate reads.
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Refuse processes that accelerate did not join into one run: each would train alone, on the same
+    samples, racing its copies on one output folder."""
+    launched = next((int(os.environ[name]) for name in WORLD_SIZE_VARIABLES if name in os.environ), 1)
+    if launched != accelerator.num_processes:
+        raise InputError(f"the launcher started {launched} processes but accelerate set up "
+                         f"{accelerator.num_processes} (distributed type {accelerator.distributed_type.value}), "
+                         "so each would train alone on the same samples and output folder; without GPUs, set "
+                         "ACCELERATE_USE_CPU=true to train them together on the CPU")
+    # accelerate launch's simple launcher sets MASTER_ADDR only for --num_processes or --num_machines > 1,
+    # and still starts one process (several only with --multi_gpu, or through mpirun).
+    if launched == 1 and "MASTER_ADDR" in os.environ and "ACCELERATE_MIXED_PRECISION" in os.environ:
+        raise InputError("accelerate launch started 1 process although --num_processes (or --num_machines) asks "
+                         "for more: add --multi_gpu, which starts them on a CPU too with ACCELERATE_USE_CPU=true "
+                         "(README, Training), or leave out --num_processes")
 
 
 def save_run_config(accelerator: Accelerator, config: dict[str, Any]) -> None:
