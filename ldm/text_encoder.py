@@ -22,7 +22,7 @@ import torch
 from open_clip.transformer import QuickGELU, TextTransformer
 from torch import Tensor, nn
 
-from ldm.errors import InputError
+from ldm.errors import InputError, excerpt
 
 # The CLIP BPE tokenizer's ids run up to its end-of-text token, 49407.
 _CLIP_VOCAB_SIZE = 49408
@@ -143,7 +143,7 @@ class TextEncoder(TextTransformer):
                 dropped = ids[num_fit:]
                 warnings.warn(
                     f"prompt {i} has {len(ids)} tokens but only {num_fit} fit: cut "
-                    f"{len(dropped)} tokens: {tok.decode(dropped).strip()!r}",
+                    f"{len(dropped)} tokens: {excerpt(tok.decode(dropped).strip())}",
                     stacklevel=2,
                 )
                 ids = ids[:num_fit]

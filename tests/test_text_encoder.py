@@ -87,6 +87,13 @@ def test_padding_follows_each_family():
     assert sd1_tokens[2, :2].tolist() == [SOT, EOT]
 
 
+def test_a_10000_character_caption_warns_in_a_short_line():
+    with pytest.warns(UserWarning) as record:
+        TextEncoder(tiny()).tokenize(["a red circle " * 770])
+    message = str(record[0].message)
+    assert len(message) < 200 and message.endswith("characters)"), message
+
+
 def test_long_prompt_warns_with_the_cut_text_and_keeps_eot_last():
     encoder = _meta_encoder(sd1())
     cut = "purple triangle orange square"
