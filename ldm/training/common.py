@@ -368,6 +368,7 @@ class TrainingRun:
         self.step, self.samples_seen = 0, 0  # optimizer steps; samples read by this process
         self.micro_batch = 0  # micro-batches of the current optimizer step drawn so far (gradient accumulation)
         self.nan_steps = 0  # steps of this session that skipped a NaN/inf micro-batch (train.skip_nan_steps)
+        self.skipped_samples = 0  # corrupt samples this process skipped in this session, from the stage's logs
         self.stopped = False  # a stop signal ended the run, after saving a checkpoint
         self._skipped = False  # `skip` dropped the current micro-batch
         self._skipping = False  # the current step has skipped a micro-batch
@@ -391,8 +392,11 @@ class TrainingRun:
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self._stop.__exit__()
         self._bar.close()
-        if exc_type is None and self.cfg.skip_nan_steps:
-            self.accelerator.print(f"{self.nan_steps} step(s) skipped for a NaN/inf loss (train.skip_nan_steps)")
+        if exc_type is None:  # what the run skipped, over all processes (a collective)
+            if self.cfg.skip_nan_steps:
+                self.accelerator.print(f"{self.nan_steps} step(s) skipped for a NaN/inf loss (train.skip_nan_steps)")
+            if skipped := sum_over_processes(self.accelerator, self.skipped_samples):
+                self.accelerator.print(f"{skipped} corrupt sample(s) or shard read(s) skipped; the warnings say why")
 
     @property
     def done(self) -> bool:
@@ -439,6 +443,7 @@ class TrainingRun:
             if self.nan_steps == 1 and accelerator.is_local_main_process:
                 tqdm.write(f"step {self.step}: NaN/inf loss, step skipped (train.skip_nan_steps); "
                                 "the logs count skips as skipped_nan_steps")
+        self.skipped_samples = int(logs.get("skipped_samples", 0))
         last = self.done
         if self.step % cfg.log_every == 0 or last:
             self._nonfinite.check(accelerator, self.checkpoints)

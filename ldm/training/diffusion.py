@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ldm.autoencoder import AutoencoderKL
-from ldm.data.loader import make_loader
+from ldm.data.loader import Batches, make_loader
 from ldm.errors import InputError
 from ldm.generate import save_grid
 from ldm.pipeline import Pipeline
@@ -192,7 +192,7 @@ class DiffusionStage(Stage):
         dcfg, accelerator = self.dcfg, self.accelerator
         start = 0 if dcfg.precompute_latents > 0 else run.samples_seen
         self.dataset = build_dataset(self.data, accelerator, start, seed=self.cfg.seed + run.step)
-        self.batches = iter(make_loader(self.dataset, self.cfg.batch_size, self.cfg.num_workers))
+        self.batches = Batches(make_loader(self.dataset, self.cfg.batch_size, self.cfg.num_workers), self.dataset)
         self.cache = LatentCache(self.autoencoder, self.text_encoder, self.batches, dcfg.precompute_latents,
                                  accelerator.device, accelerator.is_local_main_process) if dcfg.precompute_latents \
             else None
