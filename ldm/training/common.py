@@ -294,7 +294,8 @@ def build_dataset(data: DataConfig, accelerator: Accelerator, samples_seen: int 
     """The `data:` section -> an iterable dataset of {"images", "captions"}, split across processes.
 
     `dataset: shapes-v1` streams the built-in set from where `samples_seen` (per process) left it;
-    `webdataset` reads the shards of `urls`, whose position is not resumable beyond the seed.
+    `webdataset` reads the shards of `urls` from their start, in the order and shuffle that `seed` draws:
+    a stream's position is not restored, so resuming stages pass a seed that varies with the step.
     """
     if data.dataset == "shapes-v1":
         return shapes_dataset(data.split, size=data.size, rank=accelerator.process_index,
