@@ -443,7 +443,7 @@ class TrainingRun:
             self._skipping, self.nan_steps = False, self.nan_steps + 1
             if self.nan_steps == 1 and accelerator.is_local_main_process:
                 tqdm.write(f"step {self.step}: NaN/inf loss, step skipped (train.skip_nan_steps); "
-                                "the logs count skips as skipped_nan_steps")
+                           "the logs count skips as skipped_nan_steps")
         self.skipped_samples = int(logs.get("skipped_samples", 0))
         last = self.done
         if self.step % cfg.log_every == 0 or last:
