@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.errors import InputError
-from ldm.files import atomic_write
+from ldm.files import atomic_write, check_output_folder
 from ldm.settings import FIELDS, GenerationSettings, from_text
 
 # The checkpoint txt2img uses when no --ckpt is given (shipped inside the package).
@@ -20,12 +20,15 @@ BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "shapes-v1.safetensors"
 
 
 def prepare_outdir(outdir: str | Path) -> Path:
-    """Create `outdir` if needed and check that files can be written there, before any slow work."""
+    """Check that files can be written to `outdir`, before any slow work; it is created by the first
+    `save_png`, so a run that fails leaves no empty folder behind."""
     outdir = Path(outdir)
     try:
-        outdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=outdir, prefix=".write-check-"):
-            pass
+        if outdir.is_dir():
+            with tempfile.NamedTemporaryFile(dir=outdir, prefix=".write-check-"):
+                pass
+        else:
+            check_output_folder(outdir, "--outdir")
     except OSError as e:
         raise InputError(f"cannot write to output folder {outdir}: {e.strerror or e} "
                          "(pass a writable --outdir)") from None
@@ -48,8 +51,10 @@ def save_png(image: Image.Image, outdir: Path, metadata: dict[str, object], pref
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, str(value))
+    outdir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=outdir, prefix=".tmp-", suffix=".png")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private; images follow the umask
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
         index = next_index(outdir, prefix)
@@ -62,6 +67,12 @@ def save_png(image: Image.Image, outdir: Path, metadata: dict[str, object], pref
                 index += 1
     finally:
         os.unlink(tmp)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def image_text(settings: GenerationSettings, index: int, image: Image.Image, model: str,

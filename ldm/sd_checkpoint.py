@@ -62,6 +62,8 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelSpec:
+        if d["parameterization"] not in ("eps", "v"):
+            raise ValueError(f"parameterization {d['parameterization']!r} is not 'eps' or 'v'")
         return cls(family=d["family"], unet=UNetConfig.from_dict(d["unet"]),
                    autoencoder=AutoencoderConfig.from_dict(d["autoencoder"]),
                    text_encoder=TextEncoderConfig(**config_kwargs(TextEncoderConfig, d["text_encoder"])),
@@ -118,7 +120,11 @@ def detect_spec(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | 
     if config is not None:
         spec = ModelSpec(**spec_from_yaml(config))
     elif CONFIG_METADATA_KEY in metadata:
-        spec = ModelSpec.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        try:
+            spec = ModelSpec.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"the file's {CONFIG_METADATA_KEY} metadata is not a model config ({type(e).__name__}: "
+                             f"{str(e)[:120]}); pass a checkpoint written by this project, or --config YAML") from None
     else:
         return _detect_sd_family(state_dict, metadata, prediction)
     spec.parameterization = prediction or spec.parameterization
