@@ -22,6 +22,7 @@ original weights bit for bit, and a new set of adapters is always merged onto th
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -51,34 +52,41 @@ _UNSUPPORTED = ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2")
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 
 
-def layer_delta(tensors: Mapping[str, Tensor], shape: torch.Size) -> Tensor:
-    """The change of one weight of `shape`, in float32, from its adapter tensors (by `_SUFFIXES` name);
-    before DoRA and the user's weight."""
+def _rank(t: Mapping[str, Tensor]) -> int | None:
+    """The rank alpha is divided by; None for a LoKr stored whole, whose alpha is not used."""
+    if "down" in t:
+        return t["down"].shape[0]
+    if "hada_w1_b" in t:
+        return t["hada_w1_b"].shape[0]
+    factor = t.get("lokr_w1_b", t.get("lokr_w2_b"))
+    return None if factor is None else factor.shape[0]
+
+
+def layer_delta(tensors: Mapping[str, Tensor], shape: torch.Size, strength: float = 1.0) -> Tensor:
+    """The change (float32) of one weight of `shape` at `strength`, from its adapter tensors (by `_SUFFIXES`
+    name), before DoRA. The scale goes into a small factor, so the full-size product is the only full-size
+    work."""
     t = {name: value.float() for name, value in tensors.items()}
-    out_features = shape[0]
+    rank, scale = _rank(t), strength
+    if "alpha" in t and rank is not None:
+        scale *= t["alpha"].item() / rank
     if "up" in t:
-        rank = t["down"].shape[0]
-        delta = t["up"].reshape(out_features, rank) @ t["down"].reshape(rank, -1)
+        delta = (t["up"].reshape(shape[0], rank) * scale) @ t["down"].reshape(rank, -1)
     elif "hada_w1_a" in t:
-        rank = t["hada_w1_b"].shape[0]
-        delta = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
+        delta = ((t["hada_w1_a"] * scale) @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
     elif "lokr_w1" in t or "lokr_w1_a" in t:
         w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
         w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
-        factor = t.get("lokr_w1_b", t.get("lokr_w2_b"))
-        rank = None if factor is None else factor.shape[0]  # both stored whole: alpha is not used
         w2 = w2.reshape(w2.shape[0], shape[1] // w1.shape[1], *shape[2:])
-        delta = torch.kron(w1.reshape(*w1.shape, *[1] * (len(shape) - 2)), w2)
+        delta = torch.kron(scale * w1.reshape(*w1.shape, *[1] * (len(shape) - 2)), w2)
     else:
         raise KeyError(f"no adapter tensors among {sorted(t)}")
-    if "alpha" in t and rank is not None:
-        delta = delta * (t["alpha"].item() / rank)
     return delta.reshape(shape)
 
 
 def merged_weight(weight: Tensor, tensors: Mapping[str, Tensor], strength: float) -> Tensor:
     """`weight` (float32) with the adapter of `tensors` merged at `strength`."""
-    merged = weight + strength * layer_delta(tensors, weight.shape)
+    merged = weight + layer_delta(tensors, weight.shape, strength)
     if "dora_scale" not in tensors:
         return merged
     magnitude = tensors["dora_scale"].float()
@@ -89,21 +97,21 @@ def merged_weight(weight: Tensor, tensors: Mapping[str, Tensor], strength: float
     return merged * (strength * (scale - 1) + 1)  # LyCORIS' reading of a strength other than 1
 
 
-@dataclass
+@dataclass(eq=False)  # one per file read: compared by identity
 class Adapter:
     """An adapter file matched to a model: the layers it changes and their tensors."""
 
     path: Path
     changes: list[tuple[Layer, dict[str, Tensor]]]
-    sha256: str
 
     @property
     def name(self) -> str:
         return self.path.stem
 
-    @property
+    @functools.cached_property
     def short_hash(self) -> str:
-        return self.sha256[:12]
+        """The first 12 hex digits of the file's sha256 (read when first asked: the PNG text needs it)."""
+        return sha256_file(self.path)[:12]
 
 
 def read_adapter(path: str | Path, layers: Mapping[str, Mapping[str, Layer]],
@@ -145,7 +153,7 @@ def read_adapter(path: str | Path, layers: Mapping[str, Mapping[str, Layer]],
     if ignored:
         warnings.warn(f"{path.name}: used {len(changes)} of {len(groups)} layers; ignored {len(ignored)} that this "
                       f"model lacks or that have another shape (first: {ignored[0]})", stacklevel=2)
-    return Adapter(path, changes, sha256_file(path))
+    return Adapter(path, changes)
 
 
 def _fits(group: dict[str, Tensor], layer: Layer, weights: Mapping[str, Mapping[str, Tensor]]) -> bool:
@@ -190,8 +198,9 @@ class MergedAdapters:
 
     def set(self, adapters: Sequence[tuple[Adapter, float]]) -> None:
         """Merge exactly `adapters` (each at its strength) onto the original weights."""
-        if [(a.path, a.sha256, s) for a, s in adapters] == [(a.path, a.sha256, s) for a, s in self.active]:
-            return
+        if len(adapters) == len(self.active) and all(
+                a is b and s == t for (a, s), (b, t) in zip(adapters, self.active, strict=True)):
+            return  # the same files, read once (a changed file is a new Adapter), at the same strengths
         self.clear()
         with torch.no_grad():
             for adapter, strength in adapters:
@@ -200,7 +209,10 @@ class MergedAdapters:
                     self._originals.setdefault((layer.component, layer.weight), weight.detach().clone())
                     part = weight if layer.rows is None else weight[layer.rows]
                     tensors = {k: v.to(weight.device) for k, v in tensors.items()}
-                    part.copy_(merged_weight(part.float(), tensors, strength).to(weight.dtype))
+                    if "dora_scale" in tensors or part.dtype != torch.float32:
+                        part.copy_(merged_weight(part.float(), tensors, strength).to(weight.dtype))
+                    else:
+                        part.add_(layer_delta(tensors, part.shape, strength))
         self.active = list(adapters)
 
     def clear(self) -> None:
