@@ -10,3 +10,11 @@ class InputError(ValueError):
 def with_article(noun: str) -> str:
     """`noun` after "a" or "an", for messages that name a stage: "an autoencoder", "a text_encoder"."""
     return f"{'an' if noun.startswith(tuple('aeiou')) else 'a'} {noun}"
+
+
+def excerpt(text: str, limit: int = 60) -> str:
+    """`text` quoted, its start only when it is longer than `limit` characters: a message that quotes a
+    caption or prompt stays one short line."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

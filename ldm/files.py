@@ -32,6 +32,23 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB blocks once per file version (a checkpoint of
+    several GB takes seconds; A1111 names checkpoints by the first 10 digits, the "Model hash")."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _sha256(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_json(path: str | Path, data: object) -> None:
     """`data` as indented JSON, atomically."""
     with atomic_write(path) as tmp:
@@ -51,19 +68,3 @@ def check_output_folder(path: str | Path, name: str) -> Path:
         raise InputError(f"{name}: cannot write to output folder {path}: no write permission on {existing}")
     return path
 
-
-@functools.cache
-def _sha256(path: Path, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file as hex, computed once per file version (A1111 names checkpoints by its first
-    10 digits, the "Model hash"; a checkpoint of several GB takes seconds)."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    return _sha256(path, stat.st_size, stat.st_mtime_ns)

@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.errors import InputError
-from ldm.files import atomic_write
+from ldm.files import atomic_write, check_output_folder
 from ldm.infotext import format_infotext, read_infotext
 from ldm.settings import FIELDS, GenerationSettings, from_text
 
@@ -22,12 +22,15 @@ BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "shapes-v1.safetensors"
 
 
 def prepare_outdir(outdir: str | Path) -> Path:
-    """Create `outdir` if needed and check that files can be written there, before any slow work."""
+    """Check that files can be written to `outdir`, before any slow work; it is created by the first
+    `save_png`, so a run that fails leaves no empty folder behind."""
     outdir = Path(outdir)
     try:
-        outdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=outdir, prefix=".write-check-"):
-            pass
+        if outdir.is_dir():
+            with tempfile.NamedTemporaryFile(dir=outdir, prefix=".write-check-"):
+                pass
+        else:
+            check_output_folder(outdir, "--outdir")
     except OSError as e:
         raise InputError(f"cannot write to output folder {outdir}: {e.strerror or e} "
                          "(pass a writable --outdir)") from None
@@ -50,8 +53,10 @@ def save_png(image: Image.Image, outdir: Path, metadata: dict[str, object], pref
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, str(value))
+    outdir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=outdir, prefix=".tmp-", suffix=".png")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private; images follow the umask
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
         index = next_index(outdir, prefix)
@@ -66,13 +71,22 @@ def save_png(image: Image.Image, outdir: Path, metadata: dict[str, object], pref
         os.unlink(tmp)
 
 
-def image_text(settings: GenerationSettings, index: int, image: Image.Image, model: str, model_file: str,
-               model_hash: str, extra: Mapping[str, object] | None = None) -> dict[str, str]:
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def image_text(settings: GenerationSettings, index: int, image: Image.Image, model: str,
+               model_file: str, model_text: dict[str, str] | None = None, model_hash: str = "",
+               extra: Mapping[str, object] | None = None) -> dict[str, str]:
     """The PNG text of image `index` of a batch made with `settings`: its settings, its size and the model
-    (`model_hash`: the start of the checkpoint's sha256), and the same as A1111 infotext (`parameters`,
-    with the `extra` pairs)."""
+    (`model_text`: what changed its weights, e.g. `Pipeline.model_text()`'s LoRA hashes), and the same as
+    A1111 infotext (`parameters`, with `model_hash`, the start of the checkpoint's sha256, and `extra` pairs)."""
+    model_text = model_text or {}
+    extra = {"Lora hashes": model_text.get("lora_hashes"), "TI hashes": model_text.get("embeddings"), **(extra or {})}
     return {**settings.to_text(index), "height": str(image.height), "width": str(image.width), "model": model,
-            "model_file": model_file, "batch_index": str(index),
+            "model_file": model_file, **model_text, "batch_index": str(index),
             "parameters": format_infotext(settings, index, image.width, image.height, model, model_hash, extra)}
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm.errors import InputError
-from ldm.files import file_sha256
+from ldm.files import sha256_file
 from ldm.samplers import SAMPLERS, get_sampler
 from ldm.settings import GenerationSettings
 
@@ -80,7 +80,7 @@ def parse_sampler(name: str, scheduler: str | None = None) -> tuple[str, bool | 
 
 def model_hash(checkpoint: str | Path) -> str:
     """A1111's "Model hash" of a checkpoint file: the first 10 hex digits of its sha256."""
-    return file_sha256(checkpoint)[:10]
+    return sha256_file(checkpoint)[:10]
 
 
 def quote(value: object) -> str:
@@ -101,7 +101,8 @@ def format_infotext(settings: GenerationSettings, index: int, width: int, height
         "Model": model or None, "Batch size": s.batch_size if batched else None,
         "Batch pos": index if batched else None,
         "Denoising strength": s.strength if s.init_img is not None else None,
-        "Eta DDIM": s.eta or None, "Guidance rescale": s.guidance_rescale or None, **(extra or {}),
+        "Clip skip": s.clip_skip, "Eta DDIM": s.eta or None, "Guidance rescale": s.guidance_rescale or None,
+        **(extra or {}),
     }
     pairs = ", ".join(f"{key}: {quote(value)}" for key, value in params.items() if value is not None)
     negative = f"\nNegative prompt: {s.negative_prompt}" if s.negative_prompt else ""
@@ -148,7 +149,7 @@ def read_infotext(text: str) -> tuple[dict[str, Any], dict[str, str]]:
         for key, name, convert in (("Steps", "steps", int), ("Seed", "seed", int), ("CFG scale", "scale", float),
                                    ("Size-1", "width", int), ("Size-2", "height", int),
                                    ("Batch size", "batch_size", int), ("Denoising strength", "strength", float),
-                                   ("Guidance rescale", "guidance_rescale", float)):
+                                   ("Guidance rescale", "guidance_rescale", float), ("Clip skip", "clip_skip", int)):
             if key in fields:
                 values[name] = convert(fields[key])
         if "Eta DDIM" in fields and get_sampler(sampler).takes_eta:

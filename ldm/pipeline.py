@@ -3,6 +3,7 @@ classifier-free guidance."""
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,15 +14,19 @@ from PIL import Image
 
 from ldm.attention import DEFAULT_SLICE_SIZE, set_attention_backend
 from ldm.autoencoder import AutoencoderKL
+from ldm.embeddings import read_embeddings
 from ldm.errors import InputError
+from ldm.files import sha256_file
 from ldm.guidance import ClassifierFreeGuidance
 from ldm.images import load_image, to_pil
 from ldm.img2img import InpaintingUNet, LatentBlend, UNet, latent_masks, masked_images, start_step
+from ldm.layer_names import text_encoder_layers, unet_layers
+from ldm.lora import Adapter, MergedAdapters, find_adapter, parse_lora_spec, read_adapter, split_lora_tags
 from ldm.prompts import encode_prompts
 from ldm.samplers import sample
 from ldm.sampling import FROM_NOISE, StartPoint, StepCallback, randn
 from ldm.schedule import NoiseSchedule
-from ldm.sd_checkpoint import ModelSpec, detect_spec, split_state_dict, write_checkpoint
+from ldm.sd_checkpoint import ModelSpec, autoencoder_file, detect_spec, ema_unet, split_state_dict, write_checkpoint
 from ldm.settings import FIELDS, GenerationSettings
 from ldm.text_encoder import TextEncoder
 from ldm.tiling import tiled_decode, tiled_encode
@@ -75,7 +80,16 @@ class Pipeline:
         self.schedule = NoiseSchedule(**spec.schedule)
         self.name = name or spec.family
         self.tiling: tuple[int, int] | None = None  # (tile size, overlap) in latent pixels; None = whole images
-        # (prompts, negative prompts, guided) -> contexts, most recently used last; None = no cache
+        self.lora_dir: Path | None = None  # where <lora:NAME> tags in prompts are looked up
+        self.adapters = MergedAdapters({"unet": self.unet, "text_encoder": self.text_encoder})
+        self._loras: list[tuple[Adapter, float]] = []  # from load_lora; prompts and settings add theirs
+        self._adapter_files: dict[tuple[Path, int, int], Adapter] = {}
+        self.weights_text: dict[str, str] = {}  # which weights of the file were replaced, for the PNG text
+        self.embedding_files: dict[str, Path] = {}  # textual-inversion trigger word -> its file
+        self._used_embeddings: list[str] = []  # the trigger words of the last batch
+        self._compiled = False
+        self._traced = False  # compiled and run: the weights are constants of the compiled graph
+        # what decides a context (see encode_context) -> contexts, most recently used last; None = no cache
         self.context_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self.context_cache_size = 0
 
@@ -86,18 +100,33 @@ class Pipeline:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: str | Path | None = None, prediction: str | None = None,
-                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Pipeline:
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        vae: str | Path | None = None, use_ema: bool = False) -> Pipeline:
         """Load an original SD 1.x/2.x checkpoint or one of ours; `config` is an optional SD inference YAML,
-        `prediction` ("eps" or "v") overrides what the checkpoint implies."""
+        `prediction` ("eps" or "v") overrides what the checkpoint implies. `vae`: a VAE file that replaces
+        the checkpoint's autoencoder (its latent scale factor stays the checkpoint's); `use_ema`: the U-Net's
+        EMA weights, which full SD training checkpoints carry beside the raw ones."""
         state_dict, metadata = read_checkpoint(path)
         spec = detect_spec(state_dict, metadata, prediction, config)
         parts = split_state_dict(state_dict)
+        ema = ema_unet(state_dict, parts["unet"])
+        if use_ema and ema is None:
+            raise InputError(f"{path} has no EMA weights (model_ema.*); leave out --use_ema")
+        if ema is not None and not use_ema:
+            warnings.warn(f"{Path(path).name} also holds EMA weights of the U-Net; --use_ema (use_ema=True) "
+                          "generates with them", stacklevel=2)
+        parts["unet"] = ema if use_ema else parts["unet"]
+        if vae is not None:
+            parts["autoencoder"] = autoencoder_file(read_checkpoint(vae)[0], vae)
+        del state_dict, ema
         with torch.device("meta"):  # no random init: every weight comes from the file
             modules = UNetModel(spec.unet), TextEncoder(spec.text_encoder), AutoencoderKL(spec.autoencoder)
         pipe = cls(spec, *modules, name=Path(path).stem)
+        pipe.weights_text = {**({"vae": Path(vae).name} if vae is not None else {}),
+                             **({"use_ema": "True"} if use_ema else {})}
         for part, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder),
                              ("autoencoder", pipe.autoencoder)):
-            load_strict(module, parts[part], part, path)
+            load_strict(module, parts[part], part, vae if part == "autoencoder" and vae is not None else path)
         return pipe.to(device, dtype)
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -143,24 +172,96 @@ class Pipeline:
         """torch.compile the U-Net in place for sampling (`compile_for_inference`); the first call per
         shape is slow. Compile after loading the weights: later changes to them are not seen."""
         compile_for_inference(self.unet)
+        self._compiled = True
         return self
+
+    def read_lora(self, path: str | Path) -> Adapter:
+        """A LoRA / LyCORIS file matched to this model's layers; read once while the file is unchanged."""
+        path = Path(path)
+        stat = path.stat() if path.is_file() else None
+        key = (path.resolve(), stat.st_mtime_ns, stat.st_size) if stat else None
+        if key not in self._adapter_files:
+            layers = {"unet": unet_layers(self.unet), "text_encoder": text_encoder_layers(self.text_encoder)}
+            weights = {"unet": self.unet.state_dict(), "text_encoder": self.text_encoder.state_dict()}
+            self._adapter_files[key] = read_adapter(path, layers, weights, self.spec.family)
+        return self._adapter_files[key]
+
+    def load_lora(self, loras: str | Path | Sequence[str | Path | tuple[str | Path, float]],
+                  weight: float = 1.0) -> Pipeline:
+        """Merge LoRA / LyCORIS files into the weights: one file at `weight`, or a list of files or
+        (file, weight) pairs. Replaces what an earlier call loaded; LoRAs that prompts name
+        (`<lora:NAME:WEIGHT>`) or settings list are merged on top of these for their images."""
+        loras = [loras] if isinstance(loras, (str, Path)) else list(loras)
+        pairs = [item if isinstance(item, tuple) else (item, weight) for item in loras]
+        self._loras = [(self.read_lora(path), float(w)) for path, w in pairs]
+        self._merge(self._loras)
+        return self
+
+    def unload_lora(self) -> Pipeline:
+        """Take every merged LoRA out: the weights are the checkpoint's again, bit for bit."""
+        self._loras = []
+        self._merge([])
+        return self
+
+    def _merge(self, adapters: list[tuple[Adapter, float]]) -> None:
+        if self._traced and [(a.path, w) for a, w in adapters] != [(a.path, w) for a, w in self.adapters.active]:
+            raise InputError("the compiled U-Net keeps the weights of its first image: load LoRAs before "
+                             "generating with --compile, and keep them the same")
+        self.adapters.set(adapters)
+        # Files read stay cached while in use, so a batch after a batch does not read them again.
+        self._adapter_files = {k: a for k, a in self._adapter_files.items() if any(a is b for b, _ in adapters)}
+
+    def _batch_loras(self, settings: GenerationSettings) -> tuple[list[str], list[tuple[Adapter, float]]]:
+        """The prompts with their <lora:...> tags removed, and every LoRA the batch uses: `load_lora`'s,
+        the settings', the tags' (the same tags in every prompt of a batch)."""
+        stripped = [split_lora_tags(prompt) for prompt in settings.prompts()]
+        tags = stripped[0][1]
+        if any(other != tags for _, other in stripped):
+            raise InputError("the prompts of one batch name different <lora:...> tags; generate them in separate "
+                             "batches")
+        adapters = [*self._loras, *((self.read_lora(path), w) for path, w in map(parse_lora_spec, settings.lora)),
+                    *((self.read_lora(find_adapter(name, self.lora_dir)), w) for name, w in tags)]
+        return [prompt for prompt, _ in stripped], adapters
+
+    def load_embeddings(self, folder: str | Path) -> Pipeline:
+        """Textual-inversion files under `folder` (`ldm.embeddings`), each triggered by its file name in a
+        prompt; replaces earlier ones. Files made for another text encoder are skipped with a warning."""
+        found = read_embeddings(Path(folder), self.text_encoder.config.width)
+        self.text_encoder.set_embeddings({word: vectors for word, (vectors, _) in found.items()})
+        self.embedding_files = {word: path for word, (_, path) in found.items()}
+        return self
+
+    def model_text(self) -> dict[str, str]:
+        """What, beyond the checkpoint, changed the last images: replaced weights, LoRAs and the embeddings
+        their prompts used (names and short sha256), for their PNG text."""
+        text = dict(self.weights_text)
+        if self.adapters.active:
+            text["lora_hashes"] = ", ".join(f"{a.name}: {a.short_hash}" for a, _ in self.adapters.active)
+        if self._used_embeddings:
+            text["embeddings"] = ", ".join(f"{word}: {sha256_file(self.embedding_files[word])[:12]}"
+                                           for word in self._used_embeddings)
+        return text
 
     def enable_context_cache(self, size: int = 32) -> Pipeline:
         """Keep the contexts of the last `size` distinct prompt lists, so that a repeated prompt is not
-        encoded again (a server's repeated requests). The text encoder must not change while it is on."""
+        encoded again (a server's repeated requests). LoRAs and embeddings are part of the key; other
+        changes to the text encoder's weights must not happen while it is on."""
         self.context_cache, self.context_cache_size = OrderedDict(), size
         return self
 
-    def encode_context(self, prompts: Sequence[str], negative_prompts: Sequence[str],
-                       guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_context(self, prompts: Sequence[str], negative_prompts: Sequence[str], guidance_scale: float,
+                       clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cross-attention context (B, N, D) of `prompts` and, unless `guidance_scale` is 1 (no guidance),
         the unconditional context of `negative_prompts` (one per prompt), in the pipeline's dtype."""
-        key = (tuple(prompts), tuple(negative_prompts), guidance_scale != 1)
+        # What else decides the text encoder's output: its merged LoRAs and its embeddings.
+        key = (tuple(prompts), tuple(negative_prompts), guidance_scale != 1, clip_skip,
+               tuple((adapter.path, weight) for adapter, weight in self.adapters.active),
+               tuple(self.embedding_files.items()))
         if self.context_cache is not None and key in self.context_cache:
             self.context_cache.move_to_end(key)
             return self.context_cache[key]
         context, uncond_context = encode_prompts(self.text_encoder, list(prompts),
-                                                 list(negative_prompts) if guidance_scale != 1 else None)
+                                                 list(negative_prompts) if guidance_scale != 1 else None, clip_skip)
         contexts = context.to(self.dtype), None if uncond_context is None else uncond_context.to(self.dtype)
         if self.context_cache is not None:
             self.context_cache[key] = contexts
@@ -235,8 +336,14 @@ class Pipeline:
             raise InputError(f"{self.name} is an inpainting model: pass an init image and a mask")
         height, width = self._size(settings, init_images)
 
-        # 1. Prompts -> context; the negative (by default empty) prompt is the unconditional context.
-        context, uncond_context = self.encode_context(settings.prompts(), settings.negative_prompts(), settings.scale)
+        # 1. Prompts -> context; the negative (by default empty) prompt is the unconditional context. The
+        #    batch's LoRAs are merged into the weights first.
+        prompts, adapters = self._batch_loras(settings)
+        self._merge(adapters)
+        used = set().union(*map(self.text_encoder.trigger_words, [*prompts, *settings.negative_prompts()]))
+        self._used_embeddings = [word for word in self.embedding_files if word in used]
+        context, uncond_context = self.encode_context(prompts, settings.negative_prompts(), settings.scale,
+                                                      settings.clip_skip)
         # 2. Initial noise in float32 from one CPU generator per image, which then also draws
         #    that image's sampler noise (eta > 0): image k is reproducible alone, on any device.
         factor = self.autoencoder.config.downsampling_factor
@@ -259,6 +366,7 @@ class Pipeline:
                    karras=settings.karras, stiffness=denoiser.stiffness, generator=generators,
                    parameterization=self.spec.parameterization, progress=progress, start=start,
                    callback=callback)
+        self._traced = self._compiled
         if blend is not None:
             z = blend(z)
         if output_type == "latent":

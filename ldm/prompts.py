@@ -79,7 +79,7 @@ def tokenize_weighted(text_encoder: TextEncoder, prompt: str) -> tuple[list[int]
     ids: list[int] = []
     weights: list[float] = []
     for text, weight in parse_weights(prompt):
-        piece = text_encoder.tokenizer.encode(text)
+        piece = text_encoder.encode_text(text)
         ids += piece
         weights += [weight] * len(piece)
     return ids, weights
@@ -100,30 +100,34 @@ def _chunks(text_encoder: TextEncoder, prompt: str) -> tuple[Tensor, Tensor]:
     return torch.stack(rows), torch.stack(row_weights)
 
 
-def encode_prompts(text_encoder: TextEncoder, prompts: Sequence[str],
-                   negative_prompts: Sequence[str] | None = None) -> tuple[Tensor, Tensor | None]:
+def encode_prompts(text_encoder: TextEncoder, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,
+                   clip_skip: int | None = None) -> tuple[Tensor, Tensor | None]:
     """Contexts of prompts and of their negative prompts, each (B, k * context_length, width).
 
     k is the most chunks of any of the prompts and negative prompts; shorter ones are padded with
     empty chunks, so that classifier-free guidance can batch the two. `negative_prompts` None
-    gives no unconditional context (None). On the encoder's device and in its dtype.
+    gives no unconditional context (None). `clip_skip` as in `TextEncoder.encode_tokens`. On the encoder's
+    device and in its dtype.
     """
     if isinstance(prompts, str) or isinstance(negative_prompts, str):
         raise ValueError("encode_prompts takes lists of prompts; wrap a single prompt as [prompt]")
     chunked = [_chunks(text_encoder, prompt) for prompt in prompts]
     negative_chunked = [_chunks(text_encoder, prompt) for prompt in negative_prompts or []]
     k = max((len(tokens) for tokens, _ in chunked + negative_chunked), default=1)
-    context = _encode_chunks(text_encoder, chunked, k)
-    return context, (None if negative_prompts is None else _encode_chunks(text_encoder, negative_chunked, k))
+    context = _encode_chunks(text_encoder, chunked, k, clip_skip)
+    if negative_prompts is None:
+        return context, None
+    return context, _encode_chunks(text_encoder, negative_chunked, k, clip_skip)
 
 
-def _encode_chunks(text_encoder: TextEncoder, chunked: list[tuple[Tensor, Tensor]], k: int) -> Tensor:
+def _encode_chunks(text_encoder: TextEncoder, chunked: list[tuple[Tensor, Tensor]], k: int,
+                   clip_skip: int | None) -> Tensor:
     """Pad each prompt's chunks to k with empty ones, encode all in one batch, weight, concatenate."""
     empty_tokens, empty_weights = _chunks(text_encoder, "")
     tokens = torch.stack([torch.cat([t, *[empty_tokens] * (k - len(t))]) for t, _ in chunked])
     weights = torch.stack([torch.cat([w, *[empty_weights] * (k - len(w))]) for _, w in chunked])
     batch_size, length = len(chunked), text_encoder.config.context_length
-    context = text_encoder.encode_tokens(tokens.view(batch_size * k, length))
+    context = text_encoder.encode_tokens(tokens.view(batch_size * k, length), clip_skip)
     context = apply_weights(context, weights.view(batch_size * k, length))
     return context.reshape(batch_size, k * length, -1)
 

@@ -35,7 +35,8 @@ HF_TEXT_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_TEXT_PREFIX = "cond_stage_model.model."
 # Present in released checkpoints but not needed for inference: the autoencoder's training loss
 # (LPIPS + discriminator), EMA copies, and the diffusion schedule buffers (read separately).
-TRAINING_ONLY_PREFIXES = ("first_stage_model.loss.", "model_ema.", "cond_stage_model.model.visual.")
+EMA_PREFIX = "model_ema."
+TRAINING_ONLY_PREFIXES = ("first_stage_model.loss.", EMA_PREFIX, "cond_stage_model.model.visual.")
 CONFIG_METADATA_KEY = "ldm_config"
 # SD 2.0-base (512, epsilon) was released at this step; the 2.x-v releases predict v.
 SD2_BASE_GLOBAL_STEP = 875000
@@ -61,6 +62,8 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelSpec:
+        if d["parameterization"] not in ("eps", "v"):
+            raise ValueError(f"parameterization {d['parameterization']!r} is not 'eps' or 'v'")
         return cls(family=d["family"], unet=UNetConfig.from_dict(d["unet"]),
                    autoencoder=AutoencoderConfig.from_dict(d["autoencoder"]),
                    text_encoder=TextEncoderConfig(**config_kwargs(TextEncoderConfig, d["text_encoder"])),
@@ -117,7 +120,11 @@ def detect_spec(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | 
     if config is not None:
         spec = ModelSpec(**spec_from_yaml(config))
     elif CONFIG_METADATA_KEY in metadata:
-        spec = ModelSpec.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        try:
+            spec = ModelSpec.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"the file's {CONFIG_METADATA_KEY} metadata is not a model config ({type(e).__name__}: "
+                             f"{str(e)[:120]}); pass a checkpoint written by this project, or --config YAML") from None
     else:
         return _detect_sd_family(state_dict, metadata, prediction)
     spec.parameterization = prediction or spec.parameterization
@@ -189,6 +196,36 @@ def split_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str,
     if hf_text:
         parts["text_encoder"].update(hf_clip_text_to_open_clip(hf_text))
     return parts
+
+
+def ema_unet(state_dict: dict[str, torch.Tensor], unet: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The EMA copy of the U-Net weights that ldm training saved (`model_ema.*`), in the layout of `unet`
+    (our keys); None when the checkpoint has none. ldm's LitEma names each copy after the parameter's path
+    under `model.` with the dots removed: `model_ema.diffusion_modelinput_blocks00weight`."""
+    ema = {key[len(EMA_PREFIX):]: value for key, value in state_dict.items() if key.startswith(EMA_PREFIX)}
+    if not any(key.startswith("diffusion_model") for key in ema):
+        return None
+    names = {key: ("diffusion_model." + key).replace(".", "") for key in unet}
+    if missing := [key for key, name in names.items() if name not in ema]:
+        raise InputError(f"the EMA weights lack {len(missing)} U-Net weights (first: {missing[0]}); "
+                         "leave out --use_ema")
+    return {key: ema[name] for key, name in names.items()}
+
+
+def autoencoder_file(state_dict: dict[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+    """A VAE file (e.g. SD's ft-MSE VAE) -> autoencoder weights in our layout: the original ldm keys
+    (`encoder.*`, `decoder.*`, `quant_conv.*`), bare or under `first_stage_model.` (then only those are
+    read, so a whole checkpoint lends its autoencoder); the training loss and EMA copies are dropped."""
+    if any(key.startswith(AUTOENCODER_PREFIX) for key in state_dict):
+        state_dict = {key[len(AUTOENCODER_PREFIX):]: value for key, value in state_dict.items()
+                      if key.startswith(AUTOENCODER_PREFIX)}
+    weights = {key: value for key, value in state_dict.items() if not key.startswith(("loss.", EMA_PREFIX))}
+    if any(".down_blocks." in key or ".mid_block." in key for key in weights):
+        raise InputError(f"{path} is a VAE in diffusers' layout (encoder.down_blocks...); pass the original-layout "
+                         "file (.safetensors / .ckpt as released for SD, keys encoder.down.N...)")
+    if not any(key.startswith("decoder.") for key in weights):
+        raise InputError(f"{path} holds no autoencoder (no decoder.* keys); pass a VAE file")
+    return weights
 
 
 def join_state_dicts(unet: dict, autoencoder: dict, text_encoder: dict) -> dict[str, torch.Tensor]:

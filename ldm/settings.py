@@ -21,6 +21,7 @@ from PIL import Image
 
 from ldm.errors import InputError
 from ldm.img2img import default_strength, start_step
+from ldm.lora import parse_lora_spec, split_lora_tags
 from ldm.prompts import parse_weights
 from ldm.samplers import DEFAULT_STEPS, KARRAS_BY_DEFAULT, SAMPLERS, check_options, get_sampler
 
@@ -37,12 +38,14 @@ ImageSource = str | Path | Image.Image | torch.Tensor
 
 def setting(default: Any, *flags: str, help: str, label: str = "", type: type = str,
             choices: Sequence[str] | None = None, alias: tuple[str, str, str] | None = None,
-            compare: bool = True) -> Any:
+            compare: bool = True, repeat: bool = False) -> Any:
     """A settings field. `flags`: its txt2img flags (the first names it in errors); `label`: its name in
     messages to library callers (default: the field name, underscores as spaces); `type`: how a flag or a
     PNG text value is parsed; `alias`: (flag, value, help) of a flag that sets one value; `compare`: part
-    of equality (not for images, which may be tensors)."""
-    metadata = {"flags": flags, "help": help, "label": label, "type": type, "choices": choices, "alias": alias}
+    of equality (not for images, which may be tensors); `repeat`: a tuple, its flag given once per item
+    (its PNG text one item per line)."""
+    metadata = {"flags": flags, "help": help, "label": label, "type": type, "choices": choices, "alias": alias,
+                "repeat": repeat}
     return field(default=default, metadata=metadata, compare=compare)
 
 
@@ -96,14 +99,21 @@ class GenerationSettings:
     mask: ImageSource | None = setting(None, "--mask", type=Path, label="a mask", compare=False,
                                        help="inpainting: an image of the init image's size, white where to repaint "
                                        "(needs an init image)")
+    lora: tuple[str, ...] = setting((), "--lora", repeat=True, label="LoRA", help="merge a LoRA / LyCORIS file, "
+                                    "FILE or FILE:WEIGHT (repeatable); <lora:NAME:WEIGHT> in the prompt finds "
+                                    "NAME in --lora_dir")
+    clip_skip: int | None = setting(None, "--clip_skip", type=int, help="context from the text encoder's N-th "
+                                    "layer from the end (1 = last, 2 = penultimate; default: the model's, "
+                                    "SD 1.x 1, SD 2.x 2)")
 
     def __post_init__(self) -> None:
-        for name in ("prompt", "negative_prompt", "seed"):
+        for name in ("prompt", "negative_prompt", "seed", "lora"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         _check_batch(self)
         _check_sampling(self)
         _check_images(self)
+        _check_text_encoding(self)
         if self.seed == RANDOM_SEED:
             object.__setattr__(self, "seed", random.randrange(2**32))
 
@@ -131,8 +141,10 @@ class GenerationSettings:
             value = getattr(image, f.name)
             if isinstance(value, (str, Path)) and f.metadata["type"] is Path:
                 value = Path(value).resolve()
-            elif value is None or isinstance(value, (Image.Image, torch.Tensor)):
+            elif value is None or value == () or isinstance(value, (Image.Image, torch.Tensor)):
                 continue
+            elif f.name == "lora":  # files as absolute paths, so a replay finds them from anywhere
+                value = "\n".join(f"{path.resolve()}:{weight:g}" for path, weight in map(parse_lora_spec, value))
             text[f.name] = str(value)
         return text
 
@@ -180,6 +192,7 @@ def _check_batch(s: GenerationSettings) -> None:
             if not isinstance(text, str):
                 raise SettingError(f"{{{name}}} must be text, got {text!r}")
             parse_weights(text)  # a syntax error stops the run before any model work
+            split_lora_tags(text)
     if isinstance(s.seed, tuple):
         if len(s.seed) != s.batch_size:
             raise InputError(f"got {len(s.seed)} seeds for {s.batch_size} prompts")
@@ -223,6 +236,17 @@ def _check_images(s: GenerationSettings) -> None:
     start_step(s.steps, s.strength)  # a strength too small to run one step
 
 
+def _check_text_encoding(s: GenerationSettings) -> None:
+    """LoRA files as FILE or FILE:WEIGHT; clip skip counts layers from the end (checked against the
+    model's depth by the text encoder)."""
+    if not isinstance(s.lora, tuple) or not all(isinstance(spec, (str, Path)) for spec in s.lora):
+        raise SettingError(f"{{lora}} must be a list of files (FILE or FILE:WEIGHT), got {s.lora!r}")
+    for spec in s.lora:
+        parse_lora_spec(str(spec))
+    if s.clip_skip is not None:
+        _integer("clip_skip", s.clip_skip, 1)
+
+
 def from_text(text: Mapping[str, str]) -> dict[str, Any]:
     """The settings recorded in PNG text chunks (`GenerationSettings.to_text`), parsed by field type;
     other keys are ignored. InputError names an unreadable value."""
@@ -231,6 +255,9 @@ def from_text(text: Mapping[str, str]) -> dict[str, Any]:
         if name in FIELDS:
             convert = FIELDS[name].metadata["type"]
             try:
+                if FIELDS[name].metadata["repeat"]:
+                    values[name] = tuple(convert(line) for line in value.splitlines() if line)
+                    continue
                 values[name] = _parse_flag(value) if convert is bool else convert(value)
             except ValueError:
                 raise InputError(f"unreadable {name} {value!r} in the metadata") from None
@@ -248,10 +275,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     `from_arguments` can tell them from recorded or default values."""
     for name, f in FIELDS.items():
         meta, default = f.metadata, f.default
-        help = meta["help"] + ("" if default is None or default == "" else f" (default: {default})")
+        help = meta["help"] + ("" if default in (None, "", ()) else f" (default: {default})")
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help}
         if meta["type"] is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif meta["repeat"]:
+            kwargs.update(action="append", type=meta["type"])
         else:
             kwargs.update(type=meta["type"], choices=meta["choices"])
         group = parser

@@ -22,6 +22,8 @@ import torch
 from open_clip.transformer import QuickGELU, TextTransformer
 from torch import Tensor, nn
 
+from ldm.errors import InputError, excerpt
+
 # The CLIP BPE tokenizer's ids run up to its end-of-text token, 49407.
 _CLIP_VOCAB_SIZE = 49408
 
@@ -113,10 +115,13 @@ class TextEncoder(TextTransformer):
             # open_clip's CLIP keeps its temperature beside the text tower; SD 2.x saved it.
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.config = config
+        self.token_embedding = TokenEmbedding(self.token_embedding.weight)
         self.tokenizer = open_clip.SimpleTokenizer()
+        self.embeddings: dict[str, list[int]] = {}  # trigger word -> its token ids (from vocab_size on)
+        self.set_embeddings({})
         # Index of the block whose output becomes the context; later blocks are never run.
         self._output_block = config.layers - (1 if config.layer == "last" else 2)
-        self.register_load_state_dict_post_hook(_rebuild_causal_mask)
+        self.register_load_state_dict_post_hook(_after_loading)
         self.requires_grad_(False)
         self.eval()
 
@@ -133,17 +138,42 @@ class TextEncoder(TextTransformer):
         num_fit = self.config.context_length - 2  # room left by the start and end tokens
         rows = []
         for i, prompt in enumerate(prompts):
-            ids = tok.encode(prompt)
+            ids = self.encode_text(prompt)
             if len(ids) > num_fit:
                 dropped = ids[num_fit:]
                 warnings.warn(
                     f"prompt {i} has {len(ids)} tokens but only {num_fit} fit: cut "
-                    f"{len(dropped)} tokens: {tok.decode(dropped).strip()!r}",
+                    f"{len(dropped)} tokens: {excerpt(tok.decode(dropped).strip())}",
                     stacklevel=2,
                 )
                 ids = ids[:num_fit]
             rows.append(self.token_row(ids))
         return torch.stack(rows) if rows else torch.empty(0, self.config.context_length, dtype=torch.long)
+
+    def encode_text(self, text: str) -> list[int]:
+        """BPE ids of `text` (no start / end tokens), each textual-inversion trigger word replaced by the
+        ids of its vectors."""
+        if not self.embeddings:
+            return self.tokenizer.encode(text)
+        ids = []
+        for k, piece in enumerate(self._triggers.split(text)):
+            ids += self.embeddings[piece] if k % 2 else self.tokenizer.encode(piece)
+        return ids
+
+    def trigger_words(self, text: str) -> set[str]:
+        """The textual-inversion trigger words in `text`."""
+        return set(self._triggers.findall(text)) if self.embeddings else set()
+
+    def set_embeddings(self, embeddings: dict[str, Tensor]) -> None:
+        """Textual-inversion vectors (n, width) by trigger word; replaces earlier ones. Words are matched
+        whole and case-sensitively, as AUTOMATIC1111 does; longer words win over their prefixes."""
+        self.token_embedding.set_extra(list(embeddings.values()))
+        self.embeddings, next_id = {}, self.config.vocab_size
+        for word, vectors in embeddings.items():
+            self.embeddings[word] = list(range(next_id, next_id + len(vectors)))
+            next_id += len(vectors)
+        words = sorted(self.embeddings, key=len, reverse=True)
+        self._triggers = re.compile(r"(?<![\w])(" + "|".join(map(re.escape, words)) + r")(?![\w])")
 
     def token_row(self, ids: Sequence[int]) -> Tensor:
         """BPE ids (at most context_length - 2) -> one row (context_length,) int64: start-of-text,
@@ -156,19 +186,24 @@ class TextEncoder(TextTransformer):
         row[: len(ids) + 2] = torch.tensor([tok.sot_token_id, *ids, tok.eot_token_id])
         return row
 
-    def encode_tokens(self, tokens: Tensor) -> Tensor:
+    def encode_tokens(self, tokens: Tensor, clip_skip: int | None = None) -> Tensor:
         """Token ids (B, context_length) -> context (B, context_length, width).
 
-        The context is on the weights' device and in their dtype.
+        `clip_skip` N takes the output of the N-th block from the end (1 = last, as AUTOMATIC1111 and
+        ComfyUI count) instead of the config's `layer`; the final LayerNorm follows either way. The
+        context is on the weights' device and in their dtype.
         """
         if tokens.ndim != 2 or tokens.shape[1] != self.config.context_length:
             raise ValueError(
                 f"tokens must be (B, {self.config.context_length}), got {tuple(tokens.shape)}; "
                 "make them with tokenize()"
             )
+        if clip_skip is not None and not 1 <= clip_skip <= self.config.layers:
+            raise InputError(f"clip skip must be in [1, {self.config.layers}] for this text encoder "
+                             f"({self.config.layers} layers), got {clip_skip}")
         out = self.forward_intermediates(
             tokens.to(self.token_embedding.weight.device),
-            indices=[self._output_block],
+            indices=[self._output_block if clip_skip is None else self.config.layers - clip_skip],
             stop_early=True,
             normalize_intermediates=True,  # final LayerNorm on the chosen block, as SD does
             intermediates_only=True,
@@ -182,10 +217,35 @@ class TextEncoder(TextTransformer):
         return self.encode_tokens(tokens)
 
 
-def _rebuild_causal_mask(encoder: TextEncoder, incompatible_keys: object) -> None:
-    # The mask is derived, never saved: remake it where the weights landed, since building on
-    # the meta device and then loading (assign=True, or after to_empty) leaves it empty or garbage.
+class TokenEmbedding(nn.Embedding):
+    """CLIP's token embedding, and after it the rows of textual-inversion vectors (ids from `vocab_size`
+    on). Those are a non-persistent buffer: never in the state dict, so saving and strict loading see
+    the checkpoint's weights only."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__(*weight.shape, _weight=weight, device=weight.device)
+        self.register_buffer("extra", weight.new_zeros(0, weight.shape[1]), persistent=False)
+
+    def set_extra(self, vectors: list[Tensor]) -> None:
+        weight = self.weight
+        rows = torch.cat(vectors) if vectors else weight.new_zeros(0, weight.shape[1])
+        self.extra = rows.to(weight.device, weight.dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if not len(self.extra):
+            return super().forward(ids)
+        extra = ids >= self.num_embeddings
+        out = super().forward(ids.masked_fill(extra, 0))
+        out[extra] = self.extra[ids[extra] - self.num_embeddings].to(out.dtype)
+        return out
+
+
+def _after_loading(encoder: TextEncoder, incompatible_keys: object) -> None:
+    # The mask and the embedding rows are never saved: remake them where the weights landed, since
+    # building on the meta device and then loading (assign=True, or after to_empty) leaves them empty
+    # or garbage. New weights drop the textual-inversion vectors made for the old ones.
     encoder.attn_mask = encoder.build_causal_mask().to(encoder.token_embedding.weight.device)
+    encoder.set_embeddings({})
 
 
 # Hugging Face CLIPTextModel (transformers 4.x, as saved in SD 1.x) -> open_clip names.

@@ -25,6 +25,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     that is not plain tensors and containers, so a malicious file cannot run code.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; pass the checkpoint file (.ckpt or .safetensors) itself "
+                         "(diffusers model folders are not read)")
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path} (pass an existing .ckpt or .safetensors file)")
     if path.suffix == ".safetensors":

@@ -13,6 +13,9 @@ Cases (--cases, comma-separated):
     txt2img    SD 1.5 text -> image: text encoding, --steps DDIM steps with guidance 7.5, decoding
     shapes     the bundled shapes model (ldm/weights/shapes-v1.safetensors, else random weights of the
                configs/shapes/*.yaml architecture): 64 x 64 images, --steps DDIM steps with guidance
+    lora       ours only: reading and merging a kohya LoRA of --lora-rank (fp16 file, every attention,
+               feed-forward and projection layer of the U-Net and every text-encoder linear, as kohya's
+               default targets), and the U-Net forward before vs after merging (a ratio, alternating)
 
 Weights are random (N(0, 1/fan_in) matrices, norm scales near 1) unless the shapes checkpoint exists. Our
 modules are built first; their state dicts, under the original checkpoint prefixes, go through diffusers'
@@ -67,7 +70,7 @@ from ldm.text_encoder import TextEncoder, TextEncoderConfig, sd1, tiny
 from ldm.tiling import tiled_decode
 from ldm.unet import UNetConfig, UNetModel
 
-CASES = ("unet", "train", "vae", "vae-tiled", "txt2img", "shapes")
+CASES = ("unet", "train", "vae", "vae-tiled", "txt2img", "shapes", "lora")
 SHAPES_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "shapes"
 SD_PROMPT = "a photograph of an astronaut riding a horse"
 SHAPES_PROMPT = "a large red circle in the top left on a black background"
@@ -88,6 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed calls per side (after one warm-up)")
     p.add_argument("--cases", default="unet,train,vae,txt2img,shapes", help=f"comma-separated: {', '.join(CASES)}")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the txt2img and shapes cases")
+    p.add_argument("--lora-rank", type=int, default=128, help="lora: rank of the LoRA")
     p.add_argument("--tile-size", type=int, default=64, help="vae-tiled: tile size in latent pixels")
     p.add_argument("--tile-overlap", type=int, default=16, help="vae-tiled: overlap in latent pixels")
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa", help="our attention backend")
@@ -473,6 +477,48 @@ def benchmark_case(case: str, args: argparse.Namespace, argv: list[str], device:
     return row
 
 
+def lora_case(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """Load + merge time of a LoRA file, and the U-Net forward before / after merging (alternating)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from ldm.layer_names import diffusers_unet_names, flat, text_encoder_layers
+
+    pipe = random_pipeline(sd_spec(args)).to(device, dtype)
+    generator, tensors = torch.Generator().manual_seed(1), {}
+    names = diffusers_unet_names(pipe.unet)
+    layers = [(f"lora_unet_{flat(names[n])}", m.weight) for n, m in pipe.unet.named_modules()
+              if ".attentions." in names.get(n, "") and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    text = {f"lora_te_{name}": pipe.text_encoder.get_parameter(layer.weight)[layer.rows or slice(None)]
+            for name, layer in text_encoder_layers(pipe.text_encoder).items() if name.startswith("text_model_")}
+    for key, weight in [*layers, *text.items()]:
+        rank = args.lora_rank
+        tensors[f"{key}.lora_down.weight"] = torch.randn(rank, *weight.shape[1:], generator=generator).half()
+        tensors[f"{key}.lora_up.weight"] = (1e-3 * torch.randn(weight.shape[0], rank, *[1] * (weight.ndim - 2),
+                                                               generator=generator)).half()
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    x_t, t, context = unet_inputs(args, pipe.unet.config.context_dim, device, dtype)
+    forward = torch.no_grad()(lambda: pipe.unet(x_t, t, context))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "lora.safetensors"
+        save_file(tensors, str(path))
+        size = path.stat().st_size
+        del tensors
+        timed(forward, device)  # warm-up
+        before, after, merges = [], [], []
+        for repeat in range(args.repeats):
+            merges.append(timed(lambda: pipe.unload_lora().load_lora(path), device)[0])
+            for merged in (True, False) if repeat % 2 == 0 else (False, True):
+                pipe.load_lora(path) if merged else pipe.unload_lora()
+                (after if merged else before).append(timed(forward, device)[0])
+    median = {name: statistics.median(values) for name, values in
+              (("merge", merges), ("before", before), ("after", after))}
+    return {"case": f"lora (rank {args.lora_rank}, {len(layers) + len(text)} layers, {size / 2**20:.0f} MiB)",
+            "load+merge ms": f"{1e3 * median['merge']:.0f}", "step before ms": f"{1e3 * median['before']:.1f}",
+            "step after ms": f"{1e3 * median['after']:.1f}", "ratio": f"{median['after'] / median['before']:.2f}"}
+
+
 def print_table(rows: list[dict[str, str]]) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     widths = {c: max(len(c), *(len(row.get(c, "")) for row in rows)) for c in columns}
@@ -496,7 +542,8 @@ def main(argv: list[str] | None = None) -> None:
           f"repeats {args.repeats}", flush=True)
     rows = []
     for case in args.cases:
-        rows.append(benchmark_case(case, args, argv, device, dtype))
+        rows.append(lora_case(args, device, dtype) if case == "lora" else benchmark_case(case, args, argv, device,
+                                                                                          dtype))
         print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     print()
     print_table(rows)

@@ -2,7 +2,7 @@
 
     python scripts/train_clip.py --config configs/shapes/clip.yaml
     python scripts/train_clip.py --config ... --set train.max_steps=100 train.batch_size=64 --resume
-    accelerate launch --num_processes 8 scripts/train_clip.py --config ...
+    accelerate launch --multi_gpu --num_processes 8 scripts/train_clip.py --config ...
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python scripts/train_diffusion.py --config configs/shapes/diffusion.yaml
     python scripts/train_diffusion.py --config ... --set train.max_steps=100 train.batch_size=16 --resume
-    accelerate launch --num_processes 8 scripts/train_diffusion.py --config ...
+    accelerate launch --multi_gpu --num_processes 8 scripts/train_diffusion.py --config ...
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python scripts/train_vae.py --config configs/shapes/autoencoder.yaml
     python scripts/train_vae.py --config ... --perceptual_weight 0     # without LPIPS' VGG weights
-    accelerate launch --num_processes 8 scripts/train_vae.py --config ...
+    accelerate launch --multi_gpu --num_processes 8 scripts/train_vae.py --config ...
 """
 
 from __future__ import annotations

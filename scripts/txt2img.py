@@ -33,6 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", type=Path, default=None, help="checkpoint (.ckpt or .safetensors); "
                    "default: the bundled shapes-v1 model")
     p.add_argument("--config", type=Path, default=None, help="optional original SD inference YAML")
+    p.add_argument("--vae", type=Path, default=None, help="a VAE file that replaces the checkpoint's autoencoder "
+                   "(e.g. SD's ft-MSE VAE, original key layout)")
+    p.add_argument("--use_ema", action="store_true", help="generate with the U-Net's EMA weights (model_ema.*), "
+                   "which full training checkpoints carry")
+    p.add_argument("--embeddings_dir", type=Path, default=None, help="folder of textual-inversion embeddings "
+                   "(.pt, .safetensors), each triggered by its file name in a prompt")
+    p.add_argument("--lora_dir", type=Path, default=None, help="folder where <lora:NAME:WEIGHT> tags in prompts "
+                   "find NAME.safetensors (or .pt), searched with its subfolders")
     p.add_argument("--prediction", choices=["eps", "v"], default=None,
                    help="what the U-Net predicts, when the checkpoint does not say (SD 2.x 768-v: v)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto")
@@ -81,6 +89,16 @@ def checkpoint_path(args: argparse.Namespace) -> Path:
     return BUNDLED_CHECKPOINT
 
 
+def vae_path(args: argparse.Namespace) -> Path | None:
+    """--vae; a replay of an image made with a replaced VAE needs that file."""
+    recorded = args.recorded.get("vae")
+    if args.vae is None and recorded is not None:
+        raise InputError(f"{args.replay} was made with the VAE {recorded}; pass that file with --vae PATH")
+    if args.vae is not None and not args.vae.is_file():
+        raise InputError(f"VAE not found: {args.vae} (pass an existing .safetensors or .ckpt file)")
+    return args.vae
+
+
 def read_prompts(args: argparse.Namespace) -> list[str]:
     """--prompt (or the replayed one) or the lines of --from-file."""
     has_prompt = hasattr(args, "prompt") or args.replay is not None
@@ -108,12 +126,22 @@ def main(argv: list[str] | None = None) -> None:
     keep = None if keep is None else int(keep)
     if keep is not None and not 0 <= keep < settings.batch_size:
         raise InputError(f"{args.replay} is image {keep + 1} of its batch: keep --n_samples at least {keep + 1}")
-    ckpt = checkpoint_path(args)
+    ckpt, vae = checkpoint_path(args), vae_path(args)
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise InputError(f"--lora_dir {args.lora_dir} is not a folder")
     outdir = prepare_outdir(args.outdir)
     device = resolve_device(args.device)
     pipe = Pipeline.from_checkpoint(ckpt, config=args.config, prediction=args.prediction, device=device,
-                                    dtype=resolve_dtype(args.precision, device))
+                                    dtype=resolve_dtype(args.precision, device), vae=vae,
+                                    use_ema=args.use_ema or args.recorded.get("use_ema") == "True")
     pipe.set_attention_backend(args.attention)
+    pipe.lora_dir = args.lora_dir
+    if args.embeddings_dir is not None:
+        pipe.load_embeddings(args.embeddings_dir)
+    recorded = [entry.rpartition(": ")[0] for entry in args.recorded.get("embeddings", "").split(", ") if entry]
+    if missing := [word for word in recorded if word not in pipe.embedding_files]:
+        raise InputError(f"{args.replay} was made with the embedding {missing[0]}; pass the folder that holds "
+                         f"{missing[0]}.pt or .safetensors with --embeddings_dir")
     if args.vae_tile_size:
         pipe.enable_tiling(args.vae_tile_size, args.vae_tile_size // 4)
     if args.channels_last:
@@ -127,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
             batch = replace(batch, seed=seed)
             for k, image in enumerate(pipe.generate(batch)):
                 if keep is None or k == keep:
-                    print(save_png(image, outdir, image_text(batch, k, image, pipe.name, ckpt.name, checkpoint_hash)))
+                    print(save_png(image, outdir, image_text(batch, k, image, pipe.name, ckpt.name,
+                                                               pipe.model_text(), checkpoint_hash)))
                     images.append(image)
             seed += batch.batch_size
     if len(images) > 1 and not args.skip_grid:

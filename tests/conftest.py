@@ -1,7 +1,9 @@
-"""Tiny model configs shared by the tests: every stage at a size that runs in milliseconds on a CPU."""
+"""Tiny model configs shared by the tests: every stage at a size that runs in milliseconds on a CPU; tar shards."""
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,13 @@ def tiny_pipeline() -> Pipeline:
     pipe = Pipeline.from_spec(tiny_spec(), name="tiny")
     randomize_(pipe.unet, seed=1)
     return pipe
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar file of (name, bytes) members, as a WebDataset shard."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path

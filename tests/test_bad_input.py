@@ -21,6 +21,7 @@ import yaml
 from safetensors.torch import save_file
 
 from ldm.cli import run_main
+from tests.conftest import write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,6 +90,8 @@ def files(tmp_path, monkeypatch) -> dict[str, Path]:
     paths["cut_safetensors"].write_bytes(paths["cut_safetensors"].read_bytes()[:300])
     paths["existing"] = tmp_path / "existing.safetensors"
     paths["existing"].write_bytes(b"keep me")
+    # One sample, whose image does not decode.
+    paths["corrupt_shard"] = write_tar(tmp_path / "corrupt.tar", [("a.jpg", b"not a jpeg"), ("a.txt", b"a red circle")])
     return paths
 
 
@@ -172,6 +175,9 @@ TRAINING_CASES = [
     ("vae", {"data.dataset": "webdataset", "data.urls": ""}, [], "data.urls must be tar shards for webdataset"),
     # Found only when the shards are opened, after the models are built: still nothing on disk.
     ("vae", {"data.dataset": "webdataset", "data.urls": "@tmp/s-{000000..000003}.tar"}, [], "4 shard(s) not found"),
+    # Found in the first batch, read before the run writes anything.
+    ("vae", {"data.dataset": "webdataset", "data.urls": "@corrupt_shard"}, [], "no usable sample in 1 shard(s)"),
+    ("clip", {"data.dataset": "webdataset", "data.urls": "@corrupt_shard"}, [], "1 skipped as corrupt"),
     ("vae", {}, ["--set", "train.max_steps"], "must look like section.key=value"),
     ("vae", {}, ["--set", "train.max_steps.x=1"], "max_steps holds a value, not keys"),
     ("vae", {}, ["--set", "train.max_steps=[1"], "the value is not valid YAML"),
@@ -224,6 +230,22 @@ def test_an_existing_run_needs_resume(files, capsys):
     config.write_text(yaml.safe_dump(resolve(CONFIGS["vae"], files)))
     message = fails_cleanly(train_vae.main, ["--config", str(config)], files["tmp"], capsys)
     assert "already holds a run (latest checkpoint step-000002); pass --resume" in message
+
+
+@pytest.mark.parametrize(("env", "phrase"), [
+    # torchrun (or accelerate launch --multi_gpu) on a machine without GPUs, without ACCELERATE_USE_CPU
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "the launcher started 2 processes but accelerate set up 1"),
+    # accelerate launch --num_processes 2 without --multi_gpu: its simple launcher starts one process
+    ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "ACCELERATE_MIXED_PRECISION": "no"},
+     "accelerate launch started 1 process although --num_processes"),
+])
+def test_a_launch_that_accelerate_does_not_join_is_refused(env, phrase, files, capsys, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)  # with it, WORLD_SIZE=2 would wait for a second process
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = files["tmp"] / "config.yaml"
+    config.write_text(yaml.safe_dump(resolve(CONFIGS["clip"], files)))
+    assert phrase in fails_cleanly(train_clip.main, ["--config", str(config)], files["tmp"], capsys)
 
 
 SCRIPT_CASES = [

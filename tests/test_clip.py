@@ -20,11 +20,12 @@ from ldm.clip import ClipConfig, SmallCLIP, VisionConfig, clip_score, contrastiv
 from ldm.config import config_dict
 from ldm.data.loader import make_loader, shapes_dataset
 from ldm.errors import InputError
-from ldm.shapes.dataset import HELDOUT_PAIRS, VOCABULARY
+from ldm.shapes.dataset import HELDOUT_PAIRS, VOCABULARY, write_shards
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
 from ldm.training.clip import canonical_samples, caption_positives, hard_negative_captions, train_clip
 from ldm.training.common import load_stage
 from ldm.weights_io import save_module
+from tests.conftest import write_tar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import train_clip as train_clip_script  # noqa: E402
@@ -205,6 +206,16 @@ def _config(run_dir, max_steps: int) -> dict:
         "train": {"output_dir": str(run_dir), "max_steps": max_steps, "batch_size": 4, "learning_rate": 1e-3,
                   "warmup_steps": 2, "weight_decay": 0.1, "checkpoint_every": 2, "log_every": 1},
     }
+
+
+def test_training_prints_how_many_corrupt_samples_it_skipped(tmp_path, capsys):
+    good = write_shards("train", 8, tmp_path, samples_per_shard=8)
+    corrupt = write_tar(tmp_path / "corrupt.tar", [(f"{key}.{ext}", data) for key in "ab"
+                                                   for ext, data in (("jpg", b"not a jpeg"), ("txt", b"a circle"))])
+    config = _config(tmp_path / "run", 2)
+    config["data"] = {"dataset": "webdataset", "urls": [*map(str, good), str(corrupt)], "size": 64}
+    train_clip(config)
+    assert "2 corrupt sample(s) or shard read(s) skipped; the warnings say why" in capsys.readouterr().out
 
 
 def test_training_run_exports_and_resumes_as_if_uninterrupted(tmp_path):

@@ -60,7 +60,7 @@ def test_a1111_infotext_parses_as_a1111_parses_it():
 @pytest.mark.parametrize("settings", [
     GenerationSettings(prompt="a circle, big: yes", negative_prompt="red", seed=7, steps=12, sampler="heun",
                        karras=False, scale=3, guidance_rescale=0.5, height=64, width=128, batch_size=3),
-    GenerationSettings(prompt="", sampler="ddim", eta=0.5, steps=3, height=64, width=64),
+    GenerationSettings(prompt="", sampler="ddim", eta=0.5, steps=3, height=64, width=64, clip_skip=2),
     GenerationSettings(prompt="a\nb", sampler="euler_a", steps=4, height=64, width=64),
 ])
 def test_our_infotext_reads_back_into_the_same_settings(settings):

@@ -18,6 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ldm.data.loader import image_text_dataset, make_loader, shapes_dataset
 from ldm.shapes import dataset as shapes
+from tests.conftest import write_tar
 
 NUM_SHAPES = 12
 PER_SHARD = 3  # -> 4 shards
@@ -32,15 +33,6 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def keys(dataset) -> list[str]:

@@ -25,10 +25,10 @@ from PIL import Image, ImageFilter
 
 from ldm.infotext import read_infotext
 from ldm.pipeline import Pipeline
-from ldm.server.a1111 import Limits
+from ldm.server.a1111 import API_NAMES, Limits
 from ldm.server.app import ServerConfig, create_app
 from ldm.server.worker import Cancelled, QueueFull, Worker
-from ldm.settings import GenerationSettings
+from ldm.settings import FIELDS, GenerationSettings
 from tests.conftest import randomize_, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,7 +177,9 @@ def test_options_switch_the_model_and_list_models_samplers_schedulers(server):
 
 def test_png_info_reads_the_infotext_back(server):
     api = client(server)
-    image = api.txt2img(prompt="a circle, small: yes", seed=9, sampler_name="Euler a", **FAST).image
+    image = api.txt2img(prompt="a circle, small: yes", seed=9, sampler_name="Euler a",
+                        override_settings={"CLIP_stop_at_last_layers": 2}, **FAST).image
+    assert ", Clip skip: 2" in image.info["parameters"]
     result = api.png_info(image)
     assert result.info == image.info["parameters"]
     fields = result.json["parameters"]
@@ -316,6 +318,8 @@ INIT = b64(Image.new("RGB", (32, 32)))
      "denoising_strength must be in (0, 1]"),
     ("png-info", {"image": "???"}, 422, "image is not valid base64"),
     ("options", {"sd_model_checkpoint": 3}, 422, "sd_model_checkpoint must be a checkpoint title"),
+    ("txt2img", {"prompt": "a", "override_settings": {"CLIP_stop_at_last_layers": 0}}, 422,
+     "CLIP_stop_at_last_layers must be >= 1, got 0"),
 ])
 def test_bad_requests_get_a_one_line_reason_and_the_server_keeps_serving(server, route, body, status, detail):
     data = body if isinstance(body, str) else json.dumps(body)
@@ -380,6 +384,10 @@ def test_serve_script_flags_are_checked_in_one_line(flags, message, capsys, tmp_
     assert run_main(serve.main, [str(broken) if flag == "BROKEN" else flag for flag in flags]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_setting_has_a_request_name_for_messages():
+    assert set(API_NAMES) == set(FIELDS)
 
 
 def test_serve_listens_on_the_loopback_by_default():

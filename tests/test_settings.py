@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ldm.errors import InputError
+from ldm.lora import parse_lora_spec
 from ldm.samplers import DEFAULT_STEPS
 from ldm.settings import (
     FIELDS,
@@ -132,3 +133,18 @@ def test_pipeline_generates_from_settings_as_from_keywords(tiny_pipeline):
                           atol=1e-5)  # image 1 of the batch, made alone
     with pytest.raises(InputError, match="unknown setting.*num_stepz"):
         tiny_pipeline(["a red circle"], num_stepz=3)
+
+
+def test_loras_and_clip_skip_round_trip_through_png_text(tmp_path):
+    settings = GenerationSettings(prompt="a <lora:style:0.5> circle", lora=[f"{tmp_path}/a.safetensors:0.5",
+                                  "b.safetensors"], clip_skip=2)
+    text = settings.to_text(0)
+    assert text["lora"] == f"{tmp_path}/a.safetensors:0.5\n{Path('b.safetensors').resolve()}:1"
+    assert text["clip_skip"] == "2"
+    replayed = GenerationSettings(**from_text(text))
+    assert replayed.clip_skip == 2 and [parse_lora_spec(s) for s in replayed.lora] == [
+        (tmp_path / "a.safetensors", 0.5), (Path("b.safetensors").resolve(), 1.0)]
+    for bad, message in (({"clip_skip": 0}, "clip skip must be >= 1"), ({"lora": "a.safetensors"}, "must be a list"),
+                         ({"lora": ["a.safetensors:inf"]}, "not a finite number")):
+        with pytest.raises(InputError, match=message):
+            GenerationSettings(**bad)

@@ -87,6 +87,13 @@ def test_padding_follows_each_family():
     assert sd1_tokens[2, :2].tolist() == [SOT, EOT]
 
 
+def test_a_10000_character_caption_warns_in_a_short_line():
+    with pytest.warns(UserWarning) as record:
+        TextEncoder(tiny()).tokenize(["a red circle " * 770])
+    message = str(record[0].message)
+    assert len(message) < 200 and message.endswith("characters)"), message
+
+
 def test_long_prompt_warns_with_the_cut_text_and_keeps_eot_last():
     encoder = _meta_encoder(sd1())
     cut = "purple triangle orange square"
@@ -213,3 +220,22 @@ def test_hf_mapping_rejects_unknown_and_incomplete_keys():
     del state_dict["text_model.encoder.layers.1.self_attn.k_proj.bias"]
     with pytest.raises(ValueError, match="layer 1"):
         hf_clip_text_to_open_clip(state_dict)
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2, 3])
+def test_clip_skip_is_that_hidden_state_through_the_final_layer_norm(clip_skip):
+    """AUTOMATIC1111's CLIP skip N: Hugging Face's hidden_states[-N] (the N-th block output from the end),
+    then the final LayerNorm."""
+    torch.manual_seed(0)
+    hf = _hf_text_model(64, 3, 4)
+    encoder = TextEncoder(dataclasses.replace(sd1(), width=64, layers=3, heads=4))
+    encoder.load_state_dict(hf_clip_text_to_open_clip(_sd1_state_dict(hf)), strict=True)
+    tokens = encoder.tokenize(PROMPTS)
+    with torch.no_grad():
+        hidden = hf(input_ids=tokens, output_hidden_states=True).hidden_states[-clip_skip]
+        text_model = getattr(hf, "text_model", hf)
+        expected = text_model.final_layer_norm(hidden)
+        context = encoder.encode_tokens(tokens, clip_skip)
+    assert (context - expected).abs().max() <= 1e-4 * expected.abs().max()
+    with pytest.raises(ValueError, match=r"clip skip must be in \[1, 3\]"):
+        encoder.encode_tokens(tokens, 4)

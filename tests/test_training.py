@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,8 +20,10 @@ from safetensors.torch import load_file
 from ldm.config import config_dict
 from ldm.data.loader import make_loader, shapes_dataset
 from ldm.errors import InputError
+from ldm.losses import AutoencoderLoss
 from ldm.pipeline import Pipeline
 from ldm.schedule import NoiseSchedule
+from ldm.shapes.dataset import write_shards
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
 from ldm.training.autoencoder import train_autoencoder
 from ldm.training.common import Checkpoints, TrainingRun, load_stage
@@ -128,6 +131,29 @@ def test_resumed_run_ends_with_the_same_weights(stages, tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_resume_on_shards_is_exact_with_a_latent_cache_and_repeatable_without(stages, tmp_path):
+    """The README's guarantee for WebDataset shards: a latent cache is encoded from the same first samples
+    on resume, so the weights are those of an uninterrupted run; a stream restarts, shuffled with the
+    step, so only resuming the same checkpoint twice gives the same weights."""
+    write_shards("train", 24, tmp_path / "shards", samples_per_shard=6)
+    urls = str(tmp_path / "shards" / "shapes-v1-train-{000000..000003}.tar")
+
+    def run(name: str, max_steps: int, cache: int, resume: bool = False) -> dict[str, torch.Tensor]:
+        config = diffusion_config(tmp_path / name, stages, max_steps=max_steps)
+        config["data"] = {"dataset": "webdataset", "urls": urls, "size": 32, "shuffle_buffer": 8}
+        config["diffusion"]["precompute_latents"] = cache
+        return load_file(str(train_diffusion(config, resume=resume)))
+
+    straight = run("straight", 4, cache=16)
+    run("cached", 2, cache=16)
+    resumed = run("cached", 4, cache=16, resume=True)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    run("streamed", 2, cache=0)
+    shutil.copytree(tmp_path / "streamed", tmp_path / "streamed-again")
+    first, again = run("streamed", 3, cache=0, resume=True), run("streamed-again", 3, cache=0, resume=True)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
 def test_gradient_accumulation_draws_new_latents_and_noise_for_every_micro_batch(stages, tmp_path):
     # One optimizer step over two micro-batches of 4 against one over a single batch of 4, same seed. Had the
     # second micro-batch repeated the first one's draws (latents from the cache, noise, timesteps), the
@@ -162,6 +188,21 @@ def test_nan_loss_stops_with_the_step_and_last_checkpoint(stages, tmp_path):
     config = diffusion_config(tmp_path / "nan", stages, max_steps=4, learning_rate=1e30)
     with pytest.raises(FloatingPointError, match=r"at step \d+; the last good checkpoint is"):
         train_diffusion(config)
+
+
+def test_autoencoder_skips_a_nan_step_when_asked(tmp_path, monkeypatch, capsys):
+    generator_loss = AutoencoderLoss.generator_loss
+
+    def nan_at_step_1(self, images, reconstructions, posterior, step, last_layer):
+        loss, logs = generator_loss(self, images, reconstructions, posterior, step, last_layer)
+        return (loss * float("nan") if step == 1 else loss), logs
+
+    monkeypatch.setattr(AutoencoderLoss, "generator_loss", nan_at_step_1)
+    config = vae_config(tmp_path / "vae")
+    config["train"]["skip_nan_steps"] = True
+    exported = load_file(str(train_autoencoder(config)))
+    assert "1 step(s) skipped for a NaN/inf loss" in capsys.readouterr().out
+    assert all(torch.isfinite(v).all() for v in exported.values())
 
 
 def test_bad_stage_files_and_config_are_input_errors(stages, tmp_path):

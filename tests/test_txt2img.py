@@ -270,3 +270,54 @@ def test_channels_last_flag_gives_the_same_image(random_ckpt, tmp_path, capsys):
         images.append(np.asarray(Image.open(tmp_path / name / "00000.png"), dtype=np.int16))
     assert images[0].std() > 5  # a picture, not a flat field
     assert np.abs(images[0] - images[1]).max() <= 1  # 8-bit rounding of float differences in the last bits
+
+
+def _checkpoint_with_config(tiny_ckpt: Path, folder: Path, config: str) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "odd.safetensors"
+    save_file(load_file(str(tiny_ckpt)), str(path), metadata={"ldm_config": config})
+    return path
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--scale", "nan"], "--scale must be a finite number, got nan"),
+    (["--scale", "inf"], "--scale must be a finite number, got inf"),
+    (["--ddim_eta", "nan"], "--ddim_eta must be a finite number, got nan"),
+    (["--seed", "1180591620717411303424"], "--seed must be at most"),
+    (["config:not json"], "metadata is not a model config (JSONDecodeError"),
+    (["config:{}"], "metadata is not a model config (KeyError"),
+    (['config:{"family": 1, "unet": 2}'], "metadata is not a model config"),
+    (["config:x0"], "parameterization 'x0' is not 'eps' or 'v'"),
+    (["ckpt:folder"], "is a folder; pass the checkpoint file"),
+])
+def test_bad_values_and_files_fail_in_one_line_leaving_no_folder(tiny_ckpt, tmp_path, capsys, extra, message):
+    """Issue 26 items 8, 10, 11: one line, exit 1, and the output folder is not even created."""
+    ckpt = tiny_ckpt
+    if extra[0].startswith("config:"):
+        config = extra[0].removeprefix("config:")
+        if config == "x0":
+            import json
+
+            from safetensors import safe_open
+
+            with safe_open(str(tiny_ckpt), "pt") as f:
+                spec = json.loads(f.metadata()["ldm_config"])
+            config = json.dumps({**spec, "parameterization": "x0"})
+        ckpt, extra = _checkpoint_with_config(tiny_ckpt, tmp_path, config), []
+    elif extra == ["ckpt:folder"]:
+        ckpt, extra = tmp_path, []
+    out = tmp_path / "out"
+    code, err = run(["--ckpt", str(ckpt), "--outdir", str(out), "--prompt", "a", "--steps", "1", *extra], capsys)
+    assert code == 1 and err.count("\n") == 1 and message in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_pngs_follow_the_umask(tiny_ckpt, tmp_path, capsys):
+    old = os.umask(0o027)
+    try:
+        code, err = run(["--ckpt", str(tiny_ckpt), "--outdir", str(tmp_path), "--prompt", "a", "--steps", "1"], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.glob("*.png")} == {oct(0o640)}

@@ -5,7 +5,8 @@ Two sources give the same sample format, so every trainer takes either:
 - `image_text_dataset`: LAION-style WebDataset tar shards (local paths, brace patterns, `pipe:` URLs);
 - `shapes_dataset`: the built-in shapes-v1 set, generated on the fly (no disk).
 
-`make_loader` batches them into `{"images": (B, 3, size, size), "captions": list[str], ...}`.
+`make_loader` batches them into `{"images": (B, 3, size, size), "captions": list[str], ...}`, and
+`Batches` turns those into the endless stream a training run reads.
 
 Distribution. Each process reads its own part of the data: shard `i` goes to rank `i % world_size`,
 and within a rank to DataLoader worker `(i // world_size) % num_workers`; shapes-v1 interleaves
@@ -16,8 +17,9 @@ every `world_size`-th batch of each rank; move batches to the device yourself.
 Corrupt data. A sample whose image does not decode, or that lacks an image or a caption, is
 skipped and counted; so is a shard that cannot be opened or read to its end (once per failure).
 `dataset.num_skipped` is the total for this process and all its DataLoader workers (the counts
-live in shared memory), meant for the progress bar or the logs; sum it over ranks for a global
-figure. Each worker also logs its first skip and then every `log_every`-th, with the reason.
+live in shared memory); training logs it as `skipped_samples` and prints the total over ranks at the
+end. Each worker also logs its first skip and then every `log_every`-th, with the reason. Data that
+yields no usable sample at all is an InputError when `Batches` reads its first batch.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -362,3 +364,30 @@ def make_loader(dataset: IterableDataset, batch_size: int, num_workers: int = 0)
     # Persistent workers keep their place (and shuffle epoch) when a finite dataset is iterated again.
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples,
                       persistent_workers=num_workers > 0)
+
+
+class Batches:
+    """The batches of `loader` (over `dataset`) as the endless iterator a training run reads. The first is
+    read at once, so data without a usable sample fails before a run writes anything; an end of the data
+    (a repeated stream ends only when a whole pass yields nothing) is an InputError that counts the skips."""
+
+    def __init__(self, loader: Iterable[dict[str, Any]], dataset: IterableDataset) -> None:
+        self._batches = iter(loader)
+        self._dataset = dataset
+        self._first: dict[str, Any] | None = self._read()
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        batch, self._first = self._first, None
+        return self._read() if batch is None else batch
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            return next(self._batches)
+        except StopIteration:
+            shards = getattr(self._dataset, "shards", [])
+            where = f"{len(shards)} shard(s) ({shards[0]}{', ...' if len(shards) > 1 else ''})" if shards else "data"
+            raise InputError(f"no usable sample in {where}: {getattr(self._dataset, 'num_skipped', 0)} skipped as "
+                             "corrupt, the warnings say why; check the data") from None

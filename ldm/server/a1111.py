@@ -32,10 +32,11 @@ from ldm.settings import GenerationSettings, SettingError
 API_NAMES = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "steps": "steps",
              "sampler": "sampler_name", "karras": "scheduler", "scale": "cfg_scale",
              "guidance_rescale": "guidance_rescale", "eta": "eta", "height": "height", "width": "width",
-             "batch_size": "batch_size", "init_img": "init_images", "strength": "denoising_strength", "mask": "mask"}
+             "batch_size": "batch_size", "init_img": "init_images", "strength": "denoising_strength", "mask": "mask",
+             "lora": "lora", "clip_skip": "CLIP_stop_at_last_layers"}
 # Request fields that set one setting as they are (the sampler, scheduler and images take more).
 _PLAIN_FIELDS = {api: ours for ours, api in API_NAMES.items()
-                 if api not in ("sampler_name", "scheduler", "init_images", "mask")}
+                 if api not in ("sampler_name", "scheduler", "init_images", "mask", "lora", "CLIP_stop_at_last_layers")}
 
 TXT2IMG_DEFAULTS: dict[str, Any] = {
     "prompt": "", "negative_prompt": "", "seed": -1, "steps": 50, "cfg_scale": 7.0, "width": None, "height": None,
@@ -104,6 +105,8 @@ def parse_job(body: object, kind: str, limits: Limits) -> Job:
     checkpoint = overrides.get("sd_model_checkpoint") if isinstance(overrides, dict) else None
     if not isinstance(overrides, dict) or not isinstance(checkpoint, (str, type(None))):
         raise InputError(f"override_settings must map option names to values, got {overrides!r}")
+    if "CLIP_stop_at_last_layers" in overrides:  # A1111's clip skip
+        values["clip_skip"] = overrides["CLIP_stop_at_last_layers"]
 
     extra: dict[str, object] = {}
     if kind == "img2img":
@@ -124,7 +127,8 @@ def parse_job(body: object, kind: str, limits: Limits) -> Job:
 
 
 def _settings_values(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """The GenerationSettings values that the A1111 `fields` given set."""
+    """The GenerationSettings values that the A1111 `fields` given set (LoRAs come as <lora:...> tags in
+    the prompt, as in A1111)."""
     values = {ours: fields[name] for name, ours in _PLAIN_FIELDS.items() if name in fields}
     sampler = fields.get("sampler_name") or fields.get("sampler_index")
     if sampler is not None or fields.get("scheduler") is not None:

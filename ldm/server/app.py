@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ldm.cli import out_of_memory
 from ldm.errors import InputError
-from ldm.files import file_sha256
+from ldm.files import sha256_file
 from ldm.infotext import A1111_SAMPLERS, SCHEDULERS, parse_infotext
 from ldm.samplers import REGISTRY
 from ldm.server.a1111 import Limits, decode_image, parse_job
@@ -199,7 +199,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.get("/sdapi/v1/options")
     def get_options() -> dict[str, Any]:
         return {"sd_model_checkpoint": Catalog.title(engine.checkpoint),
-                "sd_checkpoint_hash": file_sha256(engine.checkpoint),
+                "sd_checkpoint_hash": sha256_file(engine.checkpoint),
                 "samples_format": "png", "CLIP_stop_at_last_layers": 1, "eta_ddim": 0.0}
 
     @app.post("/sdapi/v1/options")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ldm.errors import InputError
-from ldm.files import file_sha256
+from ldm.files import sha256_file
 from ldm.generate import image_text
 from ldm.img2img import start_step
 from ldm.infotext import model_hash
@@ -55,7 +55,7 @@ class Catalog:
 
     def items(self) -> list[dict[str, Any]]:
         """A1111's /sdapi/v1/sd-models."""
-        return [{"title": self.title(p), "model_name": p.stem, "hash": model_hash(p), "sha256": file_sha256(p),
+        return [{"title": self.title(p), "model_name": p.stem, "hash": model_hash(p), "sha256": sha256_file(p),
                  "filename": str(p), "config": None} for p in self.files()]
 
 
@@ -94,7 +94,7 @@ class Engine:
             for n, batch in enumerate(job.batches()):
                 task.begin(n, job.n_iter, batch.steps - skipped)
                 for k, image in enumerate(pipe.generate(batch, progress=False, callback=lambda i, x: task.advance())):
-                    text = image_text(batch, k, image, pipe.name, path.name, digest, job.extra)
+                    text = image_text(batch, k, image, pipe.name, path.name, pipe.model_text(), digest, job.extra)
                     images.append(encode_png(image, text))
                     infotexts.append(text["parameters"])
                     size = image.size

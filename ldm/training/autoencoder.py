@@ -21,7 +21,7 @@ from accelerate import Accelerator
 
 from ldm.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.config import config_dict
-from ldm.data.loader import make_loader
+from ldm.data.loader import Batches, make_loader
 from ldm.files import write_json
 from ldm.generate import save_grid
 from ldm.images import to_pil
@@ -143,10 +143,9 @@ class AutoencoderStage(Stage):
     def start(self, run: TrainingRun) -> None:
         cfg, data = self.cfg, self.data
         self.dataset = build_dataset(data, self.accelerator, run.samples_seen, seed=cfg.seed + run.step)
-        self.batches = iter(make_loader(self.dataset, cfg.batch_size, cfg.num_workers))
+        self.batches = Batches(make_loader(self.dataset, cfg.batch_size, cfg.num_workers), self.dataset)
         self.val_data = dataclasses.replace(data, split="val") if data.dataset == "shapes-v1" else data
-        val_loader = make_loader(build_dataset(self.val_data, self.accelerator), self.acfg.num_sample_images)
-        self.val_images = next(iter(val_loader))["images"]
+        self.val_images = next(self.val_batches(self.acfg.num_sample_images))["images"]
 
     def step(self, run: TrainingRun, generator: torch.Generator, device_generator: torch.Generator) -> StepResult:
         accelerator, loss_fn = self.accelerator, self.loss_fn
@@ -158,6 +157,9 @@ class AutoencoderStage(Stage):
         with accelerator.autocast():
             reconstructions, posterior = self.model(images, generator=device_generator)
         g_loss, logs = loss_fn.generator_loss(images, reconstructions.float(), posterior, run.step, self.last_layer)
+        if run.skip(g_loss):  # the discriminator sits the step out too
+            self.opt_g.zero_grad(set_to_none=True)
+            return g_loss, {"skipped_samples": self.dataset.num_skipped}
         optimizer_step(accelerator, g_loss, self.model, self.opt_g, self.sched_g, self.cfg.max_grad_norm)
         if run.step >= self.loss_config.disc_start:
             d_loss, d_logs = loss_fn.discriminator_loss(images, reconstructions.detach().float(), run.step)
@@ -172,6 +174,10 @@ class AutoencoderStage(Stage):
                 self.sched_d.step()
         return g_loss, {"rec_loss": logs["rec_loss"], **logs, "skipped_samples": self.dataset.num_skipped}
 
+    def val_batches(self, batch_size: int) -> Batches:
+        dataset = build_dataset(self.val_data, self.accelerator)
+        return Batches(make_loader(dataset, batch_size), dataset)
+
     def write_samples(self, model: torch.nn.Module, path: Path) -> None:
         write_reconstructions(model, self.val_images.to(self.accelerator.device), path)
 
@@ -183,7 +189,7 @@ class AutoencoderStage(Stage):
         if not acfg.train_decoder_only:
             autoencoder.config.scale_factor = measure_scale_factor(autoencoder, self.batches,
                                                                    acfg.scale_factor_samples, device)
-        val_batches = iter(make_loader(build_dataset(self.val_data, self.accelerator), self.cfg.batch_size))
+        val_batches = self.val_batches(self.cfg.batch_size)
         metrics = {"steps": run.step, "scale_factor": autoencoder.config.scale_factor,
                    f"psnr_val_{acfg.eval_samples}": evaluate_psnr(autoencoder, val_batches, acfg.eval_samples, device)}
         write_json(run_dir / "metrics.json", metrics)

@@ -39,7 +39,7 @@ from accelerate import Accelerator
 
 from ldm.clip import ClipConfig, SmallCLIP, contrastive_loss
 from ldm.config import config_dict
-from ldm.data.loader import make_loader, shapes_dataset
+from ldm.data.loader import Batches, make_loader, shapes_dataset
 from ldm.errors import InputError
 from ldm.files import write_json
 from ldm.shapes.dataset import (
@@ -194,7 +194,7 @@ class ClipStage(Stage):
 
     def start(self, run: TrainingRun) -> None:
         self.dataset = build_dataset(self.data, self.accelerator, run.samples_seen, seed=self.cfg.seed + run.step)
-        self.batches = iter(make_loader(self.dataset, self.cfg.batch_size, self.cfg.num_workers))
+        self.batches = Batches(make_loader(self.dataset, self.cfg.batch_size, self.cfg.num_workers), self.dataset)
 
     def step(self, run: TrainingRun, generator: torch.Generator, device_generator: torch.Generator) -> StepResult:
         batch = next(self.batches)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors import SafetensorError
 from torch import nn
 from tqdm import tqdm
 
@@ -55,8 +57,31 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_config=project,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               step_scheduler_with_optimizer=False)
+    check_launch(accelerator)
     set_seed(cfg.seed, device_specific=True)
     return accelerator
+
+
+# Where launchers put the number of processes they started: torchrun and accelerate's multi-GPU launcher,
+# then the MPI implementations that accelerate reads.
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Refuse processes that accelerate did not join into one run: each would train alone, on the same
+    samples, racing its copies on one output folder."""
+    launched = next((int(os.environ[name]) for name in WORLD_SIZE_VARIABLES if name in os.environ), 1)
+    if launched != accelerator.num_processes:
+        raise InputError(f"the launcher started {launched} processes but accelerate set up "
+                         f"{accelerator.num_processes} (distributed type {accelerator.distributed_type.value}), "
+                         "so each would train alone on the same samples and output folder; without GPUs, set "
+                         "ACCELERATE_USE_CPU=true to train them together on the CPU")
+    # accelerate launch's simple launcher sets MASTER_ADDR only for --num_processes or --num_machines > 1,
+    # and still starts one process (several only with --multi_gpu, or through mpirun).
+    if launched == 1 and "MASTER_ADDR" in os.environ and "ACCELERATE_MIXED_PRECISION" in os.environ:
+        raise InputError("accelerate launch started 1 process although --num_processes (or --num_machines) asks "
+                         "for more: add --multi_gpu, which starts them on a CPU too with ACCELERATE_USE_CPU=true "
+                         "(README, Training), or leave out --num_processes")
 
 
 def save_run_config(accelerator: Accelerator, config: dict[str, Any]) -> None:
@@ -67,8 +92,23 @@ def save_run_config(accelerator: Accelerator, config: dict[str, Any]) -> None:
             tmp.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 0 to the base learning rate over `warmup_steps`, then constant or cosine decay."""
+class ConfigSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """A LambdaLR that keeps its own base learning rates when it loads a checkpoint: a resumed run takes
+    the step count from the checkpoint and the learning rate at that step from its config, as a new run
+    with that config would. (accelerate loads the optimizers, which carry the old rates, before this.)"""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        base_lrs = self.base_lrs
+        super().load_state_dict(state_dict)
+        self.base_lrs = base_lrs
+        for group, base_lr, factor in zip(self.optimizer.param_groups, base_lrs, self.lr_lambdas, strict=True):
+            group["initial_lr"], group["lr"] = base_lr, base_lr * factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> ConfigSchedule:
+    """Linear warmup from 0 to the base learning rate over `warmup_steps`, then constant or cosine decay;
+    the config's also when resuming (`ConfigSchedule`)."""
     warmup, total = max(1, cfg.warmup_steps), max(cfg.max_steps, cfg.warmup_steps + 1)
 
     def factor(step: int) -> float:
@@ -76,7 +116,19 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.op
             return min(1.0, (step + 1) / warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return ConfigSchedule(optimizer, factor)
+
+
+def schedule_changes(cfg: TrainConfig) -> list[str]:
+    """The learning-rate settings in which `cfg` differs from those of the run in `cfg.output_dir`, read
+    from its config.yaml (written by the session that wrote its checkpoints), as `train.KEY NEW (was OLD)`."""
+    try:
+        previous = yaml.safe_load((Path(cfg.output_dir) / "config.yaml").read_text())["train"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return []  # nothing readable to compare with
+    keys = ("learning_rate", "lr_schedule", "warmup_steps") + (("max_steps",) if cfg.lr_schedule == "cosine" else ())
+    was = {key: previous.get(key, getattr(TrainConfig, key)) for key in keys} if isinstance(previous, dict) else {}
+    return [f"train.{key} {getattr(cfg, key)} (was {was[key]})" for key in was if was[key] != getattr(cfg, key)]
 
 
 class EMA:
@@ -115,23 +167,36 @@ class Checkpoints:
         self.keep_last = max(1, keep_last)
 
     def all(self) -> list[Path]:
+        """The complete checkpoints, oldest first: in step order, which is the names' order only up to 999999."""
         if not self.dir.is_dir():
             return []
-        return sorted(p for p in self.dir.glob("step-*") if (p / "state.json").is_file())
+        found = [p for p in self.dir.glob("step-*") if p.name[5:].isdigit() and (p / "state.json").is_file()]
+        return sorted(found, key=lambda p: int(p.name[5:]))
 
     def latest(self) -> Path | None:
         found = self.all()
         return found[-1] if found else None
 
     def save(self, accelerator: Accelerator, step: int, state: dict[str, Any]) -> Path:
+        """Write checkpoint `step`; every process takes part. A write that fails on any process (a full
+        disk) removes the partial save and raises a one-line OSError on all of them."""
         final = self.dir / f"step-{step:06d}"
         tmp = self.dir / f".tmp-step-{step:06d}"
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        failure = None
+        try:
+            accelerator.save_state(str(tmp))
+            if accelerator.is_main_process:
+                (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch's writer reports a full disk as a RuntimeError
+            failure = e
+        if sum_over_processes(accelerator, failure is not None):
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise self._save_error(final, failure) from None
         if accelerator.is_main_process:
-            (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -139,6 +204,18 @@ class Checkpoints:
                 shutil.rmtree(old)
         accelerator.wait_for_everyone()
         return final
+
+    def _save_error(self, final: Path, failure: Exception | None) -> OSError:
+        if failure is None:
+            reason = "another process could not write its part"
+        elif isinstance(failure, OSError) and failure.strerror:
+            reason = failure.strerror
+        else:
+            reason = (str(failure).splitlines() or [type(failure).__name__])[0]
+        last = self.latest()  # untouched: nothing is renamed or deleted before a save is complete
+        then = f"continue from {last.name} with --resume" if last else "start the run again"
+        return OSError(getattr(failure, "errno", None), f"cannot save checkpoint {final}: {reason}; removed the "
+                       f"partial save; free disk space (or lower train.keep_last), then {then}")
 
     def remove_unfinished(self, accelerator: Accelerator) -> None:
         """Delete `.tmp-step-*` folders: saves of a process killed before it could rename them."""
@@ -163,19 +240,35 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
                          "pass --resume to continue it, or set train.output_dir to a new folder")
 
 
-def check_finite(loss: torch.Tensor, step: int, checkpoints: Checkpoints, skip: bool) -> bool:
-    """False if the step should be skipped; raises on NaN/inf unless `skip` (never saves NaN weights).
+class NonFiniteLoss:
+    """The first NaN/inf loss of a run: noted on the device at every micro-batch, with no sync, and
+    read only when checked (logging and checkpoint steps), so it is reported at the step it appeared."""
 
-    Reading the loss syncs with the device, so callers do it only on logging steps or when asked to skip.
-    """
-    if math.isfinite(loss.item()):
-        return True
-    if skip:
-        return False
-    last = checkpoints.latest()
-    raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good checkpoint is "
-                             f"{last or 'none'} (resume from it with a lower learning rate, or set "
-                             "train.skip_nan_steps=true)")
+    def __init__(self) -> None:
+        self._step: torch.Tensor | None = None  # the first step with a NaN/inf loss; 0 while there is none
+        self._loss: torch.Tensor | None = None  # that loss
+
+    def note(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        if self._step is None or self._loss is None:
+            self._step = torch.zeros((), dtype=torch.long, device=loss.device)
+            self._loss = torch.zeros((), device=loss.device)
+        first = ~torch.isfinite(loss) & (self._step == 0)
+        self._step = torch.where(first, step, self._step)
+        self._loss = torch.where(first, loss, self._loss)
+
+    def check(self, accelerator: Accelerator, checkpoints: Checkpoints) -> None:
+        """Raise FloatingPointError at the first NaN/inf loss of any process (every process calls this)."""
+        if self._step is None or self._loss is None:
+            return
+        steps, losses = accelerator.gather(self._step[None]), accelerator.gather(self._loss[None])
+        seen = steps > 0
+        if not seen.any():
+            return
+        first = int(torch.where(seen, steps, steps.max() + 1).argmin())
+        raise FloatingPointError(f"loss is {losses[first].item()} at step {steps[first].item()}; the last good "
+                                 f"checkpoint is {checkpoints.latest() or 'none'} (resume from it with a lower "
+                                 "learning rate, or set train.skip_nan_steps=true)")
 
 
 def progress_bar(accelerator: Accelerator, cfg: TrainConfig, initial: int, desc: str) -> tqdm:
@@ -201,7 +294,8 @@ def build_dataset(data: DataConfig, accelerator: Accelerator, samples_seen: int 
     """The `data:` section -> an iterable dataset of {"images", "captions"}, split across processes.
 
     `dataset: shapes-v1` streams the built-in set from where `samples_seen` (per process) left it;
-    `webdataset` reads the shards of `urls`, whose position is not resumable beyond the seed.
+    `webdataset` reads the shards of `urls` from their start, in the order and shuffle that `seed` draws:
+    a stream's position is not restored, so resuming stages pass a seed that varies with the step.
     """
     if data.dataset == "shapes-v1":
         return shapes_dataset(data.split, size=data.size, rank=accelerator.process_index,
@@ -235,10 +329,16 @@ class StopSignal:
         self.signal = signum
 
     def requested(self, accelerator: Accelerator) -> bool:
-        flag = torch.tensor([self.signal is not None], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag.int(), reduction="sum") > 0
-        return bool(flag.item())
+        return sum_over_processes(accelerator, self.signal is not None) > 0
+
+
+def sum_over_processes(accelerator: Accelerator, value: int) -> int:
+    """`value` summed over all processes, the same on each: a collective that every process must call,
+    so that all take the same branch (stop, skip, fail) after it."""
+    if accelerator.num_processes == 1:
+        return int(value)
+    total = accelerator.reduce(torch.tensor([int(value)], device=accelerator.device), reduction="sum")
+    return int(total.item())
 
 
 def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -268,10 +368,19 @@ class TrainingRun:
         self.checkpoints = Checkpoints(cfg.output_dir, cfg.keep_last)
         self.step, self.samples_seen = 0, 0  # optimizer steps; samples read by this process
         self.micro_batch = 0  # micro-batches of the current optimizer step drawn so far (gradient accumulation)
+        self.nan_steps = 0  # steps of this session that skipped a NaN/inf micro-batch (train.skip_nan_steps)
+        self.skipped_samples = 0  # corrupt samples this process skipped in this session, from the stage's logs
+        self.stopped = False  # a stop signal ended the run, after saving a checkpoint
+        self._skipped = False  # `skip` dropped the current micro-batch
+        self._skipping = False  # the current step has skipped a micro-batch
+        self._nonfinite = NonFiniteLoss()
         if resume and (latest := self.checkpoints.latest()) is not None:
             state = self.checkpoints.load(accelerator, latest)
             self.step, self.samples_seen = state["step"], state["samples_seen"]
             accelerator.print(f"resumed from {latest} at step {self.step}")
+            if changes := schedule_changes(cfg):
+                accelerator.print("resuming with the config's learning-rate schedule, not the checkpoint's: "
+                                  + ", ".join(changes))
             self.checkpoints.remove_unfinished(accelerator)
         self._stop = StopSignal()
 
@@ -281,9 +390,14 @@ class TrainingRun:
         self._stop.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self._stop.__exit__()
         self._bar.close()
+        if exc_type is None:  # what the run skipped, over all processes (a collective)
+            if self.cfg.skip_nan_steps:
+                self.accelerator.print(f"{self.nan_steps} step(s) skipped for a NaN/inf loss (train.skip_nan_steps)")
+            if skipped := sum_over_processes(self.accelerator, self.skipped_samples):
+                self.accelerator.print(f"{skipped} corrupt sample(s) or shard read(s) skipped; the warnings say why")
 
     @property
     def done(self) -> bool:
@@ -302,33 +416,50 @@ class TrainingRun:
         return torch.Generator().manual_seed(2 * seed), torch.Generator(device).manual_seed(2 * seed + 1)
 
     def skip(self, loss: torch.Tensor) -> bool:
-        """True if this step's loss is NaN/inf and the config says to skip such steps."""
-        return self.cfg.skip_nan_steps and not check_finite(loss, self.step, self.checkpoints, skip=True)
+        """True if train.skip_nan_steps is set and this micro-batch's loss is NaN/inf on any process: the
+        stage then drops its gradients. Reads the loss (a device sync), so only when skipping is on."""
+        if not self.cfg.skip_nan_steps:
+            return False
+        self._skipped = sum_over_processes(self.accelerator, not math.isfinite(loss.item())) > 0
+        return self._skipped
 
-    def end_step(self, loss: torch.Tensor, logs: dict[str, float | torch.Tensor]) -> bool:
+    def watch(self, loss: torch.Tensor) -> None:
+        """Note a micro-batch's loss, after the stage's step: a NaN/inf that was not skipped ends the run at
+        the next logging or checkpoint step, reported at the step where it appeared."""
+        if self._skipped:
+            self._skipped, self._skipping = False, True
+        else:
+            self._nonfinite.note(loss, self.step + 1)
+
+    def end_step(self, loss: torch.Tensor, logs: dict[str, float | torch.Tensor]) -> None:
         """Count a finished optimizer step: log the loss (averaged over processes) and `logs`, save
-        checkpoints when due; False when a stop signal asks the run to end now (a checkpoint has
-        then been saved). Values are read (a device sync) only on logging steps."""
+        checkpoints when due, and set `stopped` when a stop signal asks the run to end now (a checkpoint
+        has then been saved). Values are read (a device sync) only on logging and checkpoint steps."""
         cfg, accelerator = self.cfg, self.accelerator
         self.step += 1
         self.micro_batch = 0
         self._bar.update(1)
+        if self._skipping:
+            self._skipping, self.nan_steps = False, self.nan_steps + 1
+            if self.nan_steps == 1 and accelerator.is_local_main_process:
+                tqdm.write(f"step {self.step}: NaN/inf loss, step skipped (train.skip_nan_steps); "
+                           "the logs count skips as skipped_nan_steps")
+        self.skipped_samples = int(logs.get("skipped_samples", 0))
         last = self.done
         if self.step % cfg.log_every == 0 or last:
-            check_finite(loss, self.step, self.checkpoints, skip=False)
+            self._nonfinite.check(accelerator, self.checkpoints)
             values = {"loss": self.accelerator.gather(loss.detach()[None]).mean().item(),
                       **{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}}
+            if cfg.skip_nan_steps:
+                values["skipped_nan_steps"] = self.nan_steps
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:2]})  # loss, first of logs
             accelerator.log(values, step=self.step)
-        if self.step % cfg.checkpoint_every == 0 or last:
-            check_finite(loss, self.step, self.checkpoints, skip=False)
-            self.checkpoints.save(accelerator, self.step, {"samples_seen": self.samples_seen})
-        if self._stop.requested(accelerator):
+        self.stopped = self._stop.requested(accelerator)
+        if self.step % cfg.checkpoint_every == 0 or last or self.stopped:
+            self._nonfinite.check(accelerator, self.checkpoints)  # never save weights a NaN has reached
             path = self.checkpoints.save(accelerator, self.step, {"samples_seen": self.samples_seen})
+        if self.stopped:
             accelerator.print(f"stopped by signal at step {self.step}; saved {path}; continue with --resume")
-            accelerator.end_training()
-            return False
-        return True
 
     def sample_due(self) -> bool:
         """Whether this process should write sample images now (main process, every sample_every)."""

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ldm.autoencoder import AutoencoderKL
-from ldm.data.loader import make_loader
+from ldm.data.loader import Batches, make_loader
 from ldm.errors import InputError
 from ldm.generate import save_grid
 from ldm.pipeline import Pipeline
@@ -187,15 +187,16 @@ class DiffusionStage(Stage):
         return self.unet
 
     def start(self, run: TrainingRun) -> None:
-        # With a latent cache the cache is the whole data set, always encoded from the first samples;
-        # otherwise the stream continues where the checkpoint left it.
+        # With a latent cache the cache is the whole data set, always encoded from the first samples of the
+        # run's first stream, so a resumed run trains on the same cache; otherwise the stream continues
+        # where the checkpoint left it (shapes-v1), or restarts reshuffled by the step (shards).
         dcfg, accelerator = self.dcfg, self.accelerator
-        start = 0 if dcfg.precompute_latents > 0 else run.samples_seen
-        self.dataset = build_dataset(self.data, accelerator, start, seed=self.cfg.seed + run.step)
-        self.batches = iter(make_loader(self.dataset, self.cfg.batch_size, self.cfg.num_workers))
+        cached = dcfg.precompute_latents > 0
+        start, seed = (0, self.cfg.seed) if cached else (run.samples_seen, self.cfg.seed + run.step)
+        self.dataset = build_dataset(self.data, accelerator, start, seed=seed)
+        self.batches = Batches(make_loader(self.dataset, self.cfg.batch_size, self.cfg.num_workers), self.dataset)
         self.cache = LatentCache(self.autoencoder, self.text_encoder, self.batches, dcfg.precompute_latents,
-                                 accelerator.device, accelerator.is_local_main_process) if dcfg.precompute_latents \
-            else None
+                                 accelerator.device, accelerator.is_local_main_process) if cached else None
 
     def step(self, run: TrainingRun, generator: torch.Generator, device_generator: torch.Generator) -> StepResult:
         cfg, dcfg, schedule, device = self.cfg, self.dcfg, self.schedule, self.accelerator.device

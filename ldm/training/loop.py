@@ -81,16 +81,18 @@ def train(stage: Stage, resume: bool = False) -> Path | None:
             generators = run.generators(accelerator.device)
             with accelerator.accumulate(model):
                 loss, logs = stage.step(run, *generators)
+            run.watch(loss)
             if not accelerator.sync_gradients:
                 continue  # more micro-batches to accumulate before the optimizer step ends
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model))
-            if not run.end_step(loss, logs):
-                return None
+            run.end_step(loss, logs)
+            if run.stopped:
+                break
             if run.sample_due():
                 stage.write_samples(averaged(), run_dir / "samples" / f"step-{run.step:06d}.png")
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not run.stopped:
         stage.export(averaged(), run)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it destroys the process group that wait_for_everyone needs
-    return run_dir / stage.output
+    return None if run.stopped else run_dir / stage.output

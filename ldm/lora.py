@@ -1,0 +1,264 @@
+"""LoRA-family adapter files: read kohya, diffusers / PEFT and LyCORIS files, merge them into the weights,
+take them out again.
+
+Each layer an adapter changes gets a delta of its weight's shape, from the tensors stored under the
+layer's name (after the name, the key ends in one of):
+
+    lora_down.weight, lora_up.weight, alpha       kohya LoRA; LoCon on convolutions: up (down)
+    lora_A.weight, lora_B.weight                  diffusers / PEFT: B (A)
+    hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b    LyCORIS LoHa: (w1_a w1_b) * (w2_a w2_b), elementwise
+    lokr_w1 | lokr_w1_a, lokr_w1_b,               LyCORIS LoKr: kron(w1, w2), each stored whole or as a
+    lokr_w2 | lokr_w2_a, lokr_w2_b                  product of two factors
+    dora_scale                                    DoRA's magnitude, with any of them
+
+and is scaled by alpha / rank (1 without an alpha, or for a LoKr stored whole). With DoRA the merged
+weight W + delta is renormalised: each output row (or input column, by `dora_scale`'s shape) gets the
+norm `dora_scale` gives.
+
+Merging adds `weight * delta` to the weights in place (no cost per step), in float32 and then cast.
+`MergedAdapters` backs up each weight before it first changes, so taking adapters out restores the
+original weights bit for bit, and a new set of adapters is always merged onto the originals.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ldm.errors import InputError
+from ldm.files import sha256_file
+from ldm.layer_names import Layer, flat
+from ldm.weights_io import read_checkpoint
+
+ADAPTER_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+# Key prefix -> the component it changes. SDXL's two text encoders are named, so their files are told apart.
+_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "unet.": "unet", "text_encoder.": "text_encoder",
+             "lora_te1_": "sdxl", "lora_te2_": "sdxl", "text_encoder_2.": "sdxl"}
+_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up",
+             "lora.down.weight": "down", "lora.up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale",
+             **{name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a",
+                                        "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}}
+# Forms named by these keys are not read (Tucker-decomposed convolutions); their layers are reported ignored.
+_UNSUPPORTED = ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2")
+# <lora:NAME> or <lora:NAME:WEIGHT> in a prompt (AUTOMATIC1111's syntax; <lyco:...> is its older spelling).
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
+
+
+def _rank(t: Mapping[str, Tensor]) -> int | None:
+    """The rank alpha is divided by; None for a LoKr stored whole, whose alpha is not used."""
+    if "down" in t:
+        return t["down"].shape[0]
+    if "hada_w1_b" in t:
+        return t["hada_w1_b"].shape[0]
+    factor = t.get("lokr_w1_b", t.get("lokr_w2_b"))
+    return None if factor is None else factor.shape[0]
+
+
+def layer_delta(tensors: Mapping[str, Tensor], shape: torch.Size, strength: float = 1.0) -> Tensor:
+    """The change (float32) of one weight of `shape` at `strength`, from its adapter tensors (by `_SUFFIXES`
+    name), before DoRA. The scale goes into a small factor, so the full-size product is the only full-size
+    work."""
+    t = {name: value.float() for name, value in tensors.items()}
+    rank, scale = _rank(t), strength
+    if "alpha" in t and rank is not None:
+        scale *= t["alpha"].item() / rank
+    if "up" in t:
+        delta = (t["up"].reshape(shape[0], rank) * scale) @ t["down"].reshape(rank, -1)
+    elif "hada_w1_a" in t:
+        delta = ((t["hada_w1_a"] * scale) @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
+    elif "lokr_w1" in t or "lokr_w1_a" in t:
+        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+        w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+        w2 = w2.reshape(w2.shape[0], shape[1] // w1.shape[1], *shape[2:])
+        delta = torch.kron(scale * w1.reshape(*w1.shape, *[1] * (len(shape) - 2)), w2)
+    else:
+        raise KeyError(f"no adapter tensors among {sorted(t)}")
+    return delta.reshape(shape)
+
+
+def merged_weight(weight: Tensor, tensors: Mapping[str, Tensor], strength: float) -> Tensor:
+    """`weight` (float32) with the adapter of `tensors` merged at `strength`."""
+    merged = weight + layer_delta(tensors, weight.shape, strength)
+    if "dora_scale" not in tensors:
+        return merged
+    magnitude = tensors["dora_scale"].float()
+    on_rows = magnitude.shape[0] == weight.shape[0] and magnitude.numel() == weight.shape[0]
+    dims = tuple(range(1, merged.ndim)) if on_rows else (0, *range(2, merged.ndim))
+    norm = merged.norm(dim=dims, keepdim=True) + torch.finfo(torch.float32).eps
+    scale = magnitude.reshape(norm.shape) / norm
+    return merged * (strength * (scale - 1) + 1)  # LyCORIS' reading of a strength other than 1
+
+
+@dataclass(eq=False)  # one per file read: compared by identity
+class Adapter:
+    """An adapter file matched to a model: the layers it changes and their tensors."""
+
+    path: Path
+    changes: list[tuple[Layer, dict[str, Tensor]]]
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @functools.cached_property
+    def short_hash(self) -> str:
+        """The first 12 hex digits of the file's sha256 (read when first asked: the PNG text needs it)."""
+        return sha256_file(self.path)[:12]
+
+
+def read_adapter(path: str | Path, layers: Mapping[str, Mapping[str, Layer]],
+                 weights: Mapping[str, Mapping[str, Tensor]], family: str) -> Adapter:
+    """Read a LoRA / LyCORIS file and match its layers to a model's: `layers[component]` is the
+    component's table (`ldm.layer_names`), `weights[component]` its state dict (for the shapes).
+
+    InputError when nothing matches (naming the family the file was made for); a warning names how
+    many layers were ignored when only some match.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"LoRA not found: {path} (pass an existing .safetensors or .pt file)")
+    tensors, _ = read_checkpoint(path)
+    groups: dict[tuple[str, str], dict[str, Tensor]] = {}
+    unsupported: set[tuple[str, str]] = set()
+    for key, value in tensors.items():
+        prefix = next((p for p in _PREFIXES if key.startswith(p)), None)
+        suffix = next((s for s in (*_SUFFIXES, *_UNSUPPORTED) if key.endswith("." + s)), None)
+        if prefix is None or suffix is None:
+            continue
+        target = (_PREFIXES[prefix], flat(key[len(prefix): -len(suffix) - 1]))
+        if suffix in _UNSUPPORTED:
+            unsupported.add(target)
+        groups.setdefault(target, {})[_SUFFIXES.get(suffix, suffix)] = value
+    if not groups:
+        raise InputError(f"{path} holds no LoRA or LyCORIS layers (keys like lora_unet_*.lora_down.weight); "
+                         "pass a LoRA file")
+    changes, ignored = [], []
+    for (component, name), group in groups.items():
+        layer = layers.get(component, {}).get(name)
+        if layer is None or (component, name) in unsupported or not _fits(group, layer, weights):
+            ignored.append(name)
+            continue
+        changes.append((layer, group))
+    if not changes:
+        raise InputError(f"{path} matches no layer of this {family} model: it looks made for "
+                         f"{made_for(tensors)}; pass a LoRA trained for {family}")
+    if ignored:
+        warnings.warn(f"{path.name}: used {len(changes)} of {len(groups)} layers; ignored {len(ignored)} that this "
+                      f"model lacks or that have another shape (first: {ignored[0]})", stacklevel=2)
+    return Adapter(path, changes)
+
+
+def _fits(group: dict[str, Tensor], layer: Layer, weights: Mapping[str, Mapping[str, Tensor]]) -> bool:
+    """Whether the adapter's delta has the shape of the layer's weight (checked from shapes alone)."""
+    weight = weights[layer.component][layer.weight]
+    shape = weight.shape if layer.rows is None else weight[layer.rows].shape
+    out_features, in_features = shape[0], math.prod(shape[1:])
+    try:
+        if "up" in group:
+            up, down = group["up"], group["down"]
+            return up.shape[0] == out_features and up[0].numel() == down.shape[0] and down[0].numel() == in_features
+        if "hada_w1_a" in group:
+            return all(group[f"hada_w{i}_a"].shape[0] == out_features and group[f"hada_w{i}_b"].shape[1] == in_features
+                       for i in (1, 2))
+        rows, columns = [], []
+        for i in (1, 2):
+            whole = group.get(f"lokr_w{i}")
+            rows.append(whole.shape[0] if whole is not None else group[f"lokr_w{i}_a"].shape[0])
+            columns.append(whole[0].numel() if whole is not None else group[f"lokr_w{i}_b"].shape[1])
+        return rows[0] * rows[1] == out_features and columns[0] * columns[1] == in_features
+    except (KeyError, IndexError):
+        return False
+
+
+def made_for(tensors: Mapping[str, Tensor]) -> str:
+    """The model family an adapter's keys and shapes point to, for messages."""
+    if any(key.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for key in tensors):
+        return "SDXL"
+    for key, value in tensors.items():
+        if "attn2" in key and "to_k" in key and key.endswith(("lora_down.weight", "lora_A.weight")):
+            return {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(value.shape[1], f"a {value.shape[1]}-wide context")
+    return "another model"
+
+
+class MergedAdapters:
+    """The adapters merged into a model's components now, and the original weights they replaced."""
+
+    def __init__(self, components: Mapping[str, nn.Module]) -> None:
+        self.components = components
+        self.active: list[tuple[Adapter, float]] = []
+        self._originals: dict[tuple[str, str], Tensor] = {}
+
+    def set(self, adapters: Sequence[tuple[Adapter, float]]) -> None:
+        """Merge exactly `adapters` (each at its strength) onto the original weights."""
+        if len(adapters) == len(self.active) and all(
+                a is b and s == t for (a, s), (b, t) in zip(adapters, self.active, strict=True)):
+            return  # the same files, read once (a changed file is a new Adapter), at the same strengths
+        self.clear()
+        with torch.no_grad():
+            for adapter, strength in adapters:
+                for layer, tensors in adapter.changes:
+                    weight = self.components[layer.component].get_parameter(layer.weight)
+                    self._originals.setdefault((layer.component, layer.weight), weight.detach().clone())
+                    part = weight if layer.rows is None else weight[layer.rows]
+                    tensors = {k: v.to(weight.device) for k, v in tensors.items()}
+                    if "dora_scale" in tensors or part.dtype != torch.float32:
+                        part.copy_(merged_weight(part.float(), tensors, strength).to(weight.dtype))
+                    else:
+                        part.add_(layer_delta(tensors, part.shape, strength))
+        self.active = list(adapters)
+
+    def clear(self) -> None:
+        """Put back every original weight."""
+        with torch.no_grad():
+            for (component, name), original in self._originals.items():
+                self.components[component].get_parameter(name).copy_(original)
+        self._originals.clear()
+        self.active = []
+
+
+def parse_lora_spec(text: str) -> tuple[Path, float]:
+    """`FILE` or `FILE:WEIGHT` (as --lora takes it) -> (path, weight); the weight defaults to 1."""
+    path, _, weight = text.rpartition(":")
+    if not path or not weight or "/" in weight or "\\" in weight:
+        return Path(text), 1.0
+    return Path(path), parse_strength(weight, text)
+
+
+def parse_strength(text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise InputError(f"LoRA weight {text!r} in {where!r} is not a finite number (write NAME:0.8)")
+    return value
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """A prompt without its `<lora:NAME:WEIGHT>` tags, and the (NAME, WEIGHT) pairs they named."""
+    tags = [(m.group(1).strip(), 1.0 if m.group(2) in (None, "") else parse_strength(m.group(2), m.group(0)))
+            for m in LORA_TAG.finditer(prompt)]
+    return LORA_TAG.sub("", prompt), tags
+
+
+def find_adapter(name: str, folder: Path | None) -> Path:
+    """The file a `<lora:NAME>` tag means: NAME.safetensors (or .pt, .ckpt) anywhere under `folder`."""
+    if folder is None:
+        raise InputError(f"the prompt names <lora:{name}> but no LoRA folder is set; pass --lora_dir FOLDER")
+    for suffix in ADAPTER_SUFFIXES:
+        found = sorted(folder.rglob(f"{glob_escape(name)}{suffix}"))
+        if found:
+            return found[0]
+    raise InputError(f"<lora:{name}> names no file in {folder} (looked for {name}.safetensors, .pt, .ckpt)")
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
