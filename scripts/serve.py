@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", type=Path, default=BUNDLED_CHECKPOINT, help="the checkpoint loaded at start "
                    "(default: the bundled shapes-v1 model)")
     p.add_argument("--models_dir", type=Path, help="a folder of further .safetensors / .ckpt checkpoints to offer")
+    p.add_argument("--lora_dir", type=Path, help="folder of LoRA files that <lora:NAME:WEIGHT> in prompts names "
+                   "(listed at /sdapi/v1/loras)")
+    p.add_argument("--embeddings_dir", type=Path, help="folder of textual-inversion embeddings, triggered by "
+                   "their file names (listed at /sdapi/v1/embeddings)")
     p.add_argument("--api-auth", "--api_auth", dest="api_auth", metavar="USER:PASS",
                    help="require HTTP basic auth with this user name and password on every route")
     p.add_argument("--max_queue", type=int, default=16, help="jobs that may wait; more are refused with 503")
@@ -52,10 +56,12 @@ def parse_config(argv: list[str] | None) -> tuple[argparse.Namespace, ServerConf
             raise InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if not args.ckpt.is_file():
         raise InputError(f"checkpoint not found: {args.ckpt} (pass one with --ckpt PATH)")
-    if args.models_dir is not None and not args.models_dir.is_dir():
-        raise InputError(f"--models_dir {args.models_dir} is not a folder")
+    for flag in ("models_dir", "lora_dir", "embeddings_dir"):
+        if getattr(args, flag) is not None and not getattr(args, flag).is_dir():
+            raise InputError(f"--{flag} {getattr(args, flag)} is not a folder")
     device = resolve_device(args.device)
-    return args, ServerConfig(checkpoint=args.ckpt, models_dir=args.models_dir, auth=auth, max_queue=args.max_queue,
+    return args, ServerConfig(checkpoint=args.ckpt, models_dir=args.models_dir, lora_dir=args.lora_dir,
+                              embeddings_dir=args.embeddings_dir, auth=auth, max_queue=args.max_queue,
                               max_body_bytes=int(args.max_body_mb * 2**20),
                               limits=Limits(args.max_size, args.max_steps, args.max_images), device=device,
                               dtype=resolve_dtype(args.precision, device))

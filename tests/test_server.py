@@ -396,3 +396,35 @@ def test_serve_listens_on_the_loopback_by_default():
 
     args = serve.build_parser().parse_args([])
     assert (args.host, args.port, args.api_auth) == ("127.0.0.1", 7860, None)
+
+
+def test_loras_and_embeddings_are_listed_and_prompts_use_them(checkpoints, one_thread, tmp_path):
+    from safetensors.torch import save_file
+
+    from tests.test_lora import kohya_lora
+
+    pipe = Pipeline.from_checkpoint(checkpoints / "tiny.safetensors")
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "embeddings").mkdir()
+    save_file(kohya_lora(pipe, seed=3), str(tmp_path / "loras" / "style.safetensors"), metadata={"ss_note": "x"})
+    rows = pipe.text_encoder.token_embedding.weight[pipe.text_encoder.tokenizer.encode("red circle")]
+    save_file({"emb_params": rows.detach().clone()}, str(tmp_path / "embeddings" / "redthing.safetensors"))
+    config = ServerConfig(checkpoint=checkpoints / "tiny.safetensors", lora_dir=tmp_path / "loras",
+                          embeddings_dir=tmp_path / "embeddings")
+    with ThreadServer(create_app(config)) as s:
+        listed = requests.get(f"{s.url}/sdapi/v1/loras", timeout=30).json()
+        assert [(row["name"], row["metadata"]) for row in listed] == [("style", {"ss_note": "x"})]
+        embeddings = requests.get(f"{s.url}/sdapi/v1/embeddings", timeout=30).json()["loaded"]
+        assert {name: row["vectors"] for name, row in embeddings.items()} == {"redthing": 2}
+        tagged = post(s, "txt2img", {"prompt": "a redthing <lora:style:0.6>", "seed": 3, **FAST}).json()
+        infotext = json.loads(tagged["info"])["infotexts"][0]
+        assert 'Lora hashes: "style: ' in infotext and 'TI hashes: "redthing: ' in infotext
+        plain = post(s, "txt2img", {"prompt": "a red circle ", "seed": 3, **FAST}).json()
+        missing = post(s, "txt2img", {"prompt": "a <lora:gone>", **FAST})
+    pipe.lora_dir = tmp_path / "loras"
+    pipe.load_embeddings(tmp_path / "embeddings")
+    values, _ = read_infotext(infotext)  # what the server ran, through the pipeline with the same files
+    expected = pipe.generate(GenerationSettings(**values), progress=False)[0]
+    assert pixels(Image.open(io.BytesIO(base64.b64decode(tagged["images"][0])))).tolist() == pixels(expected).tolist()
+    assert tagged["images"][0] != plain["images"][0]
+    assert missing.status_code == 422 and "<lora:gone> names no file in" in missing.json()["detail"]

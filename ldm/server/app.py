@@ -44,6 +44,8 @@ class ServerConfig:
 
     checkpoint: Path
     models_dir: Path | None = None
+    lora_dir: Path | None = None  # where <lora:NAME:WEIGHT> in prompts finds NAME, and what /loras lists
+    embeddings_dir: Path | None = None  # textual-inversion files, loaded with each model
     auth: tuple[str, str] | None = None
     max_queue: int = 16
     max_body_bytes: int = 32 * 2**20
@@ -113,7 +115,8 @@ class Guard:
 def create_app(config: ServerConfig) -> FastAPI:
     """The server's ASGI app, with its model loaded (a bad checkpoint fails here, before serving); the
     worker starts and stops with the app (uvicorn's lifespan)."""
-    engine = Engine(Catalog(config.checkpoint, config.models_dir), config.device, config.dtype)
+    engine = Engine(Catalog(config.checkpoint, config.models_dir), config.device, config.dtype, config.lora_dir,
+                    config.embeddings_dir)
     engine.load(engine.checkpoint)
     state: dict[str, Worker] = {}
 
@@ -244,6 +247,18 @@ def create_app(config: ServerConfig) -> FastAPI:
         items = {key: value for key, value in image.info.items() if isinstance(value, str)}
         text = items.pop("parameters", "")
         return {"info": text, "items": items, "parameters": parse_infotext(text) if text else {}}
+
+    @app.get("/sdapi/v1/loras")
+    def loras() -> list[dict[str, Any]]:
+        return engine.loras()
+
+    @app.post("/sdapi/v1/refresh-loras")
+    def refresh_loras() -> None:
+        """The folder is read again on every /loras call: nothing to refresh."""
+
+    @app.get("/sdapi/v1/embeddings")
+    def embeddings() -> dict[str, Any]:
+        return engine.embeddings()
 
     @app.get("/sdapi/v1/scripts")
     def scripts() -> dict[str, list]:

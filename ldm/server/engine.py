@@ -11,17 +11,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ldm.errors import InputError
 from ldm.files import sha256_file
 from ldm.generate import image_text
 from ldm.img2img import start_step
 from ldm.infotext import model_hash
+from ldm.lora import ADAPTER_SUFFIXES
 from ldm.pipeline import Pipeline
 from ldm.server.a1111 import Job, encode_png, response
 from ldm.server.worker import Cancelled, Task
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The header metadata of a .safetensors file (kohya's ss_* training notes); {} otherwise."""
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError):
+        return {}
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]+\]$")  # A1111's titles end in " [model hash]"
 
 
@@ -62,8 +75,10 @@ class Catalog:
 class Engine:
     """The catalog, the chosen checkpoint (A1111's `sd_model_checkpoint` option) and the loaded model."""
 
-    def __init__(self, catalog: Catalog, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, catalog: Catalog, device: torch.device, dtype: torch.dtype, lora_dir: Path | None = None,
+                 embeddings_dir: Path | None = None) -> None:
         self.catalog, self.device, self.dtype = catalog, device, dtype
+        self.lora_dir, self.embeddings_dir = lora_dir, embeddings_dir
         self.checkpoint = catalog.default
         self.loaded: tuple[Path, Pipeline] | None = None
 
@@ -72,8 +87,29 @@ class Engine:
         if self.loaded is None or self.loaded[0] != path:
             self.loaded = None  # the old model's memory is free before the new one loads
             pipe = Pipeline.from_checkpoint(path, device=self.device, dtype=self.dtype).enable_context_cache()
+            pipe.lora_dir = self.lora_dir
+            if self.embeddings_dir is not None:
+                pipe.load_embeddings(self.embeddings_dir)
             self.loaded = (path, pipe)
         return self.loaded[1]
+
+    def loras(self) -> list[dict[str, Any]]:
+        """A1111's /sdapi/v1/loras: the LoRA files that <lora:NAME> tags can name, with their metadata."""
+        if self.lora_dir is None:
+            return []
+        files = sorted(p for p in self.lora_dir.rglob("*") if p.suffix in ADAPTER_SUFFIXES and p.is_file())
+        return [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": _safetensors_metadata(p)}
+                for p in files]
+
+    def embeddings(self) -> dict[str, Any]:
+        """A1111's /sdapi/v1/embeddings: the loaded model's trigger words and their vectors' shapes."""
+        pipe = self.loaded[1] if self.loaded is not None else None
+        if pipe is None:
+            return {"loaded": {}, "skipped": {}}
+        encoder = pipe.text_encoder
+        return {"loaded": {word: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                  "shape": encoder.config.width, "vectors": len(encoder.embeddings[word])}
+                           for word in pipe.embedding_files}, "skipped": {}}
 
     def select(self, name: str) -> Path:
         """Make the checkpoint `name` the current one and load it (worker thread only)."""
