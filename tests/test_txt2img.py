@@ -331,3 +331,52 @@ def test_pngs_follow_the_umask(tiny_ckpt, tmp_path, capsys):
         os.umask(old)
     assert code == 0, err
     assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.glob("*.png")} == {oct(0o640)}
+
+
+def _png_with_text(path: Path, text: dict[str, str]) -> Path:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+@pytest.mark.parametrize(("recorded", "message"), [
+    ({"height": "100000", "width": "100000"}, "--H must be at most 8192, got 100000"),
+    ({"batch_size": "1000000"}, "--n_samples must be at most 64, got 1000000"),
+    ({"height": "8192", "width": "8192", "batch_size": "64"}, "a batch of 64 8192x8192 images needs about 2192.0 GiB "
+     "for decoding, more than the 1.0 GiB free on cpu"),
+    ({"height": "1024", "width": "1024", "batch_size": "2"}, "needs about 1.1 GiB"),
+])
+def test_replay_of_a_batch_too_large_for_memory_is_refused_at_once(tiny_ckpt, tmp_path, capsys, monkeypatch,
+                                                                   recorded, message):
+    """Issue 26 item 9: with 1 GiB free, a recorded size or batch that cannot fit never starts allocating."""
+    from ldm import pipeline
+
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: 2**30)
+    monkeypatch.setattr(pipeline, "randn", lambda *args: pytest.fail("allocated the noise of a refused batch"))
+    png = _png_with_text(tmp_path / "huge.png", {"prompt": "a", "seed": "1", "steps": "1", **recorded,
+                                                 "model_file": "tiny.safetensors"})
+    code, err = run(["--replay", str(png), "--ckpt", str(tiny_ckpt), "--outdir", str(tmp_path / "o")], capsys)
+    assert code == 1 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_max_memory_overrides_the_free_memory_figure(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    from ldm import pipeline
+
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: 2**20)
+    argv = ["--ckpt", str(tiny_ckpt), "--prompt", "a", "--steps", "1", "--outdir", str(tmp_path)]
+    code, err = run(argv, capsys)
+    assert code == 1 and "more than the 1.0 MiB free on cpu" in err and "--max_memory GIB" in err
+    code, err = run([*argv, "--max_memory", "0.001"], capsys)
+    assert code == 1 and "more than the 1.0 MiB set as max_memory" in err
+    for bad in ("0", "-1", "nan"):
+        code, err = run([*argv, "--max_memory", bad], capsys)
+        assert code == 1 and f"--max_memory must be a positive number of GiB (inf: no check), got {float(bad)}" in err
+    for limit in ("1", "inf"):
+        code, err = run([*argv, "--max_memory", limit], capsys)
+        assert code == 0, err
+    assert len(list(tmp_path.glob("*.png"))) == 2
