@@ -8,11 +8,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.errors import InputError
 from ldm.files import atomic_write, check_output_folder
+from ldm.images import UNREADABLE, reason
 from ldm.settings import FIELDS, GenerationSettings, from_text
 
 # The checkpoint txt2img uses when no --ckpt is given (shipped inside the package).
@@ -89,8 +90,8 @@ def read_image_text(png: Path) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         with Image.open(png) as image:
             text = dict(getattr(image, "text", {}))
-    except (OSError, UnidentifiedImageError) as e:
-        raise InputError(f"cannot read {png} to replay it: {e.strerror or e} (pass a PNG written by txt2img)") from None
+    except UNREADABLE as e:
+        raise InputError(f"cannot read {png} to replay it: {reason(e)} (pass a PNG written by txt2img)") from None
     if "prompt" not in text or "seed" not in text:
         raise InputError(f"{png} has no generation metadata (prompt, seed, ...); pass a PNG written by txt2img, "
                          "not a grid")

@@ -105,7 +105,11 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         return [args.settings.prompt]
     if not args.from_file.is_file():
         raise InputError(f"prompt file not found: {args.from_file}")
-    prompts = [line.strip() for line in args.from_file.read_text().splitlines() if line.strip()]
+    try:
+        text = args.from_file.read_text()
+    except UnicodeDecodeError:
+        raise InputError(f"prompt file {args.from_file} is not UTF-8 text (one prompt per line)") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise InputError(f"prompt file {args.from_file} has no prompts (one per line)")
     return prompts

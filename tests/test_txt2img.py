@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +156,16 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def write_bomb_png(path: Path) -> Path:
+    """A small PNG whose header claims 30000 x 30000 pixels: more than Pillow opens (a decompression bomb)."""
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", 30000, 30000)  # IHDR width, height; then its CRC
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
 def _write_init_images(folder: Path) -> tuple[Path, Path]:
     """A 64 x 64 RGB gradient and a mask whose right half (white) is repainted."""
     folder.mkdir(exist_ok=True)
@@ -252,18 +264,25 @@ def test_replay_names_the_model_it_needs(random_ckpt, tmp_path, capsys):
     (["--prompt", "a (red:1.3 circle"], "unclosed '('"),
     (["--replay", "TEXT"], "cannot read"),
     (["--replay", "INIT"], "has no generation metadata"),
+    (["--init-img", "BOMB"], "cannot read image"),  # Pillow's DecompressionBombError, not an OSError
+    (["--replay", "BOMB"], "exceeds limit of 178956970 pixels"),
+    (["--init-img", "WIDE"], "the image is 8200x8; its sides must be at most 8192"),
+    (["--from-file", "INIT"], "is not UTF-8 text (one prompt per line)"),
+    (["--config", "INIT"], "is not a Stable Diffusion inference config (not UTF-8 text"),
 ])
 def test_generation_flags_reject_bad_input_in_one_line(random_ckpt, tmp_path, capsys, extra, message):
     init, mask = _write_init_images(tmp_path / "inputs")
     Image.new("L", (32, 32)).save(tmp_path / "inputs" / "small.png")
     Image.new("RGB", (60, 64)).save(tmp_path / "inputs" / "odd.png")
     (tmp_path / "inputs" / "text.png").write_text("not an image")
+    Image.new("RGB", (8200, 8)).save(tmp_path / "inputs" / "wide.png")
     files = {"INIT": init, "MASK": mask, "SMALL": tmp_path / "inputs" / "small.png",
              "TEXT": tmp_path / "inputs" / "text.png", "MISSING": tmp_path / "inputs" / "missing.png",
-             "ODD": tmp_path / "inputs" / "odd.png"}
+             "ODD": tmp_path / "inputs" / "odd.png", "WIDE": tmp_path / "inputs" / "wide.png",
+             "BOMB": write_bomb_png(tmp_path / "inputs" / "bomb.png")}
     extra = [str(files.get(arg, arg)) for arg in extra]
     argv = ["--ckpt", str(random_ckpt), "--outdir", str(tmp_path / "o"), "--steps", "10", "--device", "cpu", *extra]
-    if "--prompt" not in extra and "--replay" not in extra:
+    if not {"--prompt", "--replay", "--from-file"} & set(extra):
         argv += ["--prompt", "a red circle"]
     code, err = run(argv, capsys)
     assert code == 1, err
