@@ -104,6 +104,7 @@ def test_long_prompt_is_encoded_whole_without_warning(random_ckpt, tmp_path, cap
     (["--ddim_eta", "inf"], "--ddim_eta must be a finite number"),
     (["--seed", "1180591620717411303424"], "--seed must be at most"),
     (["--H", "100000"], "--H must be at most 8192"),
+    (["--device", "meta"], "device 'meta' is not usable here (meta tensors hold no values)"),
 ])
 def test_bad_input_is_one_line_without_output(tiny_ckpt, tmp_path, capsys, extra, message):
     argv = ["--prompt", "a red circle", "--ckpt", str(tiny_ckpt), "--outdir", str(tmp_path / "o"), "--steps", "1",
