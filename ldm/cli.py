@@ -26,6 +26,8 @@ def resolve_device(name: str) -> torch.device:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         raise InputError(f"device {name!r} is not usable here ({str(e).splitlines()[0]}); try --device cpu") from None
+    if device.type == "meta":  # tensors of shapes without values: every model step runs, nothing comes out
+        raise InputError(f"device {name!r} is not usable here (meta tensors hold no values); try --device cpu")
     return device
 
 

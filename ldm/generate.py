@@ -9,11 +9,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.errors import InputError
 from ldm.files import atomic_write, check_output_folder
+from ldm.images import UNREADABLE, reason
 from ldm.infotext import format_infotext, read_infotext
 from ldm.settings import FIELDS, GenerationSettings, from_text
 
@@ -96,8 +97,8 @@ def read_image_text(png: Path) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         with Image.open(png) as image:
             text = dict(getattr(image, "text", {}))
-    except (OSError, UnidentifiedImageError) as e:
-        raise InputError(f"cannot read {png} to replay it: {e.strerror or e} (pass a PNG written by txt2img)") from None
+    except UNREADABLE as e:
+        raise InputError(f"cannot read {png} to replay it: {reason(e)} (pass a PNG written by txt2img)") from None
     own = "prompt" in text and "seed" in text
     if not own and "parameters" not in text:
         raise InputError(f"{png} has no generation metadata (prompt, seed, ...); pass a PNG written by txt2img "

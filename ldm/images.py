@@ -10,6 +10,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ldm.errors import InputError
 from ldm.metrics import to_uint8
+from ldm.settings import MAX_SIDE
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -28,10 +29,23 @@ def load_image(source: str | Path | Image.Image, mode: str) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             return _to_tensor(image, mode)
-    except (OSError, UnidentifiedImageError) as e:
-        raise InputError(f"cannot read image {path}: {e.strerror or e} (pass a PNG or JPEG file)") from None
+    except UNREADABLE as e:
+        raise InputError(f"cannot read image {path}: {reason(e)} (pass a PNG or JPEG file)") from None
+
+
+# What opening an image file raises for a file that is not one, or (DecompressionBombError) whose header
+# claims more pixels than Pillow's limit, which it refuses before reading them.
+UNREADABLE = (OSError, UnidentifiedImageError, Image.DecompressionBombError)
+
+
+def reason(e: Exception) -> str:
+    """Why an image file could not be read, for a one-line message."""
+    return getattr(e, "strerror", None) or str(e)
 
 
 def _to_tensor(image: Image.Image, mode: str) -> torch.Tensor:
+    if max(image.size) > MAX_SIDE:  # refused before its pixels are read and converted to float32
+        raise InputError(f"the image is {image.width}x{image.height}; its sides must be at most {MAX_SIDE} "
+                         "(resize it)")
     array = torch.from_numpy(np.asarray(image.convert(mode), dtype=np.float32) / 255)
     return (array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1)).unsqueeze(0)

@@ -22,6 +22,7 @@ from ldm.images import load_image, to_pil
 from ldm.img2img import InpaintingUNet, LatentBlend, UNet, latent_masks, masked_images, start_step
 from ldm.layer_names import text_encoder_layers, unet_layers
 from ldm.lora import Adapter, MergedAdapters, find_adapter, parse_lora_spec, read_adapter, split_lora_tags
+from ldm.memory import available_memory, estimate_memory, format_bytes
 from ldm.prompts import encode_prompts
 from ldm.samplers import sample
 from ldm.sampling import FROM_NOISE, StartPoint, StepCallback, randn
@@ -81,6 +82,9 @@ class Pipeline:
         self.name = name or spec.family
         self.tiling: tuple[int, int] | None = None  # (tile size, overlap) in latent pixels; None = whole images
         self.lora_dir: Path | None = None  # where <lora:NAME> tags in prompts are looked up
+        # Bytes of activations one batch may take (`ldm.memory`); None: what the device has free when the
+        # batch starts; math.inf: no check.
+        self.max_memory: float | None = None
         self.adapters = MergedAdapters({"unet": self.unet, "text_encoder": self.text_encoder})
         self._loras: list[tuple[Adapter, float]] = []  # from load_lora; prompts and settings add theirs
         self._adapter_files: dict[tuple[Path, int, int], Adapter] = {}
@@ -335,6 +339,7 @@ class Pipeline:
         if self.is_inpainting and masks is None:
             raise InputError(f"{self.name} is an inpainting model: pass an init image and a mask")
         height, width = self._size(settings, init_images)
+        self._check_memory(batch_size, height, width, settings.scale != 1)
 
         # 1. Prompts -> context; the negative (by default empty) prompt is the unconditional context. The
         #    batch's LoRAs are merged into the weights first.
@@ -411,6 +416,21 @@ class Pipeline:
             raise InputError(f"the init image is {width}x{height} but {settings.width}x{settings.height} was "
                              "asked for; resize the image or leave the size out")
         return height, width
+
+    def _check_memory(self, batch_size: int, height: int, width: int, guidance: bool) -> None:
+        """InputError when the batch's activations (`ldm.memory.estimate_memory`) exceed `max_memory`."""
+        limit = available_memory(self.device) if self.max_memory is None else self.max_memory
+        estimate = estimate_memory(self.unet.config, self.autoencoder.config, batch_size, height, width, guidance,
+                                   self.dtype.itemsize, None if self.tiling is None else self.tiling[0])
+        if limit is None or estimate.peak <= limit:
+            return
+        where = f"free on {self.device.type}" if self.max_memory is None else "set as max_memory"
+        decoding = estimate.decode > estimate.unet
+        tiles = ", decode in tiles (--vae_tile_size 64, Pipeline.enable_tiling)" if decoding and not self.tiling else ""
+        raise InputError(f"a batch of {batch_size} {width}x{height} image{'s' if batch_size > 1 else ''} needs about "
+                         f"{format_bytes(estimate.peak)} for {'decoding' if decoding else 'sampling'}, more than the "
+                         f"{format_bytes(limit)} {where}; make fewer or smaller images{tiles}, or raise the limit "
+                         "(--max_memory GIB, Pipeline.max_memory) if it fits anyway")
 
     def _start_from_images(self, init_images: torch.Tensor, masks: torch.Tensor | None, batch_size: int
                            ) -> tuple[UNet, torch.Tensor, LatentBlend | None]:

@@ -80,7 +80,12 @@ def spec_from_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise InputError(f"config not found: {path}")
     try:
-        params = yaml.safe_load(path.read_text())["model"]["params"]
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not a Stable Diffusion inference config (not UTF-8 text; pass the .yaml "
+                         "file)") from None
+    try:
+        params = yaml.safe_load(text)["model"]["params"]
         unet = params["unet_config"]["params"]
         first_stage = params["first_stage_config"]["params"]
         cond_stage = params["cond_stage_config"]

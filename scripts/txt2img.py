@@ -18,6 +18,7 @@ from ldm.cli import ScriptParser, resolve_device, resolve_dtype, run_main
 from ldm.errors import InputError
 from ldm.generate import BUNDLED_CHECKPOINT, image_text, make_grid, prepare_outdir, read_image_text, save_png
 from ldm.infotext import model_hash
+from ldm.memory import GIB
 from ldm.pipeline import Pipeline
 
 
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "xformers (CUDA, if installed), sliced (low memory), math")
     p.add_argument("--vae_tile_size", type=int, default=0, help="decode (and encode) in overlapping tiles of this "
                    "many latent pixels, for large images on small machines (0 = whole image; 64 = 512 px)")
+    p.add_argument("--max_memory", type=float, default=None, metavar="GIB", help="refuse batches whose activations "
+                   "need more than this many GiB (default: what the device has free; inf: no check)")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (a slow first image, then faster)")
     p.add_argument("--channels_last", action="store_true", help="NHWC convolutions in the U-Net and autoencoder "
                    "(the layout GPU tensor cores want; same images)")
@@ -108,7 +111,11 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         return [args.settings.prompt]
     if not args.from_file.is_file():
         raise InputError(f"prompt file not found: {args.from_file}")
-    prompts = [line.strip() for line in args.from_file.read_text().splitlines() if line.strip()]
+    try:
+        text = args.from_file.read_text()
+    except UnicodeDecodeError:
+        raise InputError(f"prompt file {args.from_file} is not UTF-8 text (one prompt per line)") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise InputError(f"prompt file {args.from_file} has no prompts (one per line)")
     return prompts
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError(f"--n_iter must be >= 1, got {args.n_iter}")
     if args.vae_tile_size < 0 or args.vae_tile_size % 4:
         raise InputError(f"--vae_tile_size must be 0 (off) or a positive multiple of 4, got {args.vae_tile_size}")
+    if args.max_memory is not None and not args.max_memory > 0:
+        raise InputError(f"--max_memory must be a positive number of GiB (inf: no check), got {args.max_memory}")
     keep = args.recorded.get("batch_index")  # with --replay, only the replayed row of each batch is written
     keep = None if keep is None else int(keep)
     if keep is not None and not 0 <= keep < settings.batch_size:
@@ -136,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
                                     use_ema=args.use_ema or args.recorded.get("use_ema") == "True")
     pipe.set_attention_backend(args.attention)
     pipe.lora_dir = args.lora_dir
+    pipe.max_memory = None if args.max_memory is None else args.max_memory * GIB
     if args.embeddings_dir is not None:
         pipe.load_embeddings(args.embeddings_dir)
     recorded = [entry.rpartition(": ")[0] for entry in args.recorded.get("embeddings", "").split(", ") if entry]

@@ -284,3 +284,31 @@ def test_context_cache_encodes_a_repeated_prompt_once(tiny_pipeline, monkeypatch
     tiny_pipeline.generate(replace(settings, prompt="a blue square"), output_type="latent", progress=False)
     tiny_pipeline.generate(settings, output_type="latent", progress=False)  # evicted by the other prompt (size 1)
     assert calls == [["a red circle"], ["a blue square"], ["a red circle"]]
+
+
+def test_batches_that_cannot_fit_in_memory_are_refused_before_any_work(tiny_pipeline, monkeypatch):
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: 48 * 2**20)
+    monkeypatch.setattr(pipeline, "randn", lambda *args: pytest.fail("allocated the noise of a refused batch"))
+    # Tiny model: the decode needs 4 x 32 channels x 4 B + 36 B = 548 B per pixel, 137 MiB at 512 x 512.
+    with pytest.raises(InputError, match=r"a batch of 1 512x512 image needs about 137.0 MiB for decoding, more "
+                       r"than the 48.0 MiB free on cpu; .* decode in tiles .* \(--max_memory GIB, Pipeline.max_memory"):
+        tiny_pipeline("a", height=512, width=512, num_steps=1)
+    tiny_pipeline.enable_tiling(8, 2)  # tiles of 64 x 64 px: sampling (64 MiB for 2 rows of 64 x 64 latents) is left
+    with pytest.raises(InputError, match="needs about 64.0 MiB for sampling") as refused:
+        tiny_pipeline("a", height=512, width=512, num_steps=1)
+    assert "tiles" not in str(refused.value)
+    tiny_pipeline.max_memory = 2**20  # the limit set replaces the device's figure, either way
+    with pytest.raises(InputError, match="more than the 1.0 MiB set as max_memory"):
+        tiny_pipeline("a", num_steps=1)
+
+
+def test_memory_estimate_covers_what_sd_measured():
+    """The factors of `ldm.memory` against docs/benchmarks.md's CPU figures for SD 1.5 (the configs' defaults)
+    in float32: 225 MiB for a 256 x 256 decode, 129 MiB for a U-Net call on 2 rows of 32 x 32 latents."""
+    from ldm.autoencoder import AutoencoderConfig
+    from ldm.memory import estimate_memory
+    from ldm.unet import UNetConfig
+
+    decode = estimate_memory(UNetConfig(), AutoencoderConfig(), 1, 256, 256, False, 4).decode
+    unet = estimate_memory(UNetConfig(), AutoencoderConfig(), 1, 256, 256, True, 4).unet
+    assert 225 <= decode / 2**20 <= 1.25 * 225 and 129 <= unet / 2**20 <= 1.25 * 129

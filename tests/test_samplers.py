@@ -849,3 +849,39 @@ def test_bad_start_points_are_input_errors(name: str, kwargs: dict, match: str) 
     with pytest.raises(InputError, match=match):
         sample(name, denoiser, torch.zeros(1, 4, 2, 2), SCHEDULE, 10, progress=False, start=StartPoint(**arguments))
     assert not calls
+
+
+@pytest.mark.parametrize(("num_steps", "strength"), [(50, 0.3), (10, 0.75), (100, 0.29), (25, 0.5), (4, 1.0)])
+def test_img2img_strength_starts_where_diffusers_img2img_does(tiny_pipeline, monkeypatch, num_steps, strength):
+    """Issue 26 item 12: the pipeline's first x_t for an init image and a strength is diffusers'
+    StableDiffusionImg2ImgPipeline's: its get_timesteps (steps run, first timestep) and its add_noise of
+    the init image's scaled latents, with the same noise. (10, 0.75) and (100, 0.29) round differently
+    from int(): diffusers, ldm's img2img.py and AUTOMATIC1111 run int(steps * strength) steps."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from ldm import timestep_samplers
+    from ldm.sampling import noised_start
+
+    scheduler = _sd_ddim_scheduler()
+    scheduler.set_timesteps(num_steps)
+    timesteps, num_run = StableDiffusionImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=scheduler), num_steps,
+                                                                     strength, "cpu")
+    seen = {}
+
+    def first_x_t(x_T, schedule, all_timesteps, start):
+        seen.update(noise=x_T, x0=start.init_latents, t=all_timesteps[start.start_step],
+                    num_run=len(all_timesteps) - start.start_step)
+        seen["x_t"] = noised_start(x_T, schedule, all_timesteps, start)
+        return seen["x_t"]
+
+    monkeypatch.setattr(timestep_samplers, "noised_start", first_x_t)
+    init = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    tiny_pipeline("a", init_images=init, strength=strength, num_steps=num_steps, guidance_scale=1, seed=4,
+                  output_type="latent", progress=False)
+    assert (seen["num_run"], seen["t"].item()) == (num_run, timesteps[0].item())
+    # The init latents: the posterior's mean, scaled (diffusers draws a posterior sample; see docs/generation.md).
+    torch.testing.assert_close(seen["x0"], tiny_pipeline.encode(init))
+    torch.testing.assert_close(seen["noise"], torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4)))
+    torch.testing.assert_close(seen["x_t"], scheduler.add_noise(seen["x0"], seen["noise"], timesteps[:1]))

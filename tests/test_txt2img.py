@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +94,7 @@ def test_long_prompt_is_encoded_whole_without_warning(random_ckpt, tmp_path, cap
     (["--ddim_eta", "inf"], "--ddim_eta must be a finite number"),
     (["--seed", "1180591620717411303424"], "--seed must be at most"),
     (["--H", "100000"], "--H must be at most 8192"),
+    (["--device", "meta"], "device 'meta' is not usable here (meta tensors hold no values)"),
 ])
 def test_bad_input_is_one_line_without_output(tiny_ckpt, tmp_path, capsys, extra, message):
     argv = ["--prompt", "a red circle", "--ckpt", str(tiny_ckpt), "--outdir", str(tmp_path / "o"), "--steps", "1",
@@ -142,6 +145,16 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         generate.save_png(Image.new("RGB", (8, 8)), tmp_path, {"prompt": "x"})
     assert list(tmp_path.iterdir()) == []
+
+
+def write_bomb_png(path: Path) -> Path:
+    """A small PNG whose header claims 30000 x 30000 pixels: more than Pillow opens (a decompression bomb)."""
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", 30000, 30000)  # IHDR width, height; then its CRC
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
 
 
 def _write_init_images(folder: Path) -> tuple[Path, Path]:
@@ -242,18 +255,25 @@ def test_replay_names_the_model_it_needs(random_ckpt, tmp_path, capsys):
     (["--prompt", "a (red:1.3 circle"], "unclosed '('"),
     (["--replay", "TEXT"], "cannot read"),
     (["--replay", "INIT"], "has no generation metadata"),
+    (["--init-img", "BOMB"], "cannot read image"),  # Pillow's DecompressionBombError, not an OSError
+    (["--replay", "BOMB"], "exceeds limit of 178956970 pixels"),
+    (["--init-img", "WIDE"], "the image is 8200x8; its sides must be at most 8192"),
+    (["--from-file", "INIT"], "is not UTF-8 text (one prompt per line)"),
+    (["--config", "INIT"], "is not a Stable Diffusion inference config (not UTF-8 text"),
 ])
 def test_generation_flags_reject_bad_input_in_one_line(random_ckpt, tmp_path, capsys, extra, message):
     init, mask = _write_init_images(tmp_path / "inputs")
     Image.new("L", (32, 32)).save(tmp_path / "inputs" / "small.png")
     Image.new("RGB", (60, 64)).save(tmp_path / "inputs" / "odd.png")
     (tmp_path / "inputs" / "text.png").write_text("not an image")
+    Image.new("RGB", (8200, 8)).save(tmp_path / "inputs" / "wide.png")
     files = {"INIT": init, "MASK": mask, "SMALL": tmp_path / "inputs" / "small.png",
              "TEXT": tmp_path / "inputs" / "text.png", "MISSING": tmp_path / "inputs" / "missing.png",
-             "ODD": tmp_path / "inputs" / "odd.png"}
+             "ODD": tmp_path / "inputs" / "odd.png", "WIDE": tmp_path / "inputs" / "wide.png",
+             "BOMB": write_bomb_png(tmp_path / "inputs" / "bomb.png")}
     extra = [str(files.get(arg, arg)) for arg in extra]
     argv = ["--ckpt", str(random_ckpt), "--outdir", str(tmp_path / "o"), "--steps", "10", "--device", "cpu", *extra]
-    if "--prompt" not in extra and "--replay" not in extra:
+    if not {"--prompt", "--replay", "--from-file"} & set(extra):
         argv += ["--prompt", "a red circle"]
     code, err = run(argv, capsys)
     assert code == 1, err
@@ -321,3 +341,52 @@ def test_pngs_follow_the_umask(tiny_ckpt, tmp_path, capsys):
         os.umask(old)
     assert code == 0, err
     assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.glob("*.png")} == {oct(0o640)}
+
+
+def _png_with_text(path: Path, text: dict[str, str]) -> Path:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+@pytest.mark.parametrize(("recorded", "message"), [
+    ({"height": "100000", "width": "100000"}, "--H must be at most 8192, got 100000"),
+    ({"batch_size": "1000000"}, "--n_samples must be at most 64, got 1000000"),
+    ({"height": "8192", "width": "8192", "batch_size": "64"}, "a batch of 64 8192x8192 images needs about 2192.0 GiB "
+     "for decoding, more than the 1.0 GiB free on cpu"),
+    ({"height": "1024", "width": "1024", "batch_size": "2"}, "needs about 1.1 GiB"),
+])
+def test_replay_of_a_batch_too_large_for_memory_is_refused_at_once(tiny_ckpt, tmp_path, capsys, monkeypatch,
+                                                                   recorded, message):
+    """Issue 26 item 9: with 1 GiB free, a recorded size or batch that cannot fit never starts allocating."""
+    from ldm import pipeline
+
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: 2**30)
+    monkeypatch.setattr(pipeline, "randn", lambda *args: pytest.fail("allocated the noise of a refused batch"))
+    png = _png_with_text(tmp_path / "huge.png", {"prompt": "a", "seed": "1", "steps": "1", **recorded,
+                                                 "model_file": "tiny.safetensors"})
+    code, err = run(["--replay", str(png), "--ckpt", str(tiny_ckpt), "--outdir", str(tmp_path / "o")], capsys)
+    assert code == 1 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_max_memory_overrides_the_free_memory_figure(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    from ldm import pipeline
+
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: 2**20)
+    argv = ["--ckpt", str(tiny_ckpt), "--prompt", "a", "--steps", "1", "--outdir", str(tmp_path)]
+    code, err = run(argv, capsys)
+    assert code == 1 and "more than the 1.0 MiB free on cpu" in err and "--max_memory GIB" in err
+    code, err = run([*argv, "--max_memory", "0.001"], capsys)
+    assert code == 1 and "more than the 1.0 MiB set as max_memory" in err
+    for bad in ("0", "-1", "nan"):
+        code, err = run([*argv, "--max_memory", bad], capsys)
+        assert code == 1 and f"--max_memory must be a positive number of GiB (inf: no check), got {float(bad)}" in err
+    for limit in ("1", "inf"):
+        code, err = run([*argv, "--max_memory", limit], capsys)
+        assert code == 0, err
+    assert len(list(tmp_path.glob("*.png"))) == 2
