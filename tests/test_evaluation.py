@@ -403,7 +403,7 @@ def test_evaluate_samplers_script_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(evaluate_samplers, "DEFAULT_STEPS", {"ddim": 2, "heun": 2})
     out = tmp_path / "report.json"
     argv = ["--ckpt", str(ckpt), "--num_quality", "2", "--reference_steps", "4", "--num_prompts", "2",
-            "--num_negative", "2", "--negative_color", "red", "--num_img2img", "2", "--steps", "2", "--device", "cpu",
+            "--num_negative", "2", "--negative_color", "red", "--num_img2img", "2", "--steps", "4", "--device", "cpu",
             "--out", str(out)]
     assert run_main(evaluate_samplers.main, argv) == 0
     printed = capsys.readouterr().out
