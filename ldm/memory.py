@@ -59,12 +59,14 @@ def format_bytes(n: float) -> str:
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Bytes that `device` can still allocate: on CUDA the free memory plus what torch's allocator holds
-    unused; on a CPU the system's available memory (psutil's figure where it is installed, else
-    MemAvailable of /proc/meminfo); None where it is not known (other devices; then nothing is checked)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    """Bytes that `device` can still allocate: on an accelerator whose torch module reports it (CUDA, XPU)
+    the free memory plus what torch's allocator holds unused; on a CPU the system's available memory
+    (psutil's figure where it is installed, else MemAvailable of /proc/meminfo); None where it is not
+    known (then nothing is checked)."""
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and hasattr(backend, "mem_get_info"):
+        free, _ = backend.mem_get_info(device)
+        return free + backend.memory_reserved(device) - backend.memory_allocated(device)
     if device.type != "cpu":
         return None
     try:
