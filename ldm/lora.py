@@ -62,17 +62,29 @@ def _rank(t: Mapping[str, Tensor]) -> int | None:
     return None if factor is None else factor.shape[0]
 
 
+def _scale(t: Mapping[str, Tensor], strength: float) -> float:
+    rank = _rank(t)
+    return strength * (t["alpha"].item() / rank if "alpha" in t and rank is not None else 1.0)
+
+
+def lora_factors(tensors: Mapping[str, Tensor], out_features: int, strength: float = 1.0) -> tuple[Tensor, Tensor]:
+    """A LoRA's delta as two float32 factors, up (out, rank) with the scale in it and down (rank, in * kh * kw):
+    the delta is up @ down."""
+    down = tensors["down"].float()
+    rank = down.shape[0]
+    return tensors["up"].float().reshape(out_features, rank) * _scale(tensors, strength), down.reshape(rank, -1)
+
+
 def layer_delta(tensors: Mapping[str, Tensor], shape: torch.Size, strength: float = 1.0) -> Tensor:
     """The change (float32) of one weight of `shape` at `strength`, from its adapter tensors (by `_SUFFIXES`
     name), before DoRA. The scale goes into a small factor, so the full-size product is the only full-size
     work."""
+    if "up" in tensors:
+        up, down = lora_factors(tensors, shape[0], strength)
+        return (up @ down).reshape(shape)
     t = {name: value.float() for name, value in tensors.items()}
-    rank, scale = _rank(t), strength
-    if "alpha" in t and rank is not None:
-        scale *= t["alpha"].item() / rank
-    if "up" in t:
-        delta = (t["up"].reshape(shape[0], rank) * scale) @ t["down"].reshape(rank, -1)
-    elif "hada_w1_a" in t:
+    scale = _scale(t, strength)
+    if "hada_w1_a" in t:
         delta = ((t["hada_w1_a"] * scale) @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
     elif "lokr_w1" in t or "lokr_w1_a" in t:
         w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
@@ -211,6 +223,8 @@ class MergedAdapters:
                     tensors = {k: v.to(weight.device) for k, v in tensors.items()}
                     if "dora_scale" in tensors or part.dtype != torch.float32:
                         part.copy_(merged_weight(part.float(), tensors, strength).to(weight.dtype))
+                    elif "up" in tensors and part.is_contiguous():  # W += up @ down, no full-size temporary
+                        part.view(part.shape[0], -1).addmm_(*lora_factors(tensors, part.shape[0], strength))
                     else:
                         part.add_(layer_delta(tensors, part.shape, strength))
         self.active = list(adapters)
