@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -21,8 +20,9 @@ from ldm.errors import InputError
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 
 
-def read_embedding(path: Path) -> Tensor:
-    """The vectors (n, width) of one embedding file; InputError for a file that is unreadable or holds none."""
+def read_embedding(path: Path) -> Tensor | None:
+    """The vectors (n, width) of one embedding file, None for an SDXL one (`clip_l` and `clip_g`, one set per
+    text encoder); InputError for a file that is unreadable or holds none."""
     try:
         data = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(
             path, map_location="cpu", weights_only=True)
@@ -33,6 +33,8 @@ def read_embedding(path: Path) -> Tensor:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot read the embedding {path}: {reason} (truncated, or not a plain-tensor file; "
                          "nothing in it was run)") from None
+    if isinstance(data, dict) and "clip_l" in data and "clip_g" in data:
+        return None
     vectors = _vectors(data) if isinstance(data, dict) else None
     if vectors is None:
         raise InputError(f"{path} holds no embedding (string_to_param, emb_params or one tensor); pass a "
@@ -57,11 +59,8 @@ def read_embeddings(folder: Path, width: int) -> dict[str, tuple[Tensor, Path]]:
         raise InputError(f"embeddings folder not found: {folder} (pass a folder of .pt / .safetensors files)")
     found, skipped = {}, []
     for path in sorted(p for p in folder.rglob("*") if p.suffix in EMBEDDING_SUFFIXES and p.is_file()):
-        if path.suffix == ".safetensors" and _is_sdxl(path):
-            skipped.append(path.stem)
-            continue
         vectors = read_embedding(path)
-        if vectors.shape[1] != width:
+        if vectors is None or vectors.shape[1] != width:
             skipped.append(path.stem)
             continue
         found[path.stem] = (vectors, path)
@@ -69,11 +68,3 @@ def read_embeddings(folder: Path, width: int) -> dict[str, tuple[Tensor, Path]]:
         warnings.warn(f"skipped {len(skipped)} embeddings made for another model (first: {skipped[0]})",
                       stacklevel=2)
     return found
-
-
-def _is_sdxl(path: Path) -> bool:
-    try:
-        keys = load_file(str(path)).keys()
-    except (SafetensorError, OSError):
-        return False  # read_embedding gives the reason
-    return "clip_l" in keys or "clip_g" in keys

@@ -23,6 +23,7 @@ original weights bit for bit, and a new set of adapters is always merged onto th
 from __future__ import annotations
 
 import functools
+import glob
 import math
 import re
 import warnings
@@ -268,11 +269,7 @@ def find_adapter(name: str, folder: Path | None) -> Path:
     if folder is None:
         raise InputError(f"the prompt names <lora:{name}> but no LoRA folder is set; pass --lora_dir FOLDER")
     for suffix in ADAPTER_SUFFIXES:
-        found = sorted(folder.rglob(f"{glob_escape(name)}{suffix}"))
+        found = sorted(folder.rglob(f"{glob.escape(name)}{suffix}"))
         if found:
             return found[0]
     raise InputError(f"<lora:{name}> names no file in {folder} (looked for {name}.safetensors, .pt, .ckpt)")
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)

@@ -117,8 +117,7 @@ class TextEncoder(TextTransformer):
         self.config = config
         self.token_embedding = TokenEmbedding(self.token_embedding.weight)
         self.tokenizer = open_clip.SimpleTokenizer()
-        self.embeddings: dict[str, list[int]] = {}  # trigger word -> its token ids (from vocab_size on)
-        self.set_embeddings({})
+        self.set_embeddings({})  # none yet; `embeddings` maps trigger words to their token ids
         # Index of the block whose output becomes the context; later blocks are never run.
         self._output_block = config.layers - (1 if config.layer == "last" else 2)
         self.register_load_state_dict_post_hook(_after_loading)
@@ -168,7 +167,8 @@ class TextEncoder(TextTransformer):
         """Textual-inversion vectors (n, width) by trigger word; replaces earlier ones. Words are matched
         whole and case-sensitively, as AUTOMATIC1111 does; longer words win over their prefixes."""
         self.token_embedding.set_extra(list(embeddings.values()))
-        self.embeddings, next_id = {}, self.config.vocab_size
+        self.embeddings: dict[str, list[int]] = {}  # trigger word -> its ids, from vocab_size on
+        next_id = self.config.vocab_size
         for word, vectors in embeddings.items():
             self.embeddings[word] = list(range(next_id, next_id + len(vectors)))
             next_id += len(vectors)
