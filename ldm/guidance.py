@@ -8,7 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-UNet = Callable[[Tensor, Tensor, Tensor], Tensor]
+# unet(x_t, t, context) -> output; a U-Net with vector conditioning (SDXL) also takes `vector=`.
+UNet = Callable[..., Tensor]
 
 
 class ClassifierFreeGuidance:
@@ -23,6 +24,8 @@ class ClassifierFreeGuidance:
         guidance_scale: 1 means the conditional prediction alone (the unconditional half is
             then skipped); SD commonly uses 7.5.
         guidance_rescale: phi of ``rescale_guidance``, in [0, 1]; 0 leaves the guided output as is.
+        vector, uncond_vector: the vector conditioning (B, V) of a U-Net that takes one (SDXL's pooled
+            text and sizes) for each side; None for other U-Nets.
 
     Conditional and unconditional predictions come from one U-Net call on a batch of 2B.
     """
@@ -34,6 +37,8 @@ class ClassifierFreeGuidance:
         uncond_context: Tensor | None,
         guidance_scale: float,
         guidance_rescale: float = 0.0,
+        vector: Tensor | None = None,
+        uncond_vector: Tensor | None = None,
     ) -> None:
         if not 0 <= guidance_rescale <= 1:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
@@ -42,6 +47,8 @@ class ClassifierFreeGuidance:
         self.guidance_scale = guidance_scale
         self.guidance_rescale = guidance_rescale
         self._both_contexts: Tensor | None = None
+        self.vector = vector
+        self._both_vectors = vector
         if guidance_scale != 1.0:
             if uncond_context is None or uncond_context.shape != context.shape:
                 shape = None if uncond_context is None else tuple(uncond_context.shape)
@@ -51,6 +58,10 @@ class ClassifierFreeGuidance:
                 )
             # Built once: the sampler calls this every step with the same contexts.
             self._both_contexts = torch.cat([uncond_context, context])
+            if vector is not None:
+                if uncond_vector is None or uncond_vector.shape != vector.shape:
+                    raise ValueError(f"uncond_vector must have the shape of vector {tuple(vector.shape)}")
+                self._both_vectors = torch.cat([uncond_vector, vector])
 
     @property
     def stiffness(self) -> float:
@@ -68,14 +79,20 @@ class ClassifierFreeGuidance:
         """
         dtype = self.context.dtype
         if self._both_contexts is None:
-            return self.unet(x_t.to(dtype), t, self.context).to(x_t.dtype)
-        uncond, cond = self.unet(
-            torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), self._both_contexts
+            return self._unet(x_t.to(dtype), t, self.context, self.vector).to(x_t.dtype)
+        uncond, cond = self._unet(
+            torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), self._both_contexts, self._both_vectors
         ).to(x_t.dtype).chunk(2)
         guided = uncond + self.guidance_scale * (cond - uncond)
         if self.guidance_rescale == 0:
             return guided
         return rescale_guidance(guided, cond, self.guidance_rescale)
+
+
+    def _unet(self, x_t: Tensor, t: Tensor, context: Tensor, vector: Tensor | None) -> Tensor:
+        if vector is None:
+            return self.unet(x_t, t, context)
+        return self.unet(x_t, t, context, vector=vector)
 
 
 def rescale_guidance(guided: Tensor, cond: Tensor, guidance_rescale: float) -> Tensor:

@@ -62,10 +62,10 @@ class InpaintingUNet:
         self.unet = unet
         self.conditioning = torch.cat([masks, masked_latents], dim=1)
 
-    def __call__(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def __call__(self, x_t: Tensor, t: Tensor, context: Tensor, **kwargs: Tensor) -> Tensor:
         conditioning = self.conditioning.to(x_t.device, x_t.dtype)
         conditioning = conditioning.repeat(x_t.shape[0] // conditioning.shape[0], 1, 1, 1)
-        return self.unet(torch.cat([x_t, conditioning], dim=1), t, context)
+        return self.unet(torch.cat([x_t, conditioning], dim=1), t, context, **kwargs)
 
 
 class LatentBlend:

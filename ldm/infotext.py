@@ -102,6 +102,7 @@ def format_infotext(settings: GenerationSettings, index: int, width: int, height
         "Batch pos": index if batched else None,
         "Denoising strength": s.strength if s.init_img is not None else None,
         "Clip skip": s.clip_skip, "Eta DDIM": s.eta or None, "Guidance rescale": s.guidance_rescale or None,
+        "Refiner": None if s.refiner is None else Path(s.refiner).stem, "Refiner switch at": s.refiner_switch,
         **(extra or {}),
     }
     pairs = ", ".join(f"{key}: {quote(value)}" for key, value in params.items() if value is not None)
@@ -149,9 +150,12 @@ def read_infotext(text: str) -> tuple[dict[str, Any], dict[str, str]]:
         for key, name, convert in (("Steps", "steps", int), ("Seed", "seed", int), ("CFG scale", "scale", float),
                                    ("Size-1", "width", int), ("Size-2", "height", int),
                                    ("Batch size", "batch_size", int), ("Denoising strength", "strength", float),
-                                   ("Guidance rescale", "guidance_rescale", float), ("Clip skip", "clip_skip", int)):
+                                   ("Guidance rescale", "guidance_rescale", float), ("Clip skip", "clip_skip", int),
+                                   ("Refiner switch at", "refiner_switch", float)):
             if key in fields:
                 values[name] = convert(fields[key])
+        if "Refiner" in fields:  # A1111 writes "NAME [hash]"; a checkpoint name, found as checkpoints are
+            values["refiner"] = fields["Refiner"].split(" [")[0]
         if "Eta DDIM" in fields and get_sampler(sampler).takes_eta:
             values["eta"] = float(fields["Eta DDIM"])
         batch_index = int(fields.get("Batch pos", 0))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ldm.attention import SpatialTransformer
+from ldm.conditioner import Conditioner
 from ldm.nn import Downsample, ResBlock, Upsample
 from ldm.text_encoder import TextEncoder
 from ldm.unet import UNetModel
@@ -39,7 +40,8 @@ def flat(name: str) -> str:
 _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
            "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 _UNET_FIXED = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-               "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+               "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+               "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
 
 
 def diffusers_unet_names(unet: UNetModel) -> dict[str, str]:
@@ -89,20 +91,36 @@ def unet_layers(unet: UNetModel) -> dict[str, Layer]:
     return table
 
 
-def text_encoder_layers(text_encoder: TextEncoder) -> dict[str, Layer]:
+def text_encoder_layers(text_encoder: TextEncoder | Conditioner) -> dict[str, Layer]:
     """Every linear weight of the text transformer, under its open_clip and its Hugging Face name (flat,
     with and without the `text_model.` level that transformers 5 dropped); Hugging Face's separate
-    q / k / v projections are row slices of open_clip's fused `in_proj_weight`."""
-    width, table = text_encoder.config.width, {}
-    for block in range(text_encoder.config.layers):
+    q / k / v projections are row slices of open_clip's fused `in_proj_weight`.
+
+    SDXL's towers are told apart as kohya and diffusers do: names of CLIP ViT-L start `te1_` (or nothing:
+    diffusers' `text_encoder.`), names of bigG `te2_` (`text_encoder_2.`), the refiner's bigG too.
+    """
+    if not isinstance(text_encoder, Conditioner):
+        return _tower_layers(text_encoder, "", ("",))
+    table = {}
+    for index, tower in enumerate(text_encoder.embedders):
+        names = ("te2_",) if tower.config.output_dim is not None else ("te1_", "")
+        table.update(_tower_layers(tower, f"embedders.{index}.", names))
+    return table
+
+
+def _tower_layers(tower: TextEncoder, weight_prefix: str, name_prefixes: tuple[str, ...]) -> dict[str, Layer]:
+    width, table = tower.config.width, {}
+    for block in range(tower.config.layers):
         ours, theirs = f"transformer.resblocks.{block}", f"encoder.layers.{block}"
         pairs = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-        named = {theirs + "." + hf: Layer("text_encoder", f"{ours}.{name}.weight") for name, hf in pairs.items()}
+        named = {theirs + "." + hf: Layer("text_encoder", f"{weight_prefix}{ours}.{name}.weight")
+                 for name, hf in pairs.items()}
         for k, projection in enumerate("qkv"):
             named[f"{theirs}.self_attn.{projection}_proj"] = Layer(
-                "text_encoder", f"{ours}.attn.in_proj_weight", slice(k * width, (k + 1) * width))
-        for hf, layer in named.items():
-            table[flat(hf)] = table[flat("text_model." + hf)] = layer
-        for name in pairs:
-            table[flat(f"{ours}.{name}")] = named[f"{theirs}.{pairs[name]}"]
+                "text_encoder", f"{weight_prefix}{ours}.attn.in_proj_weight", slice(k * width, (k + 1) * width))
+        for prefix in name_prefixes:
+            for hf, layer in named.items():
+                table[prefix + flat(hf)] = table[prefix + flat("text_model." + hf)] = layer
+            for name in pairs:
+                table[prefix + flat(f"{ours}.{name}")] = named[f"{theirs}.{pairs[name]}"]
     return table

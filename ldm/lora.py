@@ -40,9 +40,10 @@ from ldm.layer_names import Layer, flat
 from ldm.weights_io import read_checkpoint
 
 ADAPTER_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-# Key prefix -> the component it changes. SDXL's two text encoders are named, so their files are told apart.
-_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "unet.": "unet", "text_encoder.": "text_encoder",
-             "lora_te1_": "sdxl", "lora_te2_": "sdxl", "text_encoder_2.": "sdxl"}
+# Key prefix -> the component it changes and how `ldm.layer_names` spells the tower (SDXL's two are named).
+_PREFIXES = {"lora_unet_": ("unet", ""), "lora_te_": ("text_encoder", ""), "unet.": ("unet", ""),
+             "text_encoder.": ("text_encoder", ""), "lora_te1_": ("text_encoder", "te1_"),
+             "lora_te2_": ("text_encoder", "te2_"), "text_encoder_2.": ("text_encoder", "te2_")}
 _SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up",
              "lora.down.weight": "down", "lora.up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale",
              **{name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a",
@@ -146,7 +147,8 @@ def read_adapter(path: str | Path, layers: Mapping[str, Mapping[str, Layer]],
         suffix = next((s for s in (*_SUFFIXES, *_UNSUPPORTED) if key.endswith("." + s)), None)
         if prefix is None or suffix is None:
             continue
-        target = (_PREFIXES[prefix], flat(key[len(prefix): -len(suffix) - 1]))
+        component, tower = _PREFIXES[prefix]
+        target = (component, tower + flat(key[len(prefix): -len(suffix) - 1]))
         if suffix in _UNSUPPORTED:
             unsupported.add(target)
         groups.setdefault(target, {})[_SUFFIXES.get(suffix, suffix)] = value

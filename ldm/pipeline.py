@@ -14,6 +14,7 @@ from PIL import Image
 
 from ldm.attention import DEFAULT_SLICE_SIZE, set_attention_backend
 from ldm.autoencoder import AutoencoderKL
+from ldm.conditioner import Conditioner, micro_conditioning
 from ldm.embeddings import read_embeddings
 from ldm.errors import InputError
 from ldm.files import sha256_file
@@ -23,13 +24,22 @@ from ldm.img2img import InpaintingUNet, LatentBlend, UNet, latent_masks, masked_
 from ldm.layer_names import text_encoder_layers, unet_layers
 from ldm.lora import Adapter, MergedAdapters, find_adapter, parse_lora_spec, read_adapter, split_lora_tags
 from ldm.memory import available_memory, estimate_memory, format_bytes
-from ldm.prompts import encode_prompts
+from ldm.prompts import Encoded, encode_prompts_pooled
+from ldm.refiner import RefinerSwitch, switch_timestep
 from ldm.samplers import sample
 from ldm.sampling import FROM_NOISE, StartPoint, StepCallback, randn
 from ldm.schedule import NoiseSchedule
-from ldm.sd_checkpoint import ModelSpec, autoencoder_file, detect_spec, ema_unet, split_state_dict, write_checkpoint
+from ldm.sd_checkpoint import (
+    SDXL_FAMILIES,
+    ModelSpec,
+    autoencoder_file,
+    detect_spec,
+    ema_unet,
+    split_state_dict,
+    write_checkpoint,
+)
 from ldm.settings import FIELDS, GenerationSettings
-from ldm.text_encoder import TextEncoder
+from ldm.text_encoder import TextEncoder, TextEncoderConfig
 from ldm.tiling import tiled_decode, tiled_encode
 from ldm.unet import UNetModel
 from ldm.weights_io import load_strict, read_checkpoint
@@ -57,6 +67,11 @@ CALL_NAMES = {"num_steps": "steps", "guidance_scale": "scale", "negative_prompts
               "init_images": "init_img", "masks": "mask"}
 
 
+def build_text_encoder(config: TextEncoderConfig | tuple[TextEncoderConfig, ...]) -> TextEncoder | Conditioner:
+    """One text tower, or SDXL's `Conditioner` for a tuple of them."""
+    return Conditioner(config) if isinstance(config, tuple) else TextEncoder(config)
+
+
 def check_size(height: int, width: int, factor: int) -> None:
     for name, value in (("height", height), ("width", width)):
         if value < factor or value % factor:
@@ -67,12 +82,13 @@ def check_size(height: int, width: int, factor: int) -> None:
 class Pipeline:
     """A loaded text-to-image model: `unet`, `text_encoder`, `autoencoder`, `schedule`, `spec`.
 
-    Each stage can be driven on its own: `text_encoder(prompts)` -> context (B, 77, D),
-    `unet(x_t, t, context)` -> prediction, `encode(images)` / `decode(latents)` for the
-    autoencoder with the latent scale factor applied.
+    Each stage can be driven on its own: `text_encoder(prompts)` -> context (B, 77, D) (SDXL:
+    `text_encoder.encode(...)`, see `ldm.conditioner`), `unet(x_t, t, context)` -> prediction,
+    `encode(images)` / `decode(latents)` for the autoencoder with the latent scale factor applied.
     """
 
-    def __init__(self, spec: ModelSpec, unet: UNetModel, text_encoder: TextEncoder, autoencoder: AutoencoderKL,
+    def __init__(self, spec: ModelSpec, unet: UNetModel, text_encoder: TextEncoder | Conditioner,
+                 autoencoder: AutoencoderKL,
                  name: str = "") -> None:
         self.spec = spec
         self.unet = unet.eval()
@@ -94,13 +110,15 @@ class Pipeline:
         self._compiled = False
         self._traced = False  # compiled and run: the weights are constants of the compiled graph
         # what decides a context (see encode_context) -> contexts, most recently used last; None = no cache
-        self.context_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self.context_cache: OrderedDict[tuple, tuple[Encoded, Encoded | None]] | None = None
         self.context_cache_size = 0
+        self._refiner: tuple[Path, Pipeline] | None = None  # the SDXL refiner last asked for, loaded
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, name: str = "") -> Pipeline:
         """A pipeline with freshly initialised weights (for training and tests)."""
-        return cls(spec, UNetModel(spec.unet), TextEncoder(spec.text_encoder), AutoencoderKL(spec.autoencoder), name)
+        return cls(spec, UNetModel(spec.unet), build_text_encoder(spec.text_encoder), AutoencoderKL(spec.autoencoder),
+                   name)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: str | Path | None = None, prediction: str | None = None,
@@ -124,23 +142,32 @@ class Pipeline:
             parts["autoencoder"] = autoencoder_file(read_checkpoint(vae)[0], vae)
         del state_dict, ema
         with torch.device("meta"):  # no random init: every weight comes from the file
-            modules = UNetModel(spec.unet), TextEncoder(spec.text_encoder), AutoencoderKL(spec.autoencoder)
+            modules = UNetModel(spec.unet), build_text_encoder(spec.text_encoder), AutoencoderKL(spec.autoencoder)
         pipe = cls(spec, *modules, name=Path(path).stem)
         pipe.weights_text = {**({"vae": Path(vae).name} if vae is not None else {}),
                              **({"use_ema": "True"} if use_ema else {})}
         for part, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder),
                              ("autoencoder", pipe.autoencoder)):
-            load_strict(module, parts[part], part, vae if part == "autoencoder" and vae is not None else path)
-        return pipe.to(device, dtype)
+            load_strict(module, parts.pop(part), part, vae if part == "autoencoder" and vae is not None else path)
+            # Converted stage by stage, with the file's tensors of the stage no longer referenced: the
+            # file's copy of a weight is freed as soon as its converted copy exists.
+            pipe.to(device, dtype, modules=[module])
+        return pipe
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
         """Write all weights and the spec to one .safetensors file that `from_checkpoint` reads alone."""
         return write_checkpoint(path, self.spec, self.unet.state_dict(), self.autoencoder.state_dict(),
                                 self.text_encoder.state_dict(), metadata)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Pipeline:
-        for module in (self.unet, self.text_encoder, self.autoencoder):
-            module.to(device=device, dtype=dtype)
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+           modules: Sequence[torch.nn.Module] | None = None) -> Pipeline:
+        """Move the stages (or `modules` of them); SDXL's autoencoder stays float32 when asked for float16, in
+        which its activations overflow (diffusers' `force_upcast` for the same reason)."""
+        for module in modules or (self.unet, self.text_encoder, self.autoencoder):
+            to_dtype = dtype
+            if module is self.autoencoder and dtype == torch.float16 and self.spec.family in SDXL_FAMILIES:
+                to_dtype = torch.float32
+            module.to(device=device, dtype=to_dtype)
         return self
 
     @property
@@ -230,10 +257,19 @@ class Pipeline:
     def load_embeddings(self, folder: str | Path) -> Pipeline:
         """Textual-inversion files under `folder` (`ldm.embeddings`), each triggered by its file name in a
         prompt; replaces earlier ones. Files made for another text encoder are skipped with a warning."""
-        found = read_embeddings(Path(folder), self.text_encoder.config.width)
-        self.text_encoder.set_embeddings({word: vectors for word, (vectors, _) in found.items()})
+        towers = self.embedding_towers()
+        found = read_embeddings(Path(folder), {key: tower.config.width for key, tower in towers.items()})
+        for key, tower in towers.items():
+            tower.set_embeddings({word: vectors[key] for word, (vectors, _) in found.items()})
         self.embedding_files = {word: path for word, (_, path) in found.items()}
         return self
+
+    def embedding_towers(self) -> dict[str, TextEncoder]:
+        """The text towers by the key of their vectors in embedding files: "" for SD 1.x / 2.x; SDXL's
+        `clip_l` (CLIP ViT-L) and `clip_g` (bigG, the tower with the projection head)."""
+        if not isinstance(self.text_encoder, Conditioner):
+            return {"": self.text_encoder}
+        return {"clip_g" if tower.config.output_dim else "clip_l": tower for tower in self.text_encoder.embedders}
 
     def model_text(self) -> dict[str, str]:
         """What, beyond the checkpoint, changed the last images: replaced weights, LoRAs and the embeddings
@@ -254,9 +290,12 @@ class Pipeline:
         return self
 
     def encode_context(self, prompts: Sequence[str], negative_prompts: Sequence[str], guidance_scale: float,
-                       clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Cross-attention context (B, N, D) of `prompts` and, unless `guidance_scale` is 1 (no guidance),
-        the unconditional context of `negative_prompts` (one per prompt), in the pipeline's dtype."""
+                       clip_skip: int | None = None) -> tuple[Encoded, Encoded | None]:
+        """(context (B, N, D), pooled text) of `prompts` and, unless `guidance_scale` is 1 (no guidance), of
+        `negative_prompts` (one per prompt), in the pipeline's dtype. Pooled text (B, P) is SDXL's, else None.
+
+        The SDXL base, like its reference pipeline, conditions on zeros where the negative prompt is empty.
+        """
         # What else decides the text encoder's output: its merged LoRAs and its embeddings.
         key = (tuple(prompts), tuple(negative_prompts), guidance_scale != 1, clip_skip,
                tuple((adapter.path, weight) for adapter, weight in self.adapters.active),
@@ -264,9 +303,20 @@ class Pipeline:
         if self.context_cache is not None and key in self.context_cache:
             self.context_cache.move_to_end(key)
             return self.context_cache[key]
-        context, uncond_context = encode_prompts(self.text_encoder, list(prompts),
-                                                 list(negative_prompts) if guidance_scale != 1 else None, clip_skip)
-        contexts = context.to(self.dtype), None if uncond_context is None else uncond_context.to(self.dtype)
+        negative_prompts = list(negative_prompts) if guidance_scale != 1 else None
+        if isinstance(self.text_encoder, Conditioner):
+            cond, uncond = self.text_encoder.encode(list(prompts), negative_prompts, clip_skip)
+            if uncond is not None and self.spec.family == "sdxl":
+                keep = torch.tensor([text != "" for text in negative_prompts], device=uncond[0].device)
+                uncond = tuple(torch.where(keep.view(-1, *[1] * (x.ndim - 1)), x, 0) for x in uncond)
+        else:
+            cond, uncond = encode_prompts_pooled(self.text_encoder, list(prompts), negative_prompts, clip_skip,
+                                                 pooled=False)
+
+        def cast(encoded: Encoded) -> Encoded:
+            return tuple(None if x is None else x.to(self.dtype) for x in encoded)
+
+        contexts = cast(cond), None if uncond is None else cast(uncond)
         if self.context_cache is not None:
             self.context_cache[key] = contexts
             if len(self.context_cache) > self.context_cache_size:
@@ -275,6 +325,7 @@ class Pipeline:
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8) (posterior mean)."""
+        images = images.to(self.autoencoder_dtype)
         if self.tiling is None:
             posterior = self.autoencoder.encode(images)
         else:
@@ -282,12 +333,20 @@ class Pipeline:
             posterior = tiled_encode(self.autoencoder, images, *(n * factor for n in self.tiling))
         return posterior.mode() * self.autoencoder.scale_factor
 
+    @property
+    def autoencoder_dtype(self) -> torch.dtype:
+        return next(self.autoencoder.parameters()).dtype
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1]."""
         # Channels-last: oneDNN convolutions copy NCHW inputs into a blocked layout first, which at full
         # resolution is the decode's peak memory (measured in docs/benchmarks.md).
-        z = (latents / self.autoencoder.scale_factor).contiguous(memory_format=torch.channels_last)
+        z = (latents / self.autoencoder.scale_factor).to(self.autoencoder_dtype)
+        z = z.contiguous(memory_format=torch.channels_last)
         images = self.autoencoder.decode(z) if self.tiling is None else tiled_decode(self.autoencoder, z, *self.tiling)
+        if images.dtype == torch.float16 and self.spec.family in SDXL_FAMILIES and not images.isfinite().all():
+            raise InputError("the SDXL autoencoder overflowed in float16: keep it in float32 or bfloat16 (the "
+                             "pipeline does unless the autoencoder is cast by hand)")
         return images.clamp(-1, 1)
 
     @property
@@ -339,6 +398,7 @@ class Pipeline:
         if self.is_inpainting and masks is None:
             raise InputError(f"{self.name} is an inpainting model: pass an init image and a mask")
         height, width = self._size(settings, init_images)
+        self._check_model_settings(settings, init_images is not None)
         self._check_memory(batch_size, height, width, settings.scale != 1)
 
         # 1. Prompts -> context; the negative (by default empty) prompt is the unconditional context. The
@@ -347,8 +407,7 @@ class Pipeline:
         self._merge(adapters)
         used = set().union(*map(self.text_encoder.trigger_words, [*prompts, *settings.negative_prompts()]))
         self._used_embeddings = [word for word in self.embedding_files if word in used]
-        context, uncond_context = self.encode_context(prompts, settings.negative_prompts(), settings.scale,
-                                                      settings.clip_skip)
+        encoded = self.encode_context(prompts, settings.negative_prompts(), settings.scale, settings.clip_skip)
         # 2. Initial noise in float32 from one CPU generator per image, which then also draws
         #    that image's sampler noise (eta > 0): image k is reproducible alone, on any device.
         factor = self.autoencoder.config.downsampling_factor
@@ -366,7 +425,12 @@ class Pipeline:
         if init_images is not None:
             unet, x0, blend = self._start_from_images(init_images, masks, batch_size)
             start = StartPoint(x0, start_step(settings.steps, settings.strength), blend)
-        denoiser = ClassifierFreeGuidance(unet, context, uncond_context, settings.scale, settings.guidance_rescale)
+        denoiser = self._guidance(unet, settings, *encoded, height, width)
+        if settings.refiner is not None:
+            refiner = self._load_refiner(settings.refiner)
+            encoded = refiner.encode_context(prompts, settings.negative_prompts(), settings.scale, settings.clip_skip)
+            denoiser = RefinerSwitch(denoiser, refiner._guidance(refiner.unet, settings, *encoded, height, width),
+                                     switch_timestep(settings.refiner_switch, self.schedule.num_timesteps))
         z = sample(settings.sampler, denoiser, noise, self.schedule, settings.steps, eta=settings.eta,
                    karras=settings.karras, stiffness=denoiser.stiffness, generator=generators,
                    parameterization=self.spec.parameterization, progress=progress, start=start,
@@ -379,6 +443,58 @@ class Pipeline:
         # 4. Latents -> images.
         images = self.decode(z.to(self.dtype))
         return images if output_type == "tensor" else to_pil(images)
+
+    def _guidance(self, unet: UNet, settings: GenerationSettings, cond: Encoded, uncond: Encoded | None,
+                  height: int, width: int) -> ClassifierFreeGuidance:
+        """Guidance of `unet` by the encoded prompts; for SDXL with the vectors of pooled text and sizes."""
+        vectors: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        if self.spec.family in SDXL_FAMILIES:
+            names = SDXL_FAMILIES[self.spec.family]
+            values = {"original_size": settings.original_size or (height, width),
+                      "crop_coords": settings.crop_coords or (0, 0),
+                      "target_size": settings.target_size or (height, width),
+                      "aesthetic_score": (6.0 if settings.aesthetic_score is None else settings.aesthetic_score,)}
+            negative_score = 2.5 if settings.negative_aesthetic_score is None else settings.negative_aesthetic_score
+
+            def vector(pooled: torch.Tensor, values: dict) -> torch.Tensor:
+                sizes = micro_conditioning(names, values, len(pooled)).to(pooled.device)
+                return torch.cat([pooled.float(), sizes], dim=-1).to(self.dtype)
+
+            vectors = (vector(cond[1], values),
+                       None if uncond is None else vector(uncond[1], {**values, "aesthetic_score": (negative_score,)}))
+        return ClassifierFreeGuidance(unet, cond[0], None if uncond is None else uncond[0], settings.scale,
+                                      settings.guidance_rescale, *vectors)
+
+    def _check_model_settings(self, settings: GenerationSettings, from_image: bool) -> None:
+        """InputError for settings this model does not take: SDXL's micro-conditioning and refiner elsewhere,
+        a refiner used as a base."""
+        sdxl_only = [name for name in ("original_size", "crop_coords", "target_size", "aesthetic_score",
+                                       "negative_aesthetic_score", "refiner") if getattr(settings, name) is not None]
+        if sdxl_only and self.spec.family not in SDXL_FAMILIES:
+            raise InputError(f"{', '.join(sdxl_only)} appl{'ies' if len(sdxl_only) == 1 else 'y'} to SDXL models "
+                             f"only; {self.name} is {self.spec.family}")
+        if self.spec.family == "sdxl_refiner":
+            if settings.refiner is not None:
+                raise InputError(f"{self.name} is itself an SDXL refiner: pass the SDXL base as the checkpoint "
+                                 "and this file as the refiner")
+            if not from_image:
+                raise InputError(f"{self.name} is an SDXL refiner: it refines an image (pass an init image) or "
+                                 "finishes an SDXL base's run (the base as the checkpoint, this file as the refiner)")
+
+    def _load_refiner(self, path: str | Path) -> Pipeline:
+        """The SDXL refiner at `path`, on this pipeline's device and in its dtype; the last one stays loaded."""
+        path = Path(path)
+        if self._refiner is None or self._refiner[0] != path.resolve():
+            self._refiner = None  # never two refiners in memory
+            refiner = Pipeline.from_checkpoint(path, device=self.device, dtype=self.dtype)
+            if refiner.spec.family != "sdxl_refiner":
+                raise InputError(f"{path} is not an SDXL refiner ({refiner.spec.family}); pass the refiner file, "
+                                 "e.g. sd_xl_refiner_1.0.safetensors")
+            if refiner.unet.config.in_channels != self.unet.config.out_channels:
+                raise InputError(f"{path} works on {refiner.unet.config.in_channels}-channel latents, this base on "
+                                 f"{self.unet.config.out_channels}")
+            self._refiner = (path.resolve(), refiner)
+        return self._refiner[1]
 
     def _init_images(self, settings: GenerationSettings) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The init images (1 or B, 3, H, W) in [-1, 1] and masks (1 or B, 1, H, W) in [0, 1] as tensors,

@@ -109,27 +109,51 @@ def encode_prompts(text_encoder: TextEncoder, prompts: Sequence[str], negative_p
     gives no unconditional context (None). `clip_skip` as in `TextEncoder.encode_tokens`. On the encoder's
     device and in its dtype.
     """
+    (context, _), negative = encode_prompts_pooled(text_encoder, prompts, negative_prompts, clip_skip, pooled=False)
+    return context, None if negative is None else negative[0]
+
+
+Encoded = tuple[Tensor, Tensor | None]  # context (B, k * context_length, width), pooled text (B, output_dim)
+
+
+def encode_prompts_pooled(text_encoder: TextEncoder, prompts: Sequence[str], negative_prompts: Sequence[str] | None,
+                          clip_skip: int | None = None, pooled: bool = True, num_chunks: int = 1
+                          ) -> tuple[Encoded, Encoded | None]:
+    """`encode_prompts`, each context with the pooled text of its prompt's first chunk (as AUTOMATIC1111
+    pools long prompts for SDXL); pooled is None unless `pooled`. At least `num_chunks` chunks are encoded,
+    so that two encoders of one model can be made to give contexts of the same length."""
     if isinstance(prompts, str) or isinstance(negative_prompts, str):
         raise ValueError("encode_prompts takes lists of prompts; wrap a single prompt as [prompt]")
     chunked = [_chunks(text_encoder, prompt) for prompt in prompts]
     negative_chunked = [_chunks(text_encoder, prompt) for prompt in negative_prompts or []]
     k = max((len(tokens) for tokens, _ in chunked + negative_chunked), default=1)
-    context = _encode_chunks(text_encoder, chunked, k, clip_skip)
+    k = max(k, num_chunks)
+    encoded = _encode_chunks(text_encoder, chunked, k, clip_skip, pooled)
     if negative_prompts is None:
-        return context, None
-    return context, _encode_chunks(text_encoder, negative_chunked, k, clip_skip)
+        return encoded, None
+    return encoded, _encode_chunks(text_encoder, negative_chunked, k, clip_skip, pooled)
+
+
+def count_chunks(text_encoder: TextEncoder, prompts: Sequence[str]) -> int:
+    """The most chunks any of `prompts` takes."""
+    return max((len(_chunks(text_encoder, prompt)[0]) for prompt in prompts), default=1)
 
 
 def _encode_chunks(text_encoder: TextEncoder, chunked: list[tuple[Tensor, Tensor]], k: int,
-                   clip_skip: int | None) -> Tensor:
+                   clip_skip: int | None, pooled: bool) -> Encoded:
     """Pad each prompt's chunks to k with empty ones, encode all in one batch, weight, concatenate."""
     empty_tokens, empty_weights = _chunks(text_encoder, "")
     tokens = torch.stack([torch.cat([t, *[empty_tokens] * (k - len(t))]) for t, _ in chunked])
     weights = torch.stack([torch.cat([w, *[empty_weights] * (k - len(w))]) for _, w in chunked])
     batch_size, length = len(chunked), text_encoder.config.context_length
-    context = text_encoder.encode_tokens(tokens.view(batch_size * k, length), clip_skip)
+    tokens = tokens.view(batch_size * k, length)
+    if pooled:
+        context, pooled_text = text_encoder.encode_tokens_pooled(tokens, clip_skip)
+        pooled_text = pooled_text.view(batch_size, k, -1)[:, 0]
+    else:
+        context, pooled_text = text_encoder.encode_tokens(tokens, clip_skip), None
     context = apply_weights(context, weights.view(batch_size * k, length))
-    return context.reshape(batch_size, k * length, -1)
+    return context.reshape(batch_size, k * length, -1), pooled_text
 
 
 def apply_weights(context: Tensor, weights: Tensor) -> Tensor:

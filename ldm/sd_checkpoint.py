@@ -6,6 +6,7 @@ A checkpoint is one flat state dict whose prefixes name the stages:
     first_stage_model.*              autoencoder
     cond_stage_model.transformer.*   SD 1.x text encoder (Hugging Face CLIPTextModel layout)
     cond_stage_model.model.*         SD 2.x text encoder (open_clip layout); also ours
+    conditioner.embedders.N.*        SDXL text towers: `transformer.*` Hugging Face layout, `model.*` open_clip
 
 The family is detected from keys and shapes, so no YAML is needed; the original inference YAMLs
 are read for their parameters when given. Checkpoints written by this project carry their full
@@ -15,6 +16,7 @@ config in the safetensors metadata (key `ldm_config`).
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch
 import yaml
 
 from ldm.autoencoder import AutoencoderConfig
+from ldm.conditioner import BASE_MICRO_CONDITIONING, REFINER_MICRO_CONDITIONING, check_vector_width
 from ldm.config import config_dict, config_kwargs
 from ldm.errors import InputError
 from ldm.text_encoder import PRESETS, TextEncoderConfig, hf_clip_text_to_open_clip
@@ -33,10 +36,15 @@ UNET_PREFIX = "model.diffusion_model."
 AUTOENCODER_PREFIX = "first_stage_model."
 HF_TEXT_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_TEXT_PREFIX = "cond_stage_model.model."
+CONDITIONER_PREFIX = "conditioner.embedders."
+# An SDXL embedder's keys: its index, then `transformer.` (Hugging Face CLIP) or `model.` (open_clip).
+_EMBEDDER_KEY = re.compile(r"conditioner\.embedders\.(\d+)\.(transformer|model)\.(.+)")
 # Present in released checkpoints but not needed for inference: the autoencoder's training loss
 # (LPIPS + discriminator), EMA copies, and the diffusion schedule buffers (read separately).
 EMA_PREFIX = "model_ema."
 TRAINING_ONLY_PREFIXES = ("first_stage_model.loss.", EMA_PREFIX, "cond_stage_model.model.visual.")
+SDXL_SCALE_FACTOR = 0.13025
+SDXL_FAMILIES = {"sdxl": BASE_MICRO_CONDITIONING, "sdxl_refiner": REFINER_MICRO_CONDITIONING}
 CONFIG_METADATA_KEY = "ldm_config"
 # SD 2.0-base (512, epsilon) was released at this step; the 2.x-v releases predict v.
 SD2_BASE_GLOBAL_STEP = 875000
@@ -46,29 +54,36 @@ SD2_BASE_GLOBAL_STEP = 875000
 class ModelSpec:
     """Everything needed to build and run a pipeline: the three configs plus the noise schedule."""
 
-    family: str  # "sd1", "sd2" or "custom"
+    family: str  # "sd1", "sd2", "sdxl", "sdxl_refiner" or "custom"
     unet: UNetConfig
     autoencoder: AutoencoderConfig
-    text_encoder: TextEncoderConfig
+    text_encoder: TextEncoderConfig | tuple[TextEncoderConfig, ...]  # a tuple: SDXL's `Conditioner` towers
     parameterization: str = "eps"  # what the U-Net predicts: "eps" or "v"
     schedule: dict = field(default_factory=lambda: {"num_timesteps": 1000, "linear_start": 0.00085,
                                                      "linear_end": 0.012})
     image_size: int = 512  # default output height and width in pixels
 
     def to_dict(self) -> dict:
+        text = self.text_encoder
+        text = [config_dict(c) for c in text] if isinstance(text, tuple) else config_dict(text)
         return {"family": self.family, "unet": self.unet.to_dict(), "autoencoder": self.autoencoder.to_dict(),
-                "text_encoder": config_dict(self.text_encoder), "parameterization": self.parameterization,
+                "text_encoder": text, "parameterization": self.parameterization,
                 "schedule": dict(self.schedule), "image_size": self.image_size}
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelSpec:
         if d["parameterization"] not in ("eps", "v"):
             raise ValueError(f"parameterization {d['parameterization']!r} is not 'eps' or 'v'")
+        text = d["text_encoder"]
+        text = (tuple(map(_text_encoder_config, text)) if isinstance(text, list) else _text_encoder_config(text))
         return cls(family=d["family"], unet=UNetConfig.from_dict(d["unet"]),
-                   autoencoder=AutoencoderConfig.from_dict(d["autoencoder"]),
-                   text_encoder=TextEncoderConfig(**config_kwargs(TextEncoderConfig, d["text_encoder"])),
+                   autoencoder=AutoencoderConfig.from_dict(d["autoencoder"]), text_encoder=text,
                    parameterization=d["parameterization"], schedule=dict(d["schedule"]),
                    image_size=int(d["image_size"]))
+
+
+def _text_encoder_config(params: dict) -> TextEncoderConfig:
+    return TextEncoderConfig(**config_kwargs(TextEncoderConfig, params))
 
 
 def spec_from_yaml(path: str | Path) -> dict:
@@ -145,6 +160,8 @@ def _check_prediction(prediction: str) -> str:
 
 def _detect_sd_family(state_dict: dict[str, torch.Tensor], metadata: dict[str, str],
                       prediction: str | None) -> ModelSpec:
+    if any(key.startswith(CONDITIONER_PREFIX) for key in state_dict):
+        return _detect_sdxl(state_dict, prediction)
     probe = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
     if probe not in state_dict or conv_in not in state_dict:
@@ -181,6 +198,118 @@ def _detect_sd_family(state_dict: dict[str, torch.Tensor], metadata: dict[str, s
                      image_size=image_size)
 
 
+def _detect_sdxl(state_dict: dict[str, torch.Tensor], prediction: str | None) -> ModelSpec:
+    """SDXL base (CLIP ViT-L + bigG) or refiner (bigG alone), every width and depth read from the shapes.
+
+    Attention heads leave no trace in the weights: they are 64 channels wide, as in SDXL's U-Net and
+    both its CLIP towers.
+    """
+    towers: dict[int, tuple[str, dict[str, torch.Tensor]]] = {}
+    for key, value in state_dict.items():
+        if (match := _EMBEDDER_KEY.fullmatch(key)) is not None:
+            index, layout, name = match.groups()
+            towers.setdefault(int(index), (layout, {}))[1][name] = value
+    layouts = {i: layout for i, (layout, _) in towers.items()}
+    if layouts == {0: "transformer", 1: "model"}:
+        family = "sdxl"
+    elif layouts == {0: "model"}:
+        family = "sdxl_refiner"
+    else:
+        found = ", ".join(f"{i}: {'Hugging Face CLIP' if towers[i][0] == 'transformer' else 'open_clip'}"
+                          for i in sorted(towers)) or "none"
+        raise InputError(f"an SDXL checkpoint has text encoders conditioner.embedders.0 (CLIP ViT-L, Hugging Face "
+                         "keys) and .1 (OpenCLIP bigG), or a refiner .0 (bigG) alone; this file has "
+                         f"{found}: it is incomplete")
+    text = tuple(_tower_config(*towers[i]) for i in sorted(towers))
+    unet = _unet_config_from_shapes({k[len(UNET_PREFIX):]: v for k, v in state_dict.items()
+                                     if k.startswith(UNET_PREFIX)})
+    if unet.adm_in_channels is None or text[-1].output_dim is None:
+        raise InputError("an SDXL checkpoint needs the U-Net's vector input (label_emb) and bigG's text_projection; "
+                         "this file lacks one")
+    check_vector_width(unet.adm_in_channels, text[-1].output_dim, SDXL_FAMILIES[family])
+    if unet.context_dim != sum(t.width for t in text):
+        raise InputError(f"the U-Net attends to a context {unet.context_dim} wide, but the text encoders give "
+                         f"{sum(t.width for t in text)}")
+    autoencoder = _autoencoder_config_from_shapes({k[len(AUTOENCODER_PREFIX):]: v for k, v in state_dict.items()
+                                                   if k.startswith(AUTOENCODER_PREFIX)})
+    return ModelSpec(family=family, unet=unet, autoencoder=autoencoder, text_encoder=text,
+                     parameterization=prediction or "eps", image_size=1024)
+
+
+def _tower_config(layout: str, weights: dict[str, torch.Tensor]) -> TextEncoderConfig:
+    """An SDXL text tower from its weights' shapes: Hugging Face keys are OpenAI's CLIP (quick GELU, padded
+    with end-of-text), open_clip keys OpenCLIP (GELU, padded with 0, projection head)."""
+    hf = layout == "transformer"
+    prefix = "text_model.encoder.layers." if hf else "transformer.resblocks."
+    embedding = weights["text_model.embeddings.token_embedding.weight" if hf else "token_embedding.weight"]
+    positions = weights["text_model.embeddings.position_embedding.weight" if hf else "positional_embedding"]
+    layers = len({key[len(prefix):].split(".")[0] for key in weights if key.startswith(prefix)})
+    width = embedding.shape[1]
+    projection = weights.get("text_projection")
+    return TextEncoderConfig(width=width, layers=layers, heads=max(1, width // 64), vocab_size=embedding.shape[0],
+                             context_length=positions.shape[0], act="quick_gelu" if hf else "gelu",
+                             layer="penultimate", pad_with_eot=hf, final_norm=False,
+                             output_dim=None if projection is None else projection.shape[1])
+
+
+def _unet_config_from_shapes(weights: dict[str, torch.Tensor]) -> UNetConfig:
+    """An SDXL-style U-Net (64-channel heads, linear projections) from its weights' shapes."""
+    mc = weights["input_blocks.0.0.weight"].shape[0]
+    blocks: dict[int, set[str]] = {}  # input block index -> its layers' indices
+    for key in weights:
+        if key.startswith("input_blocks."):
+            index, layer = key.split(".")[1:3]
+            blocks.setdefault(int(index), set()).add(layer)
+    levels: list[list[int]] = [[]]  # input block indices of the res blocks of each level
+    for index in sorted(blocks)[1:]:
+        if f"input_blocks.{index}.0.op.weight" in weights:
+            levels.append([])
+        else:
+            levels[-1].append(index)
+
+    def depth(prefix: str) -> int:
+        return len({key[len(prefix):].split(".")[0] for key in weights if key.startswith(prefix)})
+
+    channel_mult, attention_resolutions, depths = [], [], []
+    for level, indices in enumerate(levels):
+        channel_mult.append(weights[f"input_blocks.{indices[0]}.0.out_layers.3.weight"].shape[0] // mc)
+        attention = f"input_blocks.{indices[0]}.1.transformer_blocks."
+        has_attention = any(key.startswith(attention) for key in weights)
+        if has_attention:
+            attention_resolutions.append(2**level)
+        depths.append(depth(attention) if has_attention else 1)
+    # Spelled as the released YAMLs spell them: one depth if every attention level has it, and the middle
+    # block's only where it differs from the last level's.
+    attention_depths = {d for level, d in enumerate(depths) if 2**level in attention_resolutions}
+    transformer_depth = attention_depths.pop() if len(attention_depths) == 1 else tuple(depths)
+    middle = depth("middle_block.1.transformer_blocks.")
+    last = transformer_depth if isinstance(transformer_depth, int) else transformer_depth[-1]
+    probe = next(k for k in weights if k.endswith("attn2.to_k.weight"))
+    proj_in = next(k for k in weights if k.endswith("proj_in.weight"))
+    label = weights.get("label_emb.0.0.weight")
+    return UNetConfig(in_channels=weights["input_blocks.0.0.weight"].shape[1],
+                      out_channels=weights["out.2.weight"].shape[0], model_channels=mc,
+                      attention_resolutions=tuple(reversed(attention_resolutions)), num_res_blocks=len(levels[0]),
+                      channel_mult=tuple(channel_mult), num_heads=-1, num_head_channels=64,
+                      transformer_depth=transformer_depth, transformer_depth_middle=None if middle == last else middle,
+                      context_dim=weights[probe].shape[1], use_linear_in_transformer=weights[proj_in].ndim == 2,
+                      adm_in_channels=None if label is None else label.shape[1])
+
+
+def _autoencoder_config_from_shapes(weights: dict[str, torch.Tensor]) -> AutoencoderConfig:
+    """SD's KL autoencoder layout (as SDXL ships it) at the widths and depths its weights' shapes say."""
+    if "encoder.conv_in.weight" not in weights:
+        raise InputError("the checkpoint has no autoencoder (first_stage_model.encoder.*); pass a complete checkpoint")
+    ch = weights["encoder.conv_in.weight"].shape[0]
+    levels = sorted({int(key.split(".")[2]) for key in weights if key.startswith("encoder.down.")})
+    ch_mult = tuple(weights[f"encoder.down.{level}.block.0.conv2.weight"].shape[0] // ch for level in levels)
+    blocks = {key.split(".")[4] for key in weights if key.startswith("encoder.down.0.block.")}
+    attention = tuple(256 // 2**level for level in levels if f"encoder.down.{level}.attn.0.q.weight" in weights)
+    return AutoencoderConfig(embed_dim=weights["quant_conv.weight"].shape[0] // 2,
+                             z_channels=weights["decoder.conv_in.weight"].shape[1], ch=ch, ch_mult=ch_mult,
+                             num_res_blocks=len(blocks), attn_resolutions=attention, scale_factor=SDXL_SCALE_FACTOR)
+
+
 def split_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Per-stage state dicts in our modules' key layout: `unet`, `autoencoder`, `text_encoder`.
 
@@ -200,6 +329,15 @@ def split_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str,
     hf_text = parts.pop("hf_text")
     if hf_text:
         parts["text_encoder"].update(hf_clip_text_to_open_clip(hf_text))
+    towers: dict[str, dict[str, torch.Tensor]] = {}  # SDXL: the Conditioner's `embedders.N.`
+    for key, tensor in state_dict.items():
+        if (match := _EMBEDDER_KEY.fullmatch(key)) is not None:
+            index, layout, name = match.groups()
+            towers.setdefault(f"embedders.{index}.", {})[f"{layout}.{name}"] = tensor
+    for prefix, weights in towers.items():
+        hf = {k[len("transformer."):]: v for k, v in weights.items() if k.startswith("transformer.")}
+        tower = hf_clip_text_to_open_clip(hf) if hf else {k[len("model."):]: v for k, v in weights.items()}
+        parts["text_encoder"].update({prefix + k: v for k, v in tower.items()})
     return parts
 
 
@@ -237,8 +375,17 @@ def join_state_dicts(unet: dict, autoencoder: dict, text_encoder: dict) -> dict[
     """The inverse of `split_state_dict` for our own checkpoints (open_clip layout for the text)."""
     out = {UNET_PREFIX + k: v for k, v in unet.items()}
     out.update({AUTOENCODER_PREFIX + k: v for k, v in autoencoder.items()})
-    out.update({OPEN_CLIP_TEXT_PREFIX + k: v for k, v in text_encoder.items()})
+    out.update({_text_key(k): v for k, v in text_encoder.items()})
     return out
+
+
+def _text_key(key: str) -> str:
+    """Our text encoder's key in the checkpoint; an SDXL Conditioner's towers (`embedders.N.*`) go back under
+    `conditioner.embedders.N.model.`, in open_clip layout."""
+    if key.startswith("embedders."):
+        index, rest = key[len("embedders."):].split(".", 1)
+        return f"{CONDITIONER_PREFIX}{index}.model.{rest}"
+    return OPEN_CLIP_TEXT_PREFIX + key
 
 
 def write_checkpoint(path: str | Path, spec: ModelSpec, unet: dict, autoencoder: dict, text_encoder: dict,

@@ -32,6 +32,14 @@ MAX_STEPS = 1000  # the training timesteps of every SD model
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 RANDOM_SEED = -1  # AUTOMATIC1111's "pick one": replaced by a drawn seed, which the PNG then records
 
+def pair(text: str) -> tuple[int, int]:
+    """A flag or PNG text value "A,B" (or "(A, B)", as a tuple prints) -> (A, B) whole numbers."""
+    parts = text.strip().strip("()").split(",")
+    if len(parts) != 2:
+        raise ValueError(f"expected two whole numbers A,B, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 # An init image or mask: a file, a PIL image, or a tensor (1 or B, C, H, W) (see `Pipeline.generate`).
 ImageSource = str | Path | Image.Image | torch.Tensor
 
@@ -105,6 +113,23 @@ class GenerationSettings:
     clip_skip: int | None = setting(None, "--clip_skip", type=int, help="context from the text encoder's N-th "
                                     "layer from the end (1 = last, 2 = penultimate; default: the model's, "
                                     "SD 1.x 1, SD 2.x 2)")
+    original_size: tuple[int, int] | None = setting(None, "--original_size", type=pair, help="SDXL: the size "
+                                                    "HEIGHT,WIDTH the model is told its training image had "
+                                                    "(default: the output size)")
+    crop_coords: tuple[int, int] | None = setting(None, "--crop_coords", type=pair, help="SDXL: the top-left "
+                                                  "corner TOP,LEFT of the crop it is told was cut (default 0,0)")
+    target_size: tuple[int, int] | None = setting(None, "--target_size", type=pair, help="SDXL base: the size "
+                                                  "HEIGHT,WIDTH it is told to aim for (default: the output size)")
+    aesthetic_score: float | None = setting(None, "--aesthetic_score", type=float, help="SDXL refiner: the "
+                                            "aesthetic score it is told the image has (default 6)")
+    negative_aesthetic_score: float | None = setting(None, "--negative_aesthetic_score", type=float,
+                                                     help="SDXL refiner: the score of the unconditional side "
+                                                     "of guidance (default 2.5)")
+    refiner: str | Path | None = setting(None, "--refiner", type=Path, help="SDXL: a refiner checkpoint that "
+                                         "takes over the base's run at --refiner_switch")
+    refiner_switch: float | None = setting(None, "--refiner_switch", type=float, help="SDXL: the share of the "
+                                           "noise schedule the base runs before the refiner, in (0, 1) "
+                                           "(default 0.8)")
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt", "seed", "lora"):
@@ -114,6 +139,7 @@ class GenerationSettings:
         _check_sampling(self)
         _check_images(self)
         _check_text_encoding(self)
+        _check_sdxl(self)
         if self.seed == RANDOM_SEED:
             object.__setattr__(self, "seed", random.randrange(2**32))
 
@@ -245,6 +271,34 @@ def _check_text_encoding(s: GenerationSettings) -> None:
         parse_lora_spec(str(spec))
     if s.clip_skip is not None:
         _integer("clip_skip", s.clip_skip, 1)
+
+
+def _check_sdxl(s: GenerationSettings) -> None:
+    """Micro-conditioning: sizes are two positive whole numbers, crop corners two non-negative ones; the
+    refiner switch is a share of the schedule, 0.8 by default when a refiner is given. Whether the model
+    takes them is the pipeline's to say."""
+    for name, low in (("original_size", 1), ("crop_coords", 0), ("target_size", 1)):
+        value = getattr(s, name)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            object.__setattr__(s, name, value := tuple(value))
+        if not isinstance(value, tuple) or len(value) != 2:
+            raise SettingError(f"{{{name}}} must be two whole numbers, got {value!r}")
+        for number in value:
+            _integer(name, number, low, MAX_SIDE)
+    for name in ("aesthetic_score", "negative_aesthetic_score"):
+        if getattr(s, name) is not None:
+            _number(name, getattr(s, name), -math.inf)
+    if s.refiner is None:
+        if s.refiner_switch is not None:
+            raise SettingError("{refiner_switch} needs {refiner}")
+        return
+    if s.refiner_switch is None:
+        object.__setattr__(s, "refiner_switch", 0.8)
+    _number("refiner_switch", s.refiner_switch, 0, 1, "in (0, 1)", low_open=True)
+    if s.refiner_switch == 1:
+        raise SettingError(f"{{refiner_switch}} must be in (0, 1), got {s.refiner_switch}")
 
 
 def from_text(text: Mapping[str, str]) -> dict[str, Any]:

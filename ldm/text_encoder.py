@@ -32,11 +32,12 @@ _CLIP_VOCAB_SIZE = 49408
 class TextEncoderConfig:
     """Shape and behaviour of the text encoder.
 
-    `layer` picks the block whose output (after the final LayerNorm) is the context.
-    `pad_with_eot` fills the positions after end-of-text with its id 49407 (how SD 1.x was
-    trained) instead of 0 (SD 2.x). `output_dim` adds the CLIP head that SD 2.x checkpoints
-    carry (`text_projection` (width, output_dim) and a scalar `logit_scale`); it is unused for
-    the context and exists only so those checkpoints load strictly. None: no head (SD 1.x).
+    `layer` picks the block whose output is the context, after the final LayerNorm when
+    `final_norm` (SD 1.x and 2.x; SDXL takes the block's output as it is). `pad_with_eot` fills
+    the positions after end-of-text with its id 49407 (how SD 1.x was trained) instead of 0 (SD 2.x).
+    `output_dim` adds the CLIP head (`text_projection` (width, output_dim) and a scalar
+    `logit_scale`): SDXL's pooled text comes out of it; SD 2.x checkpoints carry it unused, so it
+    exists for them only so that they load strictly. None: no head (SD 1.x).
     """
 
     width: int
@@ -48,6 +49,7 @@ class TextEncoderConfig:
     layer: Literal["last", "penultimate"] = "last"
     pad_with_eot: bool = False
     output_dim: int | None = None
+    final_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.act not in ("gelu", "quick_gelu"):
@@ -78,12 +80,25 @@ def sd2() -> TextEncoderConfig:
     )
 
 
+def sdxl_clip_l() -> TextEncoderConfig:
+    """SDXL's first tower: SD 1.x's CLIP ViT-L/14, its penultimate block without the final LayerNorm."""
+    return TextEncoderConfig(width=768, layers=12, heads=12, act="quick_gelu", layer="penultimate",
+                             pad_with_eot=True, final_norm=False)
+
+
+def sdxl_bigg() -> TextEncoderConfig:
+    """SDXL's OpenCLIP ViT-bigG/14 (the refiner's only tower): penultimate block without the final LayerNorm,
+    and the pooled, projected text."""
+    return TextEncoderConfig(width=1280, layers=32, heads=20, act="gelu", layer="penultimate", output_dim=1280,
+                             final_norm=False)
+
+
 def tiny() -> TextEncoderConfig:
     """A small tower for tests and the bundled shapes model."""
     return TextEncoderConfig(width=64, layers=2, heads=4)
 
 
-PRESETS = {"sd1": sd1, "sd2": sd2, "tiny": tiny}
+PRESETS = {"sd1": sd1, "sd2": sd2, "sdxl_clip_l": sdxl_clip_l, "sdxl_bigg": sdxl_bigg, "tiny": tiny}
 
 
 class TextEncoder(TextTransformer):
@@ -190,9 +205,19 @@ class TextEncoder(TextTransformer):
         """Token ids (B, context_length) -> context (B, context_length, width).
 
         `clip_skip` N takes the output of the N-th block from the end (1 = last, as AUTOMATIC1111 and
-        ComfyUI count) instead of the config's `layer`; the final LayerNorm follows either way. The
-        context is on the weights' device and in their dtype.
+        ComfyUI count) instead of the config's `layer`; the final LayerNorm follows when the config says
+        so. The context is on the weights' device and in their dtype.
         """
+        return self._encode(tokens, clip_skip, pooled=False)[0]
+
+    def encode_tokens_pooled(self, tokens: Tensor, clip_skip: int | None = None) -> tuple[Tensor, Tensor]:
+        """`encode_tokens`, and the pooled text (B, output_dim): the last block's output at end-of-text,
+        after the final LayerNorm, through `text_projection` (what CLIP matches to images; SDXL's vector)."""
+        if self.text_projection is None:
+            raise ValueError("this text encoder has no text_projection (output_dim None), so no pooled output")
+        return self._encode(tokens, clip_skip, pooled=True)
+
+    def _encode(self, tokens: Tensor, clip_skip: int | None, pooled: bool) -> tuple[Tensor, Tensor | None]:
         if tokens.ndim != 2 or tokens.shape[1] != self.config.context_length:
             raise ValueError(
                 f"tokens must be (B, {self.config.context_length}), got {tuple(tokens.shape)}; "
@@ -201,15 +226,18 @@ class TextEncoder(TextTransformer):
         if clip_skip is not None and not 1 <= clip_skip <= self.config.layers:
             raise InputError(f"clip skip must be in [1, {self.config.layers}] for this text encoder "
                              f"({self.config.layers} layers), got {clip_skip}")
-        out = self.forward_intermediates(
-            tokens.to(self.token_embedding.weight.device),
-            indices=[self._output_block if clip_skip is None else self.config.layers - clip_skip],
-            stop_early=True,
-            normalize_intermediates=True,  # final LayerNorm on the chosen block, as SD does
-            intermediates_only=True,
-            output_fmt="NLC",
-        )
-        return out["text_intermediates"][0]
+        tokens = tokens.to(self.token_embedding.weight.device)
+        block = self._output_block if clip_skip is None else self.config.layers - clip_skip
+        last = self.config.layers - 1
+        out = self.forward_intermediates(tokens, indices=sorted({block, last} if pooled else {block}), stop_early=True,
+                                         intermediates_only=True, output_fmt="NLC")["text_intermediates"]
+        context = self.ln_final(out[0]) if self.config.final_norm else out[0]
+        if not pooled:
+            return context, None
+        # End-of-text is the first 49407 of a row; not its largest id, since textual-inversion ids lie above it.
+        eot = (tokens == self.tokenizer.eot_token_id).int().argmax(dim=1)
+        final = self.ln_final(out[-1][torch.arange(len(tokens), device=tokens.device), eot])
+        return context, final @ self.text_projection
 
     def forward(self, prompts: list[str] | Tensor) -> Tensor:
         """Prompts (or token ids (B, context_length)) -> context (B, context_length, width)."""

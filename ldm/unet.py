@@ -33,18 +33,40 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_heads: int = 8
     num_head_channels: int = -1
-    transformer_depth: int = 1
+    # Transformer blocks per attention layer: one number, or one per level (SDXL: 1, 2, 10).
+    transformer_depth: int | tuple[int, ...] = 1
+    transformer_depth_middle: int | None = None  # None: the last level's depth
     context_dim: int = 768
     use_linear_in_transformer: bool = False
+    # Width of the vector conditioning added to the timestep embedding through `label_emb` (SDXL's
+    # pooled text and size embeddings, the original `num_classes: sequential`); None: no such input.
+    adm_in_channels: int | None = None
     dropout: float = 0.0
     # GroupNorm groups (32 in SD, where every group has 10+ channels); narrow models need fewer so
     # that a group still carries what the features are, not only how they vary.
     norm_num_groups: int = 32
 
+    def __post_init__(self) -> None:
+        if isinstance(self.transformer_depth, tuple) and len(self.transformer_depth) != len(self.channel_mult):
+            raise ValueError(f"transformer_depth {list(self.transformer_depth)} needs one entry per level of "
+                             f"channel_mult {list(self.channel_mult)}")
+
     @classmethod
     def from_dict(cls, params: dict) -> UNetConfig:
-        """Build from a YAML `params` mapping, skipping keys that only steer the original code."""
-        return cls(**config_kwargs(cls, params, ORIGINAL_ONLY_KEYS))
+        """Build from a YAML `params` mapping, skipping keys that only steer the original code.
+
+        SDXL's YAMLs give `context_dim` once per level and mark the vector input `num_classes: sequential`.
+        """
+        params = dict(params)
+        if isinstance(params.get("context_dim"), list):
+            if len(set(params["context_dim"])) != 1:
+                raise ValueError(f"context_dim {params['context_dim']} differs between levels")
+            params["context_dim"] = params["context_dim"][0]
+        num_classes = params.pop("num_classes", None)
+        if num_classes not in (None, "sequential") or (num_classes and params.get("adm_in_channels") is None):
+            raise ValueError(f"num_classes {num_classes!r} with adm_in_channels {params.get('adm_in_channels')}: only "
+                             "num_classes: sequential with adm_in_channels (SDXL's vector input) is supported")
+        return cls(**config_kwargs(cls, params, ORIGINAL_ONLY_KEYS | {"spatial_transformer_attn_type"}))
 
     def to_dict(self) -> dict:
         return config_dict(self)
@@ -54,6 +76,14 @@ class UNetConfig:
         if self.num_head_channels == -1:
             return self.num_heads, channels // self.num_heads
         return channels // self.num_head_channels, self.num_head_channels
+
+    def depth(self, level: int | None) -> int:
+        """Transformer blocks of each attention layer at `level` (None: the middle block)."""
+        depths = self.transformer_depth
+        depths = depths if isinstance(depths, tuple) else (depths,) * len(self.channel_mult)
+        if level is None:
+            return depths[-1] if self.transformer_depth_middle is None else self.transformer_depth_middle
+        return depths[level]
 
 
 class TimestepSequential(nn.Sequential):
@@ -83,10 +113,14 @@ class UNetModel(nn.Module):
         mc = config.model_channels
         emb_channels = 4 * mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
+        if config.adm_in_channels is not None:
+            # Nested as in the original, whose other `num_classes` kinds put other modules here.
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(config.adm_in_channels, emb_channels), nn.SiLU(),
+                                                         nn.Linear(emb_channels, emb_channels)))
 
-        def attention(channels: int) -> SpatialTransformer:
+        def attention(channels: int, level: int | None) -> SpatialTransformer:
             heads, dim_head = config.heads_and_dim(channels)
-            return SpatialTransformer(channels, heads, dim_head, config.context_dim, config.transformer_depth,
+            return SpatialTransformer(channels, heads, dim_head, config.context_dim, config.depth(level),
                                       config.use_linear_in_transformer, config.dropout, config.norm_num_groups)
 
         def resblock(channels: int, out_channels: int) -> ResBlock:
@@ -100,7 +134,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [resblock(ch, mult * mc)]
                 ch = mult * mc
                 if ds in config.attention_resolutions:
-                    layers.append(attention(ch))
+                    layers.append(attention(ch, level))
                 self.input_blocks.append(TimestepSequential(*layers))
                 skip_channels.append(ch)
             if level != len(config.channel_mult) - 1:
@@ -110,7 +144,7 @@ class UNetModel(nn.Module):
 
         self.middle_block = TimestepSequential(
             resblock(ch, ch),
-            attention(ch),
+            attention(ch, None),
             resblock(ch, ch),
         )
 
@@ -120,7 +154,7 @@ class UNetModel(nn.Module):
                 layers = [resblock(ch + skip_channels.pop(), mc * mult)]
                 ch = mc * mult
                 if ds in config.attention_resolutions:
-                    layers.append(attention(ch))
+                    layers.append(attention(ch, level))
                 if level and i == config.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -136,10 +170,17 @@ class UNetModel(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                vector: torch.Tensor | None = None) -> torch.Tensor:
+        """`vector` (B, adm_in_channels): the vector conditioning of a U-Net with `label_emb` (SDXL)."""
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x_t.dtype))
+        if (vector is None) != (self.config.adm_in_channels is None):
+            raise ValueError(f"this U-Net takes {'a' if vector is None else 'no'} vector conditioning "
+                             f"(adm_in_channels {self.config.adm_in_channels})")
+        if vector is not None:
+            emb = emb + self.label_emb(vector.to(emb.dtype))
         h = x_t
         skips = []
         for block in self.input_blocks:

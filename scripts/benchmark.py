@@ -61,6 +61,7 @@ from diffusers.loaders.single_file_utils import (
 from ldm.attention import ATTENTION_BACKENDS, set_attention_backend
 from ldm.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.cli import PRECISIONS, ScriptParser, resolve_device, run_main
+from ldm.conditioner import BASE_MICRO_CONDITIONING, micro_conditioning
 from ldm.config import config_kwargs
 from ldm.errors import InputError
 from ldm.generate import BUNDLED_CHECKPOINT
@@ -70,7 +71,7 @@ from ldm.text_encoder import TextEncoder, TextEncoderConfig, sd1, tiny
 from ldm.tiling import tiled_decode
 from ldm.unet import UNetConfig, UNetModel
 
-CASES = ("unet", "train", "vae", "vae-tiled", "txt2img", "shapes", "lora")
+CASES = ("unet", "train", "vae", "vae-tiled", "txt2img", "shapes", "lora", "sdxl-unet")
 SHAPES_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "shapes"
 SD_PROMPT = "a photograph of an astronaut riding a horse"
 SHAPES_PROMPT = "a large red circle in the top left on a black background"
@@ -143,6 +144,8 @@ def original_config(unet: UNetConfig, autoencoder: AutoencoderConfig) -> dict:
     unet_params = unet.to_dict()
     # diffusers takes num_heads when it is present, num_head_channels otherwise.
     del unet_params["num_heads" if unet.num_head_channels != -1 else "num_head_channels"]
+    if unet.adm_in_channels is not None:
+        unet_params["num_classes"] = "sequential"  # SDXL's vector input, as its YAMLs mark it
     return {"model": {"params": {
         "unet_config": {"params": unet_params},
         "first_stage_config": {"params": {"embed_dim": autoencoder.embed_dim, "ddconfig": autoencoder.to_dict()}},
@@ -154,6 +157,8 @@ def diffusers_unet(unet: UNetModel, autoencoder_config: AutoencoderConfig) -> UN
     checkpoint = join_state_dicts(unet.state_dict(), {}, {})
     config = create_unet_diffusers_config_from_ldm(original_config(unet.config, autoencoder_config), checkpoint)
     config["norm_num_groups"] = unet.config.norm_num_groups
+    if unet.config.adm_in_channels is not None:  # diffusers tells SDXL by the released context widths only
+        config.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=256)
     return _load_meta(UNet2DConditionModel, config, convert_ldm_unet_checkpoint(checkpoint, config))
 
 
@@ -231,6 +236,38 @@ def unet_case(args, device, dtype, sides) -> dict[str, Run]:
     if "diffusers" in sides:
         reference = reference.to(device, dtype)
         runs["diffusers"] = torch.no_grad()(lambda: reference(x_t, t, encoder_hidden_states=context).sample)
+    return runs
+
+
+def sdxl_unet_config(args: argparse.Namespace) -> UNetConfig:
+    """SDXL base's U-Net (generative-models' sd_xl_base.yaml), or its layout at a fifth of the width."""
+    width, context = (64, 128) if args.model == "tiny" else (320, 2048)
+    return UNetConfig(model_channels=width, attention_resolutions=(4, 2), channel_mult=(1, 2, 4), num_heads=-1,
+                      num_head_channels=64, transformer_depth=(1, 2, 10), use_linear_in_transformer=True,
+                      context_dim=context, adm_in_channels=1280 + 6 * 256)
+
+
+def sdxl_unet_case(args, device, dtype, sides) -> dict[str, Run]:
+    """The U-Net with its vector input: ours takes pooled text + embedded sizes, diffusers the parts."""
+    with torch.device("meta"):
+        unet = UNetModel(sdxl_unet_config(args))
+    random_weights_(unet, seed=0)
+    reference = diffusers_unet(unet, AutoencoderConfig())
+    x_t, t, context = unet_inputs(args, unet.config.context_dim, device, dtype)
+    pooled = torch.randn(args.batch, 1280, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    size = 8 * args.latent_size
+    sizes = {"original_size": (size, size), "crop_coords": (0, 0), "target_size": (size, size)}
+    vector = torch.cat([pooled, micro_conditioning(BASE_MICRO_CONDITIONING, sizes, args.batch).to(device, dtype)], -1)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * args.batch, device=device, dtype=dtype)
+    runs = {}
+    if "ours" in sides:
+        ours = prepare_ours(unet.to(device, dtype), args)
+        runs["ours"] = torch.no_grad()(lambda: ours(x_t, t, context, vector=vector))
+    if "diffusers" in sides:
+        reference = reference.to(device, dtype)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        runs["diffusers"] = torch.no_grad()(
+            lambda: reference(x_t, t, encoder_hidden_states=context, added_cond_kwargs=added).sample)
     return runs
 
 
@@ -385,7 +422,7 @@ def shapes_spec() -> ModelSpec:
 BUILDERS = {
     "unet": unet_case, "train": train_case, "vae": vae_case,
     "vae-tiled": lambda args, device, dtype, sides: vae_case(args, device, dtype, sides, tiled=True),
-    "txt2img": txt2img_case, "shapes": shapes_case,
+    "txt2img": txt2img_case, "shapes": shapes_case, "sdxl-unet": sdxl_unet_case,
 }
 
 

@@ -45,8 +45,8 @@ def test_trigger_word_is_its_vectors_and_nothing_else(tmp_path):
     assert ids == [*encoder.tokenizer.encode("a"), vocab, vocab + 1, *encoder.tokenizer.encode("on white, redthings")]
     with torch.no_grad():
         assert torch.equal(encoder(["a redthing on white"]), encoder(["a red circle on white"]))
-        weighted = pipe.encode_context(["a (redthing:1.3) on white"], [""], 7.5)[0]
-        assert torch.equal(weighted, pipe.encode_context(["a (red circle:1.3) on white"], [""], 7.5)[0])
+        weighted = pipe.encode_context(["a (redthing:1.3) on white"], [""], 7.5)[0][0]
+        assert torch.equal(weighted, pipe.encode_context(["a (red circle:1.3) on white"], [""], 7.5)[0][0])
     assert "token_embedding.extra" not in encoder.state_dict()  # saving writes the checkpoint's weights only
 
 

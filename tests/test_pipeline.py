@@ -275,8 +275,9 @@ def test_half_precision_pipeline_follows_float32(tiny_pipeline, dtype):
 def test_context_cache_encodes_a_repeated_prompt_once(tiny_pipeline, monkeypatch):
     settings = GenerationSettings(prompt="a red circle", negative_prompt="blue", steps=2, seed=3)
     plain = tiny_pipeline.generate(settings, output_type="latent", progress=False)
-    calls, encode = [], pipeline.encode_prompts
-    monkeypatch.setattr(pipeline, "encode_prompts", lambda *args: calls.append(args[1]) or encode(*args))
+    calls, encode = [], pipeline.encode_prompts_pooled
+    monkeypatch.setattr(pipeline, "encode_prompts_pooled",
+                        lambda *args, **kwargs: calls.append(args[1]) or encode(*args, **kwargs))
     tiny_pipeline.enable_context_cache(size=1)
     first = tiny_pipeline.generate(settings, output_type="latent", progress=False)
     again = tiny_pipeline.generate(replace(settings, seed=4), output_type="latent", progress=False)

@@ -77,9 +77,14 @@ def flag_values(files: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
              "--vae_tile_size": st.sampled_from([0, 4, 8, 16]), "--max_memory": st.floats(1e-4, 1),
              "--prompt": prompt, "--negative_prompt": prompt, "--steps": st.integers(1, 3),
              "--n_iter": st.integers(1, 2), **{flag: st.just("") for flag in BOOLEAN_FLAGS},
+             # SDXL's settings: the tiny model refuses them, after they parse.
+             **{flag: st.sampled_from(["64,64", "0,0", "(32, 16)"]) for flag in ("--original_size", "--crop_coords",
+                                                                                  "--target_size")},
+             "--aesthetic_score": st.floats(0, 10), "--negative_aesthetic_score": st.floats(0, 10),
+             "--refiner_switch": st.floats(0.1, 0.9),
              **{flag: st.sampled_from([str(p) for p in files.values()])
                 for flag in ("--init-img", "--mask", "--lora", "--vae", "--config", "--embeddings_dir", "--lora_dir",
-                             "--from-file")}}
+                             "--from-file", "--refiner")}}
     bad = {"--steps": small_or_out_of_range(1000), "--n_iter": small_or_out_of_range()}
     return {flag: st.one_of(*[value.map(str)] * 3, bad.get(flag, anything())) for flag, value in valid.items()}
 

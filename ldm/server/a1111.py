@@ -33,7 +33,12 @@ API_NAMES = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "
              "sampler": "sampler_name", "karras": "scheduler", "scale": "cfg_scale",
              "guidance_rescale": "guidance_rescale", "eta": "eta", "height": "height", "width": "width",
              "batch_size": "batch_size", "init_img": "init_images", "strength": "denoising_strength", "mask": "mask",
-             "lora": "lora", "clip_skip": "CLIP_stop_at_last_layers"}
+             "lora": "lora", "clip_skip": "CLIP_stop_at_last_layers",
+             # SDXL: A1111's refiner fields (the checkpoint by name, found by the engine), and this server's
+             # micro-conditioning fields, which A1111 has only as global options.
+             "refiner": "refiner_checkpoint", "refiner_switch": "refiner_switch_at",
+             **{name: name for name in ("original_size", "crop_coords", "target_size", "aesthetic_score",
+                                        "negative_aesthetic_score")}}
 # Request fields that set one setting as they are (the sampler, scheduler and images take more).
 _PLAIN_FIELDS = {api: ours for ours, api in API_NAMES.items()
                  if api not in ("sampler_name", "scheduler", "init_images", "mask", "lora", "CLIP_stop_at_last_layers")}

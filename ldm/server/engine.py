@@ -7,6 +7,7 @@ before it and never swaps the model under a running job.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ class Engine:
         pipe = self.loaded[1] if self.loaded is not None else None
         if pipe is None:
             return {"loaded": {}, "skipped": {}}
-        encoder = pipe.text_encoder
+        encoder = next(iter(pipe.embedding_towers().values()))
         return {"loaded": {word: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                                   "shape": encoder.config.width, "vectors": len(encoder.embeddings[word])}
                            for word in pipe.embedding_files}, "skipped": {}}
@@ -123,6 +124,8 @@ class Engine:
         path = self.catalog.find(job.checkpoint) if job.checkpoint else self.checkpoint
         pipe, digest = self.load(path), model_hash(path)
         s = job.settings
+        if s.refiner is not None:  # requests name the refiner as they name checkpoints
+            job = replace(job, settings=replace(s, refiner=self.catalog.find(str(s.refiner))))
         skipped = 0 if s.init_img is None else start_step(s.steps, s.strength)
         images, infotexts, done = [], [], []
         size = (s.width or pipe.spec.image_size, s.height or pipe.spec.image_size)
