@@ -1,12 +1,14 @@
-"""Files written whole or not at all (a reader, or a killed run, never finds half of one), and output
-folders checked before any work starts."""
+"""Files written whole or not at all (a reader, or a killed run, never finds half of one), tar members
+written reproducibly, and output folders checked before any work starts."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,6 +55,16 @@ def write_json(path: str | Path, data: object) -> None:
     """`data` as indented JSON, atomically."""
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2))
+
+
+def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add `data` to `tar` as file `name` with fixed metadata (mode 644, mtime 0, no owner), so that the
+    same samples always give byte-identical shards."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
 
 
 def check_output_folder(path: str | Path, name: str) -> Path:

@@ -2,7 +2,8 @@
 
 Two sources give the same sample format, so every trainer takes either:
 
-- `image_text_dataset`: LAION-style WebDataset tar shards (local paths, brace patterns, `pipe:` URLs);
+- `image_text_dataset`: LAION-style WebDataset tar shards (local paths, brace patterns, `pipe:` URLs),
+  such as `ldm.data.make_shards` writes from a folder of captioned images;
 - `shapes_dataset`: the built-in shapes-v1 set, generated on the fly (no disk).
 
 `make_loader` batches them into `{"images": (B, 3, size, size), "captions": list[str], ...}`, and
@@ -123,15 +124,28 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return (pixels / 127.5 - 1).permute(2, 0, 1).contiguous()
 
 
-def _open_rgb(data: bytes, size: int) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    # JPEGs can decode at 1/2, 1/4 or 1/8 scale for free; the draft stays at least `size` on both sides.
-    image.draft("RGB", (size, size))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how Pillow opens some 16-bit grey files
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: transparent pixels composited over white, 16-bit grey scaled to 8 bits
+    (65535 -> 255), greyscale, palette and CMYK converted."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        # convert() clips these values at 255 instead of scaling them, which turns most pixels white.
+        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257), 0, 255)
+        image = Image.fromarray(grey.astype(np.uint8))  # mode L
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         # Transparent pixels carry arbitrary (often black) colour; show them on white as a viewer would.
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert("RGB")
+
+
+def _open_rgb(data: bytes, size: int) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    # JPEGs can decode at 1/2, 1/4 or 1/8 scale for free; the draft stays at least `size` on both sides.
+    image.draft("RGB", (size, size))
+    return to_rgb(image)
 
 
 def _caption(sample: dict[str, Any]) -> str:

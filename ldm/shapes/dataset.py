@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ldm.files import atomic_write
+from ldm.files import add_tar_member, atomic_write
 
 DATASET_NAME = "shapes-v1"
 IMAGE_SIZE = 64  # px, output images are IMAGE_SIZE x IMAGE_SIZE
@@ -249,15 +249,6 @@ def shard_name(split: str, shard: int) -> str:
     return f"{DATASET_NAME}-{split}-{shard:06d}.tar"
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed metadata so that the same samples always give byte-identical shards.
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
-    info.mtime = 0
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _write_shard(
     path: Path, split: str, indices: range, progress: Callable[[int], object] | None
 ) -> None:
@@ -273,9 +264,9 @@ def _write_shard(
                 "training_caption": item["training_caption"],
             }
             key = item["key"]
-            _add_member(tar, f"{key}.png", png.getvalue())
-            _add_member(tar, f"{key}.txt", item["caption"].encode())
-            _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+            add_tar_member(tar, f"{key}.png", png.getvalue())
+            add_tar_member(tar, f"{key}.txt", item["caption"].encode())
+            add_tar_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
             if progress is not None:
                 progress(1)
 
