@@ -50,7 +50,8 @@ def diffusers_unet_names(unet: UNetModel) -> dict[str, str]:
     diffusers groups the ldm blocks by resolution: each level has `num_res_blocks` (down) or
     `num_res_blocks + 1` (up) resnets, as many attentions where the level has them, and one resampler.
     """
-    names = dict(_UNET_FIXED)
+    modules = dict(unet.named_modules())
+    names = {ours: theirs for ours, theirs in _UNET_FIXED.items() if ours in modules}  # label_emb: SDXL only
     per_level = unet.config.num_res_blocks + 1
     blocks = [(f"input_blocks.{i}", f"down_blocks.{(i - 1) // per_level}", (i - 1) % per_level, block)
               for i, block in enumerate(unet.input_blocks) if i > 0]

@@ -16,6 +16,11 @@ Cases (--cases, comma-separated):
     lora       ours only: reading and merging a kohya LoRA of --lora-rank (fp16 file, every attention,
                feed-forward and projection layer of the U-Net and every text-encoder linear, as kohya's
                default targets), and the U-Net forward before vs after merging (a ratio, alternating)
+    sdxl-unet  SDXL base's U-Net forward with its vector input (pooled text + size embeddings), no grad
+    sdxl-file  ours only: a full-size random SDXL base file (fp16, original layout, 6.9 GB, written to a
+               temporary folder under --workdir and deleted after) loaded in a fresh process in --dtype,
+               then one image at 8 x --latent-size with --steps DDIM steps and guidance: load seconds,
+               seconds per step, and the process's peak resident memory after loading and in all
 
 Weights are random (N(0, 1/fan_in) matrices, norm scales near 1) unless the shapes checkpoint exists. Our
 modules are built first; their state dicts, under the original checkpoint prefixes, go through diffusers'
@@ -67,11 +72,12 @@ from ldm.errors import InputError
 from ldm.generate import BUNDLED_CHECKPOINT
 from ldm.pipeline import Pipeline, compile_for_inference
 from ldm.sd_checkpoint import ModelSpec, join_state_dicts
+from ldm.settings import GenerationSettings
 from ldm.text_encoder import TextEncoder, TextEncoderConfig, sd1, tiny
 from ldm.tiling import tiled_decode
 from ldm.unet import UNetConfig, UNetModel
 
-CASES = ("unet", "train", "vae", "vae-tiled", "txt2img", "shapes", "lora", "sdxl-unet")
+CASES = ("unet", "train", "vae", "vae-tiled", "txt2img", "shapes", "lora", "sdxl-unet", "sdxl-file")
 SHAPES_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "shapes"
 SD_PROMPT = "a photograph of an astronaut riding a horse"
 SHAPES_PROMPT = "a large red circle in the top left on a black background"
@@ -100,7 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", help="our U-Net and autoencoder in NHWC layout "
                    "(Pipeline.to_channels_last)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-case memory subprocesses on CPU")
+    p.add_argument("--workdir", default=None, help="sdxl-file: where its temporary file goes (default: the system's)")
     p.add_argument("--memory-probe", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    p.add_argument("--sdxl-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in args.cases if c not in CASES]
@@ -557,6 +565,69 @@ def lora_case(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
             "step after ms": f"{1e3 * median['after']:.1f}", "ratio": f"{median['after'] / median['before']:.2f}"}
 
 
+def write_random_sdxl(path: Path) -> None:
+    """A full-size SDXL base file in the original layout with random fp16 weights: our U-Net's and autoencoder's
+    keys (the layout tests/test_sdxl.py checks against diffusers), CLIP ViT-L as transformers names it, bigG as
+    open_clip does. Written tensor by tensor from meta shapes, so one copy exists."""
+    from safetensors.torch import save_file
+
+    from ldm.conditioner import Conditioner
+    from ldm.text_encoder import sdxl_bigg
+
+    with torch.device("meta"):
+        unet = UNetModel(sdxl_unet_config(argparse.Namespace(model="sd1.5")))
+        autoencoder = AutoencoderKL(AutoencoderConfig(scale_factor=0.13025))
+        bigg = Conditioner([sdxl_bigg()])
+        clip_l = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu"))
+    shapes = {"model.diffusion_model." + k: v.shape for k, v in unet.state_dict().items()}
+    shapes.update({"first_stage_model." + k: v.shape for k, v in autoencoder.state_dict().items()})
+    shapes.update({"conditioner.embedders.1.model." + k.removeprefix("embedders.0."): v.shape
+                   for k, v in bigg.state_dict().items()})
+    shapes.update({"conditioner.embedders.0.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k:
+                   v.shape for k, v in clip_l.state_dict().items()})
+    generator, tensors = torch.Generator().manual_seed(0), {}
+    for key, shape in shapes.items():
+        value = torch.randn(shape, generator=generator)
+        scale = shape[1:].numel() ** -0.5 if len(shape) >= 2 else 0.1
+        tensors[key] = (value * scale + (1.0 if len(shape) == 1 and key.endswith("weight") else 0.0)).half()
+    save_file(tensors, str(path))
+
+
+def sdxl_file_case(args: argparse.Namespace, argv: list[str]) -> dict[str, str]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
+        path = Path(folder) / "sdxl_base_random.safetensors"
+        write_random_sdxl(path)
+        command = [sys.executable, __file__, *argv, "--cases", "sdxl-file", "--sdxl-probe", str(path)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False,
+                                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+        size = path.stat().st_size
+    if result.returncode != 0:
+        raise InputError(f"the sdxl-file run failed: {result.stderr.strip().splitlines()[-1:]}")
+    probe = json.loads(result.stdout.strip().splitlines()[-1])
+    return {"case": "sdxl-file", "file MiB": mib(size), "load s": f"{probe['load']:.1f}",
+            "s/step": f"{probe['per_step']:.2f}", "loaded peak MiB": mib(probe["loaded_peak"]),
+            "peak MiB": mib(probe["peak"])}
+
+
+def sdxl_probe(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    """Child process of sdxl-file: load, then one image, timing each DDIM step by the callback."""
+    start = time.perf_counter()
+    pipe = Pipeline.from_checkpoint(args.sdxl_probe, device=device, dtype=dtype)
+    load = time.perf_counter() - start
+    loaded_peak = _proc_status_bytes("VmHWM")
+    times: list[float] = []
+    size = 8 * args.latent_size
+    settings = GenerationSettings(prompt=SD_PROMPT, steps=args.steps, scale=GUIDANCE_SCALE, height=size, width=size)
+    pipe.generate(settings, progress=False, callback=lambda i, x: times.append(time.perf_counter()))
+    per_step = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else float("nan")
+    print(json.dumps({"load": load, "per_step": per_step, "loaded_peak": loaded_peak,
+                      "peak": _proc_status_bytes("VmHWM")}))
+
+
 def print_table(rows: list[dict[str, str]]) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     widths = {c: max(len(c), *(len(row.get(c, "")) for row in rows)) for c in columns}
@@ -573,6 +644,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_probe:
         probe_memory(args, device, dtype)
         return
+    if args.sdxl_probe:
+        sdxl_probe(args, device, dtype)
+        return
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {device}, {args.dtype}, "
           f"{torch.get_num_threads()} threads, batch {args.batch}, latents {args.latent_size}, "
           f"context {args.context_len}, attention {args.attention}, compile {args.compile}, "
@@ -580,8 +654,10 @@ def main(argv: list[str] | None = None) -> None:
           f"repeats {args.repeats}", flush=True)
     rows = []
     for case in args.cases:
-        rows.append(lora_case(args, device, dtype) if case == "lora" else benchmark_case(case, args, argv, device,
-                                                                                          dtype))
+        if case in ("lora", "sdxl-file"):
+            rows.append(lora_case(args, device, dtype) if case == "lora" else sdxl_file_case(args, argv))
+        else:
+            rows.append(benchmark_case(case, args, argv, device, dtype))
         print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     print()
     print_table(rows)

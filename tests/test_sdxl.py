@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -25,18 +26,21 @@ from diffusers.loaders.single_file_utils import (
     create_unet_diffusers_config_from_ldm,
     create_vae_diffusers_config_from_ldm,
 )
+from PIL import Image
 from safetensors.torch import save_file
 
 from ldm.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.conditioner import BASE_MICRO_CONDITIONING, micro_conditioning
 from ldm.errors import InputError
 from ldm.pipeline import Pipeline
+from ldm.samplers import SAMPLERS
 from ldm.sd_checkpoint import AUTOENCODER_PREFIX, UNET_PREFIX, detect_spec, split_state_dict
 from ldm.text_encoder import TextEncoder, TextEncoderConfig, sdxl_bigg, sdxl_clip_l
 from ldm.unet import UNetConfig, UNetModel
 from ldm.weights_io import load_strict
 from tests.test_parity import MAX_RELATIVE_ERROR, randomize_, relative_error, unet_layout
 
+ROOT = Path(__file__).resolve().parents[1]
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 # The released configs' network parameters (generative-models configs/inference/sd_xl_base.yaml and
 # sd_xl_refiner.yaml), for the full-size layout check.
@@ -448,3 +452,43 @@ def test_sdxl_embedding_stands_for_its_vectors_in_both_towers(pipe, tmp_path):
         pipe.embedding_files = {}
     assert torch.equal(context, expected) and torch.equal(pooled, expected_pooled)
     assert not torch.equal(context, other)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_img2img_and_inpainting_run_on_sdxl(pipe, sampler):
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(40)) * 2 - 1
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., :32] = 1  # repaint the left half
+    settings = {"num_steps": 3, "sampler": sampler, "seed": 4, "output_type": "latent", "progress": False}
+    txt2img = pipe("a red circle", height=64, width=64, **settings)
+    refined = pipe("a red circle", init_images=image, strength=0.7, **settings)
+    inpainted = pipe("a red circle", init_images=image, mask=mask, **settings)
+    assert txt2img.isfinite().all() and refined.isfinite().all()
+    start = pipe.encode(image)
+    assert torch.allclose(inpainted[..., 4:], start[..., 4:], atol=1e-5)  # the kept half is the image's
+    assert not torch.allclose(inpainted[..., :4], start[..., :4], atol=1e-2)
+
+
+def test_txt2img_with_refiner_replays_from_the_png(sdxl, tmp_path, capsys):
+    import sys
+
+    from ldm.cli import run_main
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import txt2img
+
+    flags = ["--ckpt", str(sdxl["base"]), "--refiner", str(sdxl["refiner"]), "--refiner_switch", "0.6",
+             "--original_size", "512,256", "--crop_coords", "8,0", "--H", "64", "--W", "32", "--steps", "3",
+             "--skip_grid"]
+    assert run_main(txt2img.main, ["--prompt", "a red circle", "--outdir", str(tmp_path / "a"), *flags]) == 0
+    original = tmp_path / "a" / "00000.png"
+    info = Image.open(original).text
+    assert (info["refiner"], info["refiner_switch"]) == (str(sdxl["refiner"].resolve()), "0.6")
+    assert (info["original_size"], info["crop_coords"]) == ("(512, 256)", "(8, 0)")
+    assert run_main(txt2img.main, ["--replay", str(original), "--outdir", str(tmp_path / "b"), "--ckpt",
+                                   str(sdxl["base"])]) == 0
+    assert Image.open(tmp_path / "b" / "00000.png").tobytes() == Image.open(original).tobytes()
+    assert run_main(txt2img.main, ["--prompt", "a", "--outdir", str(tmp_path / "c"), *flags[:2], "--target_size",
+                                   "64"]) == 1
+    assert "invalid pair value: '64'" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

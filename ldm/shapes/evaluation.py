@@ -144,3 +144,25 @@ def img2img_keep_rates(pipe: Pipeline, num_samples: int = 100, strengths: Sequen
         results[f"{strength:g}"] = attributes_kept(inputs, outputs)
     return results
 
+
+
+def img2img_against_the_prompt(pipe: Pipeline, init: Image.Image, prompt: str, strengths: Sequence[float],
+                               num_seeds: int = 20, num_steps: int = 50, guidance_scale: float = 7.5
+                               ) -> dict[str, dict[str, float]]:
+    """img2img of one image with a prompt that contradicts it, `num_seeds` seeds per strength: the share of
+    outputs whose object the checker reads with each colour, size and position, and as none ("none")."""
+    results = {}
+    init_images = to_tensor(init)[None].expand(num_seeds, -1, -1, -1)
+    for strength in strengths:
+        outputs = pipe([prompt] * num_seeds, num_steps=num_steps, guidance_scale=guidance_scale, seed=0,
+                       init_images=init_images, strength=strength, progress=False)
+        counts: dict[str, float] = defaultdict(float)
+        for image in outputs:
+            attributes = read_attributes(image)
+            if attributes["color"] is None:
+                counts["none"] += 1 / num_seeds
+                continue
+            for name in ("color", "size", "position"):
+                counts[attributes[name]] += 1 / num_seeds
+        results[f"{strength:g}"] = dict(counts)
+    return results
