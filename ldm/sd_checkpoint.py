@@ -25,7 +25,7 @@ import yaml
 from ldm.autoencoder import AutoencoderConfig
 from ldm.config import config_dict, config_kwargs
 from ldm.errors import InputError
-from ldm.text_encoder import PRESETS, TextEncoderConfig, hf_clip_text_to_open_clip
+from ldm.text_encoder import PRESETS, TextEncoderConfig, hf_clip_text_to_open_clip, open_clip_to_hf_clip_text
 from ldm.unet import UNetConfig
 from ldm.weights_io import save_atomic
 
@@ -233,19 +233,26 @@ def autoencoder_file(state_dict: dict[str, torch.Tensor], path: str | Path) -> d
     return weights
 
 
-def join_state_dicts(unet: dict, autoencoder: dict, text_encoder: dict) -> dict[str, torch.Tensor]:
-    """The inverse of `split_state_dict` for our own checkpoints (open_clip layout for the text)."""
+def join_state_dicts(unet: dict, autoencoder: dict, text_encoder: dict,
+                     hf_text: bool = False) -> dict[str, torch.Tensor]:
+    """The inverse of `split_state_dict`: the text encoder in the open_clip layout (ours, SD 2.x), or with
+    `hf_text` in SD 1.x's Hugging Face layout under `cond_stage_model.transformer.`."""
     out = {UNET_PREFIX + k: v for k, v in unet.items()}
     out.update({AUTOENCODER_PREFIX + k: v for k, v in autoencoder.items()})
-    out.update({OPEN_CLIP_TEXT_PREFIX + k: v for k, v in text_encoder.items()})
+    if hf_text:
+        out.update({HF_TEXT_PREFIX + k: v for k, v in open_clip_to_hf_clip_text(text_encoder).items()})
+    else:
+        out.update({OPEN_CLIP_TEXT_PREFIX + k: v for k, v in text_encoder.items()})
     return out
 
 
 def write_checkpoint(path: str | Path, spec: ModelSpec, unet: dict, autoencoder: dict, text_encoder: dict,
                      metadata: dict[str, str] | None = None) -> Path:
-    """Save a pipeline's weights as .safetensors in the original layout, with the spec in the metadata.
+    """Save a pipeline's weights as .safetensors in the original layout of its family (an SD 1.x text
+    encoder in the Hugging Face layout that other tools' single-file loaders expect), with the spec in the
+    metadata.
 
     Written to a temporary file and renamed, so an interrupted save never leaves a partial file.
     """
-    tensors = join_state_dicts(unet, autoencoder, text_encoder)
+    tensors = join_state_dicts(unet, autoencoder, text_encoder, hf_text=spec.family == "sd1")
     return save_atomic(path, tensors, {**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(spec.to_dict())})
