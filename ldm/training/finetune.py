@@ -295,7 +295,7 @@ class FinetuneStage(Stage):
                     finally:
                         pipe.unload_lora()
             else:
-                trained = model if isinstance(model, nn.ModuleDict) else {"unet": model}
+                trained = dict(model.items()) if isinstance(model, nn.ModuleDict) else {"unet": model}
                 yield Pipeline(pipe.spec, trained["unet"].eval(),
                                trained.get("text_encoder", pipe.text_encoder).eval(), pipe.autoencoder)
         finally:
