@@ -231,3 +231,26 @@ def test_bad_input_is_one_line_and_writes_nothing(data, tmp_path, capsys, case, 
 def test_a_missing_base_is_an_input_error(data, tmp_path):
     with pytest.raises(InputError, match="finetune.base: .* not found"):
         FinetuneStage(config(data, tmp_path / "run") | {"finetune": {"base": str(tmp_path / "none.safetensors")}})
+
+
+def test_dreambooth_generates_class_images_once_and_trains_with_the_prior(data, tmp_path, monkeypatch):
+    class_dir = tmp_path / "class"
+    dreambooth = {"instance_prompt": "a zqx square", "class_prompt": "a square", "num_class_images": 3,
+                  "class_dir": str(class_dir), "class_steps": 2}
+    settings = config(data, tmp_path / "first") | {"dreambooth": dreambooth}
+    settings["train"]["max_steps"] = 2
+    stage = FinetuneStage(settings)
+    train(stage)
+    made = {path.name: path.stat().st_mtime_ns for path in class_dir.glob("class-*.png")}
+    assert sorted(made) == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    assert {s.caption for s in stage.images.index.samples} == {"a zqx square"}
+    assert stage.class_images is not None and len(stage.class_images.index) == 3
+
+    generated = []
+    monkeypatch.setattr(Pipeline, "__call__", lambda self, prompts, **kw: generated.extend(prompts) or
+                        [Image.new("RGB", (32, 32))] * len(prompts))
+    settings = config(data, tmp_path / "second") | {"dreambooth": {**dreambooth, "num_class_images": 5}}
+    settings["train"]["max_steps"] = 1
+    train(FinetuneStage(settings))
+    assert generated.count("a square") == 2  # only the missing two (the rest: the run's sample grid)
+    assert all(path.stat().st_mtime_ns == made[path.name] for path in class_dir.glob("class-0000[012].png"))

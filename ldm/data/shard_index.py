@@ -13,7 +13,8 @@ import glob
 import io
 import json
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from PIL import Image
 
@@ -34,25 +35,44 @@ class IndexedSample:
 
 
 class ShardIndex:
-    """The usable samples of `urls` (local tar paths, globs or brace patterns), in shard and member order.
+    """Indexed samples, read with `image`: those of tar shards (`read`), or of image files (`of_files`)."""
 
-    A sample without an image or a caption, or whose image does not open, is skipped and counted in
-    `num_skipped`; shards with no usable sample at all are an InputError.
-    """
+    def __init__(self, samples: list[IndexedSample], shards: list[str], num_skipped: int = 0) -> None:
+        self.samples, self.shards, self.num_skipped = samples, shards, num_skipped
 
-    def __init__(self, urls: str | list[str]) -> None:
+    @classmethod
+    def read(cls, urls: str | list[str]) -> ShardIndex:
+        """The usable samples of `urls` (local tar paths, globs or brace patterns), in shard and member order.
+
+        A sample without an image or a caption, or whose image does not open, is skipped and counted in
+        `num_skipped`; shards with no usable sample at all are an InputError.
+        """
         patterns = [urls] if isinstance(urls, str) else list(urls)
-        self.shards = _expand_urls([path for pattern in patterns for path in sorted(glob.glob(pattern)) or [pattern]])
-        if remote := [url for url in self.shards if url.startswith("pipe:") or "://" in url]:
+        shards = _expand_urls([path for pattern in patterns for path in sorted(glob.glob(pattern)) or [pattern]])
+        if remote := [url for url in shards if url.startswith("pipe:") or "://" in url]:
             raise InputError(f"fine-tuning reads local shards, not {remote[0]}; copy them to a local folder")
-        self.samples: list[IndexedSample] = []
-        self.num_skipped = 0
-        for shard in self.shards:
-            self._add_shard(shard)
-        if not self.samples:
-            raise InputError(f"no usable sample in {len(self.shards)} shard(s) ({self.shards[0]}): "
-                             f"{self.num_skipped} skipped (no image, no caption or an image that does not open); "
+        index = cls([], shards)
+        for shard in shards:
+            index._add_shard(shard)
+        if not index.samples:
+            raise InputError(f"no usable sample in {len(shards)} shard(s) ({shards[0]}): "
+                             f"{index.num_skipped} skipped (no image, no caption or an image that does not open); "
                              "write shards with scripts/make_shards.py")
+        return index
+
+    @classmethod
+    def of_files(cls, paths: list[Path], caption: str) -> ShardIndex:
+        """Image files, all with `caption` (an image file is a "shard" of one sample at offset 0)."""
+        samples = []
+        for path in paths:
+            with Image.open(path) as image:
+                samples.append(IndexedSample(str(path), 0, path.stat().st_size, caption, *image.size))
+        return cls(samples, [str(path) for path in paths])
+
+    def with_caption(self, caption: str) -> ShardIndex:
+        """The same samples, every one captioned `caption` (DreamBooth's instance prompt)."""
+        return ShardIndex([replace(sample, caption=caption) for sample in self.samples], self.shards,
+                          self.num_skipped)
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -40,11 +40,12 @@ from ldm.schedule import NoiseSchedule
 from ldm.training.common import TrainingRun, lr_scheduler, optimizer_step
 from ldm.training.config import at_least, parse_section, require
 from ldm.training.diffusion import LatentCache, check_sizes, draw_timesteps, drop_captions, write_samples
+from ldm.training.dreambooth import DreamBoothConfig, check_dreambooth_config, class_images
 from ldm.training.loop import Stage, StepResult, train
 from ldm.training.lora_train import TARGET_BLOCKS, LoRANetwork
 from ldm.weights_io import save_atomic
 
-SECTIONS = ("finetune", "lora", "buckets", "data", "train")
+SECTIONS = ("finetune", "lora", "buckets", "dreambooth", "data", "train")
 METHODS = ("lora", "full")
 
 
@@ -138,6 +139,21 @@ def check_base(pipe: Pipeline, fcfg: FinetuneConfig, lcfg: LoRAConfig) -> None:
                          "attention+conv")
 
 
+@dataclass
+class ImageSet:
+    """Training images split into buckets: `members` (bucket, sample numbers in `index`), sorted by bucket,
+    and with cached latents one `LatentCache` per bucket."""
+
+    index: ShardIndex
+    members: list[tuple[Bucket, list[int]]]
+    caches: list[LatentCache] | None = None
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """(buckets,) float64: how often each bucket is drawn, its share of the samples."""
+        return torch.tensor([len(indices) for _, indices in self.members], dtype=torch.float64)
+
+
 def min_snr_weights(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, parameterization: str) -> torch.Tensor:
     """Min-SNR-gamma loss weights (B,) of timesteps `t`: min(SNR, gamma) / SNR for eps prediction,
     min(SNR, gamma) / (SNR + 1) for v, with SNR = a_t / (1 - a_t); all ones when gamma is 0."""
@@ -156,7 +172,9 @@ class FinetuneStage(Stage):
         self.fcfg = parse_section(config, "finetune", FinetuneConfig)
         self.lcfg = parse_section(config, "lora", LoRAConfig)
         self.bcfg = parse_section(config, "buckets", BucketConfig)
+        self.dreambooth = parse_section(config, "dreambooth", DreamBoothConfig)
         check_finetune_config(self.fcfg, self.lcfg, self.bcfg)
+        check_dreambooth_config(self.dreambooth)
         require(self.data.dataset == "webdataset", "data.dataset", "webdataset (fine-tuning reads shards; write "
                 "them with scripts/make_shards.py)", self.data.dataset)
         self.output = "lora.safetensors" if self.fcfg.method == "lora" else "model.safetensors"
@@ -196,34 +214,45 @@ class FinetuneStage(Stage):
         return self.model
 
     def start(self, run: TrainingRun) -> None:
-        # The index, the buckets and any cache depend on the data and the seed alone, never on the step:
+        # The indexes, the buckets and any cache depend on the data and the seed alone, never on the step:
         # a resumed run rebuilds them exactly as the first session did.
-        self.index = ShardIndex(self.data.urls)
+        dcfg = self.dreambooth
+        index = ShardIndex.read(self.data.urls)
+        self.images = self._image_set(index.with_caption(dcfg.instance_prompt) if dcfg.instance_prompt else index)
+        self.class_images: ImageSet | None = None
+        if dcfg.class_prompt:
+            folder = Path(dcfg.class_dir or Path(self.cfg.output_dir) / "class_images")
+            # Drawn by the base model as loaded, not by the live one, which a resumed run has already trained.
+            paths = class_images(lambda: Pipeline.from_checkpoint(self.fcfg.base, device=self.accelerator.device),
+                                 dcfg, folder, self.cfg.batch_size, self.accelerator.is_local_main_process)
+            self.class_images = self._image_set(ShardIndex.of_files(paths, dcfg.class_prompt))
+
+    def _image_set(self, index: ShardIndex) -> ImageSet:
         members: dict[Bucket, list[int]] = {}
-        for i, sample in enumerate(self.index.samples):
+        for i, sample in enumerate(index.samples):
             members.setdefault(nearest_bucket(sample.width, sample.height, self.buckets), []).append(i)
-        self.members = sorted(members.items())
-        self.bucket_weights = torch.tensor([len(indices) for _, indices in self.members], dtype=torch.float64)
-        self.caches: list[LatentCache] | None = None
+        images = ImageSet(index, sorted(members.items()))
         if self.fcfg.cache_latents:
             crops = torch.Generator().manual_seed(self.cfg.seed) if self.data.random_crop else None
-            self.caches = [LatentCache(self.pipe.autoencoder, self.pipe.text_encoder,
-                                       self._encode_batches(bucket, indices, crops), len(indices),
-                                       self.accelerator.device, self.accelerator.is_local_main_process)
-                           for bucket, indices in self.members]
+            images.caches = [LatentCache(self.pipe.autoencoder, self.pipe.text_encoder,
+                                         self._encode_batches(images, bucket, indices, crops), len(indices),
+                                         self.accelerator.device, self.accelerator.is_local_main_process)
+                             for bucket, indices in images.members]
+        return images
 
-    def _images(self, bucket: Bucket, indices: list[int], generator: torch.Generator | None) -> torch.Tensor:
+    def _pixels(self, index: ShardIndex, bucket: Bucket, indices: list[int],
+                generator: torch.Generator | None) -> torch.Tensor:
         """Samples `indices` cropped to `bucket`: (B, 3, height, width) in [-1, 1] on the device."""
-        images = [to_tensor(cover_and_crop(self.index.image(i), bucket, generator)) for i in indices]
-        return torch.stack(images).to(self.accelerator.device)
+        pixels = [to_tensor(cover_and_crop(index.image(i), bucket, generator)) for i in indices]
+        return torch.stack(pixels).to(self.accelerator.device)
 
-    def _encode_batches(self, bucket: Bucket, indices: list[int],
+    def _encode_batches(self, images: ImageSet, bucket: Bucket, indices: list[int],
                         generator: torch.Generator | None) -> Iterator[dict[str, Any]]:
         """The batches a `LatentCache` encodes: the bucket's samples in order."""
         for start in range(0, len(indices), self.cfg.batch_size):
             part = indices[start:start + self.cfg.batch_size]
-            yield {"images": self._images(bucket, part, generator),
-                   "captions": [self.index.samples[i].caption for i in part]}
+            yield {"images": self._pixels(images.index, bucket, part, generator),
+                   "captions": [images.index.samples[i].caption for i in part]}
 
     def _context(self, captions: list[str]) -> torch.Tensor:
         """Context (B, L, D) of `captions`: through the LoRA pairs or the trained text encoder, with gradients
@@ -236,29 +265,28 @@ class FinetuneStage(Stage):
             return self.accelerator.unwrap_model(self.model).encode(text_encoder, captions) if self.lora \
                 else text_encoder(captions)
 
-    def _batch(self, generator: torch.Generator, device_generator: torch.Generator) -> tuple[torch.Tensor,
-                                                                                              torch.Tensor]:
-        """Unscaled latents (B, C, h, w) of one bucket's random samples and their context (B, L, D)."""
+    def _batch(self, images: ImageSet, generator: torch.Generator,
+               device_generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscaled latents (B, C, h, w) of random samples of one bucket of `images` and their context (B, L, D)."""
         cfg, fcfg = self.cfg, self.fcfg
-        bucket = int(torch.multinomial(self.bucket_weights, 1, generator=generator))
-        if self.caches is not None:
-            cache = self.caches[bucket]
+        bucket = int(torch.multinomial(images.weights, 1, generator=generator))
+        if images.caches is not None:
+            cache = images.caches[bucket]
             if not fcfg.train_text_encoder:
                 return cache.draw(cfg.batch_size, fcfg.caption_dropout, generator)
             latents, rows = cache.draw_rows(cfg.batch_size, fcfg.caption_dropout, generator)
             return latents, self._context([cache.captions[r] for r in rows.tolist()])
-        size, indices = self.members[bucket]
+        size, indices = images.members[bucket]
         picks = [indices[i] for i in torch.randint(len(indices), (cfg.batch_size,), generator=generator).tolist()]
-        images = self._images(size, picks, generator if self.data.random_crop else None)
+        pixels = self._pixels(images.index, size, picks, generator if self.data.random_crop else None)
         with torch.no_grad():
-            latents = self.pipe.autoencoder.encode(images).sample(device_generator)
-        captions = drop_captions([self.index.samples[i].caption for i in picks], fcfg.caption_dropout, generator)
-        return latents, self._context(captions)
+            latents = self.pipe.autoencoder.encode(pixels).sample(device_generator)
+        captions = [images.index.samples[i].caption for i in picks]
+        return latents, self._context(drop_captions(captions, fcfg.caption_dropout, generator))
 
-    def step(self, run: TrainingRun, generator: torch.Generator, device_generator: torch.Generator) -> StepResult:
-        cfg, fcfg, schedule, device = self.cfg, self.fcfg, self.pipe.schedule, self.accelerator.device
-        latents, context = self._batch(generator, device_generator)
-        run.samples_seen += latents.shape[0]
+    def _loss(self, latents: torch.Tensor, context: torch.Tensor, device_generator: torch.Generator) -> torch.Tensor:
+        """The (min-SNR weighted) diffusion loss of unscaled `latents` (B, C, h, w) under `context`."""
+        fcfg, schedule, device = self.fcfg, self.pipe.schedule, self.accelerator.device
         latents = latents * self.pipe.autoencoder.scale_factor
         noise = torch.randn(latents.shape, generator=device_generator, device=device, dtype=latents.dtype)
         if fcfg.noise_offset > 0:
@@ -266,19 +294,29 @@ class FinetuneStage(Stage):
                                                             device=device, dtype=latents.dtype)
         t = draw_timesteps(schedule, latents.shape[0], fcfg, device_generator, device)
         x_t = schedule.add_noise(latents, noise, t)
-        if cfg.channels_last:
+        if self.cfg.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         parameterization = self.pipe.spec.parameterization
         target = noise if parameterization == "eps" else schedule.v_target(latents, noise, t)
         with self.accelerator.autocast():
             prediction = self.pipe.unet(x_t, t, context)
         errors = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        loss = (errors * min_snr_weights(schedule, t, fcfg.min_snr_gamma, parameterization)).mean()
+        return (errors * min_snr_weights(schedule, t, fcfg.min_snr_gamma, parameterization)).mean()
+
+    def step(self, run: TrainingRun, generator: torch.Generator, device_generator: torch.Generator) -> StepResult:
+        latents, context = self._batch(self.images, generator, device_generator)
+        run.samples_seen += latents.shape[0]
+        loss = self._loss(latents, context, device_generator)
+        logs = {"lr": self.lr_schedule.get_last_lr()[0]}
+        if self.class_images is not None:  # prior preservation: the class as the base model draws it
+            prior = self._loss(*self._batch(self.class_images, generator, device_generator), device_generator)
+            loss = loss + self.dreambooth.prior_loss_weight * prior
+            logs["prior_loss"] = prior.detach()
         if run.skip(loss):
             self.optimizer.zero_grad(set_to_none=True)
         else:
-            optimizer_step(self.accelerator, loss, self.model, self.optimizer, self.lr_schedule, cfg.max_grad_norm)
-        return loss, {"lr": self.lr_schedule.get_last_lr()[0]}
+            optimizer_step(self.accelerator, loss, self.model, self.optimizer, self.lr_schedule, self.cfg.max_grad_norm)
+        return loss, logs
 
     @contextmanager
     def _trained_pipeline(self, model: nn.Module) -> Iterator[Pipeline]:
@@ -324,9 +362,11 @@ class FinetuneStage(Stage):
                     "ss_network_train_unet_only": str(not self.fcfg.train_text_encoder),
                     "ss_steps": str(run.step), "ss_learning_rate": str(self.cfg.learning_rate),
                     "ss_resolution": json.dumps([self.data.size, self.data.size]),
-                    "ss_enable_bucket": str(self.bcfg.enabled), "ss_num_train_images": str(len(self.index)),
+                    "ss_enable_bucket": str(self.bcfg.enabled), "ss_num_train_images": str(len(self.images.index)),
                     "ss_caption_dropout_rate": str(self.fcfg.caption_dropout),
                     "ss_min_snr_gamma": str(self.fcfg.min_snr_gamma), "ss_noise_offset": str(self.fcfg.noise_offset)}
+        if self.class_images is not None:
+            metadata["ss_num_reg_images"] = str(len(self.class_images.index))
         if lcfg.targets == "attention+conv":
             metadata["ss_network_args"] = json.dumps({"conv_dim": lcfg.rank, "conv_alpha": lcfg.alpha})
         return metadata
