@@ -18,7 +18,7 @@ from ldm.training.finetune import METHODS, train_finetune
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = training_parser(__doc__, "finetune, lora, buckets, data, train", "configs/finetune/lora.yaml")
+    parser = training_parser(__doc__, "finetune, lora, buckets, dreambooth, data, train", "configs/finetune/lora.yaml")
     parser.add_argument("--ckpt", help="the checkpoint to start from (finetune.base)")
     parser.add_argument("--data", help="tar shards: a path, a glob or a brace pattern (data.urls)")
     parser.add_argument("--method", choices=METHODS, help="finetune.method")
