@@ -29,6 +29,7 @@ from ldm.errors import InputError
 from ldm.pipeline import Pipeline
 from ldm.training.finetune import FinetuneStage, min_snr_weights
 from ldm.training.loop import train
+from ldm.training.lora_train import LoRANetwork
 from tests.conftest import randomize_, tiny_spec, write_tar
 from tests.test_lora import UNETS, relative_error, unet_output
 
@@ -254,3 +255,27 @@ def test_dreambooth_generates_class_images_once_and_trains_with_the_prior(data, 
     train(FinetuneStage(settings))
     assert generated.count("a square") == 2  # only the missing two (the rest: the run's sample grid)
     assert all(path.stat().st_mtime_ns == made[path.name] for path in class_dir.glob("class-0000[012].png"))
+
+
+def test_lora_pairs_act_under_gradient_checkpointing():
+    """The pairs run in forward hooks, which checkpointing's recomputation in the backward pass runs too: the
+    gradients are the same with and without it."""
+    spec = tiny_spec()
+    torch.manual_seed(0)
+    unet = randomize_(Pipeline.from_spec(spec).unet.train(), seed=1)
+    network = LoRANetwork(unet, "attention+conv", rank=2, alpha=2.0)
+    with torch.no_grad():
+        for pair in network.unet_layers.values():
+            pair.up.weight.normal_(0, 0.1)
+    grads = []
+    for checkpointing in (False, True):
+        unet.gradient_checkpointing = checkpointing
+        network.zero_grad()
+        prediction = unet(torch.ones(2, 4, 8, 8), torch.tensor([10, 500]), torch.ones(2, 77, 64))
+        prediction.square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in network.parameters()]))
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+    with network.paused():
+        assert unet_output(unet.eval()).abs().max() > 0
+        paused = unet_output(unet)
+    assert relative_error(unet_output(unet), paused) > 1e-3  # paused, the pairs do not act
