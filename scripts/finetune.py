@@ -11,14 +11,17 @@ configs/finetune/lora.yaml); --set changes any other key. Details: docs/finetuni
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ldm.cli import report_training, run_main, training_parser
 from ldm.training.config import load_config
 from ldm.training.finetune import METHODS, train_finetune
 
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "lora.yaml"
+
 
 def main(argv: list[str] | None = None) -> None:
-    parser = training_parser(__doc__, "finetune, lora, buckets, dreambooth, data, train", "configs/finetune/lora.yaml")
+    parser = training_parser(__doc__, "finetune, lora, buckets, dreambooth, data, train", str(DEFAULT_CONFIG))
     parser.add_argument("--ckpt", help="the checkpoint to start from (finetune.base)")
     parser.add_argument("--data", help="tar shards: a path, a glob or a brace pattern (data.urls)")
     parser.add_argument("--method", choices=METHODS, help="finetune.method")
