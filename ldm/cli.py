@@ -85,10 +85,12 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
     return 0
 
 
-def training_parser(doc: str, sections: str) -> argparse.ArgumentParser:
-    """The flags every training script takes: --config, --set KEY=VALUE ..., --resume."""
+def training_parser(doc: str, sections: str, default_config: str | None = None) -> argparse.ArgumentParser:
+    """The flags every training script takes: --config (required unless it has a default), --set KEY=VALUE ...,
+    --resume."""
     p = ScriptParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help=f"training YAML (sections {sections})")
+    p.add_argument("--config", required=default_config is None, default=default_config,
+                   help=f"training YAML (sections {sections})")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     return p

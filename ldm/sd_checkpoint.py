@@ -28,7 +28,7 @@ from ldm.autoencoder import AutoencoderConfig
 from ldm.conditioner import BASE_MICRO_CONDITIONING, REFINER_MICRO_CONDITIONING, check_vector_width
 from ldm.config import config_dict, config_kwargs
 from ldm.errors import InputError
-from ldm.text_encoder import PRESETS, TextEncoderConfig, hf_clip_text_to_open_clip
+from ldm.text_encoder import PRESETS, TextEncoderConfig, hf_clip_text_to_open_clip, open_clip_to_hf_clip_text
 from ldm.unet import UNetConfig
 from ldm.weights_io import save_atomic
 
@@ -371,28 +371,46 @@ def autoencoder_file(state_dict: dict[str, torch.Tensor], path: str | Path) -> d
     return weights
 
 
-def join_state_dicts(unet: dict, autoencoder: dict, text_encoder: dict) -> dict[str, torch.Tensor]:
-    """The inverse of `split_state_dict` for our own checkpoints (open_clip layout for the text)."""
+def join_state_dicts(unet: dict, autoencoder: dict, text_encoder: dict,
+                     hf_text: bool = False) -> dict[str, torch.Tensor]:
+    """The inverse of `split_state_dict`: the text encoder in the open_clip layout (ours, SD 2.x), or with
+    `hf_text` in SD 1.x's Hugging Face layout under `cond_stage_model.transformer.`."""
     out = {UNET_PREFIX + k: v for k, v in unet.items()}
     out.update({AUTOENCODER_PREFIX + k: v for k, v in autoencoder.items()})
-    out.update({_text_key(k): v for k, v in text_encoder.items()})
+    out.update(_text_tensors(text_encoder, hf_text))
     return out
 
 
-def _text_key(key: str) -> str:
-    """Our text encoder's key in the checkpoint; an SDXL Conditioner's towers (`embedders.N.*`) go back under
-    `conditioner.embedders.N.model.`, in open_clip layout."""
-    if key.startswith("embedders."):
-        index, rest = key[len("embedders."):].split(".", 1)
-        return f"{CONDITIONER_PREFIX}{index}.model.{rest}"
-    return OPEN_CLIP_TEXT_PREFIX + key
+def _text_tensors(text_encoder: dict[str, torch.Tensor], hf_text: bool) -> dict[str, torch.Tensor]:
+    """Our text encoder's weights under their checkpoint keys. An SDXL Conditioner's towers (`embedders.N.*`)
+    go back under `conditioner.embedders.N.`: CLIP ViT-L (the tower without a projection head) in the Hugging
+    Face layout, bigG in open_clip's, as generative-models saves them."""
+    towers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in text_encoder.items():
+        if key.startswith("embedders."):
+            index, rest = key[len("embedders."):].split(".", 1)
+            towers.setdefault(index, {})[rest] = value
+    if not towers:
+        if hf_text:
+            return {HF_TEXT_PREFIX + k: v for k, v in open_clip_to_hf_clip_text(text_encoder).items()}
+        return {OPEN_CLIP_TEXT_PREFIX + k: v for k, v in text_encoder.items()}
+    out = {}
+    for index, tower in towers.items():
+        if "text_projection" in tower:
+            out.update({f"{CONDITIONER_PREFIX}{index}.model.{k}": v for k, v in tower.items()})
+        else:
+            out.update({f"{CONDITIONER_PREFIX}{index}.transformer.{k}": v
+                        for k, v in open_clip_to_hf_clip_text(tower).items()})
+    return out
 
 
 def write_checkpoint(path: str | Path, spec: ModelSpec, unet: dict, autoencoder: dict, text_encoder: dict,
                      metadata: dict[str, str] | None = None) -> Path:
-    """Save a pipeline's weights as .safetensors in the original layout, with the spec in the metadata.
+    """Save a pipeline's weights as .safetensors in the original layout of its family (an SD 1.x text
+    encoder in the Hugging Face layout that other tools' single-file loaders expect), with the spec in the
+    metadata.
 
     Written to a temporary file and renamed, so an interrupted save never leaves a partial file.
     """
-    tensors = join_state_dicts(unet, autoencoder, text_encoder)
+    tensors = join_state_dicts(unet, autoencoder, text_encoder, hf_text=spec.family == "sd1")
     return save_atomic(path, tensors, {**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(spec.to_dict())})

@@ -292,6 +292,7 @@ _HF_BLOCK = {
 }
 _HF_BLOCK_KEY = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
 _HF_QKV = re.compile(r"self_attn\.([qkv])_proj")
+_OPEN_CLIP_BLOCK_KEY = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)[._](weight|bias)")
 # A buffer of 0..76 that older transformers saved with the weights; it carries no information.
 _HF_POSITION_IDS = "text_model.embeddings.position_ids"
 
@@ -330,6 +331,32 @@ def hf_clip_text_to_open_clip(state_dict: dict[str, Tensor]) -> dict[str, Tensor
             )
         merged = torch.cat([parts["q"], parts["k"], parts["v"]])
         out[f"transformer.resblocks.{block}.attn.in_proj_{kind}"] = merged
+    return out
+
+
+def open_clip_to_hf_clip_text(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of `hf_clip_text_to_open_clip`: a `TextEncoder` state dict in the Hugging Face
+    CLIPTextModel layout (keys start with `text_model.`, as an SD 1.x checkpoint stores them under
+    `cond_stage_model.transformer.`). The fused `attn.in_proj_*` are split into q, k, v in that order."""
+    top_level = {ours: theirs for theirs, ours in _HF_TOP_LEVEL.items()}
+    block_names = {ours: theirs for theirs, ours in _HF_BLOCK.items()}
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if key in top_level:
+            out[top_level[key]] = value
+            continue
+        match = _OPEN_CLIP_BLOCK_KEY.fullmatch(key)
+        if match is None:
+            raise ValueError(f"unexpected key {key!r} for an SD 1.x text encoder (no Hugging Face name)")
+        block, name, kind = match.groups()
+        theirs = f"text_model.encoder.layers.{block}"
+        if name == "attn.in_proj":
+            for projection, part in zip("qkv", value.chunk(3), strict=True):
+                out[f"{theirs}.self_attn.{projection}_proj.{kind}"] = part.contiguous()
+        elif name in block_names:
+            out[f"{theirs}.{block_names[name]}.{kind}"] = value
+        else:
+            raise ValueError(f"unexpected key {key!r} for an SD 1.x text encoder (no Hugging Face name)")
     return out
 
 

@@ -146,7 +146,7 @@ def test_odd_folder_gives_exactly_the_good_samples(odd_folder, tmp_path, capsys)
         assert members["txt"].decode() == meta["caption"] == caption
         assert (meta["original_width"], meta["original_height"]) == original
         image = pixels(members["png"])
-        assert (image.shape[1], image.shape[0]) == size
+        assert (image.shape[1], image.shape[0]) == size == (meta["width"], meta["height"])
         by_file[meta["file_name"]] = image
 
     rotated = by_file["rotated.jpg"]  # JPEG: within a few levels, away from the edge between the halves

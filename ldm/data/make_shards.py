@@ -12,8 +12,9 @@ Each image is turned upright by its EXIF orientation, converted to 8-bit RGB (`l
 transparency over white, 16-bit grey scaled, palette and CMYK converted) and, with `max_side`,
 downscaled so that its longer side is at most `max_side` pixels: never upscaled and never cropped,
 since fine-tuning buckets images by aspect ratio. Sample `KEY` is stored as `KEY.png` (or `KEY.jpg`),
-`KEY.txt` (the caption) and `KEY.json` (`caption`, `file_name`, and `original_width` /
-`original_height`: the upright size in pixels before downscaling). Keys come from the relative paths,
+`KEY.txt` (the caption) and `KEY.json` (`caption`, `file_name`, `width` / `height` as stored, which
+fine-tuning buckets by without decoding, and `original_width` / `original_height`: the upright size in
+pixels before downscaling). Keys come from the relative paths,
 so an image keeps its key when others are added; samples go in sorted path order, `shard_size` per
 shard, into `OUT/shard-000000.tar`, `OUT/shard-000001.tar`, ...
 
@@ -243,7 +244,7 @@ def _samples(sources: list[Source], max_side: int | None, fmt: str, quality: int
             skipped.append((source.relative, f"does not decode ({type(e).__name__}: {e})"))
             continue
         meta = {"caption": source.caption, "file_name": source.relative, "original_width": width,
-                "original_height": height}
+                "original_height": height, "width": image.width, "height": image.height}
         yield sample_key(source.relative), {
             fmt: _encode(image, fmt, quality),
             "txt": source.caption.encode(),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,22 @@ from ldm.training.loop import Stage, StepResult, train
 from ldm.unet import UNetConfig, UNetModel
 
 SECTIONS = ("unet", "diffusion", "data", "train")
+
+
+class TimestepOptions(Protocol):
+    """How `draw_timesteps` draws: the keys of the diffusion and fine-tuning sections that name it."""
+
+    uniform_timesteps: float
+    log_sigma_mean: float
+    log_sigma_std: float
+
+
+class SampleOptions(Protocol):
+    """What `write_samples` draws: the keys of the diffusion and fine-tuning sections that name it."""
+
+    sample_prompts: list
+    sample_steps: int
+    sample_guidance_scale: float
 
 
 @dataclass
@@ -82,7 +98,7 @@ def check_sizes(image_size: int, autoencoder_factor: int, unet: UNetConfig) -> N
             image_size)
 
 
-def draw_timesteps(schedule: NoiseSchedule, batch_size: int, dcfg: DiffusionConfig, generator: torch.Generator,
+def draw_timesteps(schedule: NoiseSchedule, batch_size: int, dcfg: TimestepOptions, generator: torch.Generator,
                    device: torch.device) -> torch.Tensor:
     """Training timesteps (B,) long: `dcfg.uniform_timesteps` of them uniformly on average, the others the first
     timestep whose noise level sigma reaches a log-normal draw. With a share of 1 the draws are exactly
@@ -135,18 +151,26 @@ class LatentCache:
             row = {caption: i for i, caption in enumerate(distinct)}
             self.caption_rows = torch.tensor([row[c] for c in captions], device=device)
             self.empty_row = row[""]
+            self.captions = distinct
             self.contexts = torch.cat([text_encoder(distinct[i:i + 256]) for i in range(0, len(distinct), 256)])
 
-    def draw(self, batch_size: int, caption_dropout: float,
-             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents (B, C, h, w) sampled from the posteriors of random samples and their context (B, L, D),
-        the empty caption's with probability `caption_dropout` (random numbers drawn as by drop_captions)."""
+    def draw_rows(self, batch_size: int, caption_dropout: float,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents (B, C, h, w) sampled from the posteriors of random samples and the rows (B,) of their
+        captions in `captions` and `contexts`, the empty caption's with probability `caption_dropout`
+        (random numbers drawn as by drop_captions)."""
         index = torch.randint(len(self.caption_rows), (batch_size,), generator=generator)
         noise = torch.randn((batch_size, *self.means.shape[1:]), generator=generator).to(self.means.device)
         keep = keep_captions(batch_size, caption_dropout, generator)
         rows = index.to(self.means.device)
         caption_rows = torch.where(keep.to(rows.device), self.caption_rows[rows], self.empty_row)
-        return self.means[rows] + self.stds[rows] * noise, self.contexts[caption_rows]
+        return self.means[rows] + self.stds[rows] * noise, caption_rows
+
+    def draw(self, batch_size: int, caption_dropout: float,
+             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents (B, C, h, w) as `draw_rows` draws them and their context (B, L, D)."""
+        latents, caption_rows = self.draw_rows(batch_size, caption_dropout, generator)
+        return latents, self.contexts[caption_rows]
 
 
 class DiffusionStage(Stage):
@@ -243,7 +267,7 @@ def train_diffusion(config: dict[str, Any], resume: bool = False) -> Path | None
     return train(DiffusionStage(config), resume)
 
 
-def write_samples(pipe: Pipeline, dcfg: DiffusionConfig, path: Path) -> None:
+def write_samples(pipe: Pipeline, dcfg: SampleOptions, path: Path) -> None:
     device = next(pipe.text_encoder.parameters()).device
     pipe.unet.to(device)
     images = pipe(dcfg.sample_prompts, num_steps=dcfg.sample_steps, guidance_scale=dcfg.sample_guidance_scale,
