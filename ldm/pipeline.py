@@ -488,8 +488,8 @@ class Pipeline:
             self._refiner = None  # never two refiners in memory
             refiner = Pipeline.from_checkpoint(path, device=self.device, dtype=self.dtype)
             if refiner.spec.family != "sdxl_refiner":
-                raise InputError(f"{path} is not an SDXL refiner ({refiner.spec.family}); pass the refiner file, "
-                                 "e.g. sd_xl_refiner_1.0.safetensors")
+                raise InputError(f"{path} is not an SDXL refiner ({refiner.spec.family}); pass an SDXL refiner "
+                                 "checkpoint (one text encoder, conditioner.embedders.0.model.*)")
             if refiner.unet.config.in_channels != self.unet.config.out_channels:
                 raise InputError(f"{path} works on {refiner.unet.config.in_channels}-channel latents, this base on "
                                  f"{self.unet.config.out_channels}")

@@ -149,6 +149,13 @@ def scheduler() -> DDIMScheduler:
                          timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, clip_sample=False)
 
 
+def reference_base(sdxl: dict) -> StableDiffusionXLPipeline:
+    """diffusers' SDXL pipeline over the reference models (no tokenizers: it is given embeddings)."""
+    return StableDiffusionXLPipeline(vae=sdxl["vae"], text_encoder=sdxl["clip_l"], text_encoder_2=sdxl["bigg"],
+                                     tokenizer=None, tokenizer_2=None, unet=sdxl["unet"], scheduler=scheduler(),
+                                     add_watermarker=False)
+
+
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
     """Tiny SDXL base and refiner files, and the reference models built from them."""
@@ -231,9 +238,7 @@ def test_guided_ddim_run_matches_diffusers_pipeline(pipe, sdxl):
     ours = pipe(PROMPTS, num_steps=10, guidance_scale=7.5, height=height, width=width, latents=x_T,
                 output_type="tensor", progress=False)
     context, pooled = reference_text(sdxl, pipe, PROMPTS)
-    reference = StableDiffusionXLPipeline(vae=sdxl["vae"], text_encoder=sdxl["clip_l"], text_encoder_2=sdxl["bigg"],
-                                          tokenizer=None, tokenizer_2=None, unet=sdxl["unet"], scheduler=scheduler(),
-                                          add_watermarker=False)
+    reference = reference_base(sdxl)
     with torch.no_grad():
         ref = reference(prompt_embeds=context, pooled_prompt_embeds=pooled, num_inference_steps=10,
                         guidance_scale=7.5, height=height, width=width, latents=x_T, output_type="pt").images
@@ -250,9 +255,7 @@ def test_base_and_refiner_hand_off_matches_diffusers(pipe, sdxl):
                      output_type="latent", progress=False)
 
     context, pooled = reference_text(sdxl, pipe, PROMPTS)
-    base = StableDiffusionXLPipeline(vae=sdxl["vae"], text_encoder=sdxl["clip_l"], text_encoder_2=sdxl["bigg"],
-                                     tokenizer=None, tokenizer_2=None, unet=sdxl["unet"], scheduler=scheduler(),
-                                     add_watermarker=False)
+    base = reference_base(sdxl)
     refiner = StableDiffusionXLImg2ImgPipeline(vae=sdxl["vae"], text_encoder=None,
                                                text_encoder_2=sdxl["refiner_bigg"], tokenizer=None, tokenizer_2=None,
                                                unet=sdxl["refiner_unet"], scheduler=scheduler(),
@@ -401,10 +404,7 @@ def kohya_sdxl_lora(pipe: Pipeline, seed: int, rank: int = 4, alpha: float = 2.0
 def test_kohya_sdxl_lora_matches_diffusers(pipe, sdxl, tmp_path):
     path = tmp_path / "sdxl_lora.safetensors"
     save_file(kohya_sdxl_lora(pipe, seed=30), str(path))
-    reference = StableDiffusionXLPipeline(vae=sdxl["vae"], text_encoder=copy.deepcopy(sdxl["clip_l"]),
-                                          text_encoder_2=copy.deepcopy(sdxl["bigg"]), tokenizer=None,
-                                          tokenizer_2=None, unet=copy.deepcopy(sdxl["unet"]), scheduler=scheduler(),
-                                          add_watermarker=False)
+    reference = reference_base({**sdxl, **{k: copy.deepcopy(sdxl[k]) for k in ("clip_l", "bigg", "unet")}})
     reference.load_lora_weights(str(path))
     generator = torch.Generator().manual_seed(31)
     x_t = torch.randn(LATENT_SHAPE, generator=generator)
