@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -97,6 +98,7 @@ def training_parser(doc: str, sections: str, default_config: str | None = None) 
 
 
 def report_training(path: Path | None) -> None:
-    """Print the exported model's path; a run stopped by a signal has already said how to resume."""
-    if path is not None:
+    """Print the exported model's path (once, from the main process of a multi-process run); a run stopped
+    by a signal has already said how to resume."""
+    if path is not None and os.environ.get("RANK", "0") == "0":
         print(path)

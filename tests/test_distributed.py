@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -21,6 +22,7 @@ from ldm.pipeline import Pipeline
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
 from ldm.weights_io import save_module
 
+ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 NUM_STEPS, BATCH_SIZE = 3, 2
 TIMEOUT_S = 300
@@ -36,14 +38,16 @@ def random_stages(root: Path) -> tuple[Path, Path]:
                         config_dict(text_encoder.config)))
 
 
-def run_two_ranks(config: dict, root: Path) -> Path:
-    """Train with torchrun on two CPU processes; returns the folder of the workers' records."""
+def run_two_ranks(config: dict, root: Path, use_cpu: bool = True) -> Path:
+    """Train with torchrun on two CPU processes; returns the folder of the workers' records. Without
+    `use_cpu` (ACCELERATE_USE_CPU=true) accelerate would pick NCCL on a GPU machine."""
     config_path, record_dir = root / "config.json", root / "records"
     config_path.write_text(json.dumps(config))
     record_dir.mkdir()
-    # Without ACCELERATE_USE_CPU accelerate picks NCCL on a GPU machine and, on a CPU-only one, runs two
-    # single-process trainings that read the same data and race on the run directory.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    if use_cpu:
+        env["ACCELERATE_USE_CPU"] = "true"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(WORKER), str(config_path), str(record_dir)]
     # A session of its own, so that a hung run can be ended with both its workers.
@@ -59,19 +63,22 @@ def run_two_ranks(config: dict, root: Path) -> Path:
     return record_dir
 
 
-def test_two_ranks_train_on_disjoint_data_and_end_with_equal_unets(tmp_path):
+def tiny_config(tmp_path: Path) -> dict:
     autoencoder, text_encoder = random_stages(tmp_path)
-    run_dir = tmp_path / "run"
-    config = {
+    return {
         "unet": {"model_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [1, 2], "num_res_blocks": 1,
                  "num_heads": 4, "context_dim": 64},
         # No latent cache: each rank encodes and trains on the batches its own stream yields.
         "diffusion": {"autoencoder": str(autoencoder), "text_encoder": str(text_encoder), "precompute_latents": 0,
                       "sample_prompts": ["a red circle"], "sample_steps": 2},
         "data": {"dataset": "shapes-v1", "size": 32},
-        "train": {"output_dir": str(run_dir), "max_steps": NUM_STEPS, "batch_size": BATCH_SIZE, "log_every": 1,
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": NUM_STEPS, "batch_size": BATCH_SIZE, "log_every": 1,
                   "sample_every": 1000, "checkpoint_every": 1000, "learning_rate": 1e-3},
     }
+
+
+def test_two_ranks_train_on_disjoint_data_and_end_with_equal_unets(tmp_path):
+    config, run_dir = tiny_config(tmp_path), tmp_path / "run"
     record_dir = run_two_ranks(config, tmp_path)
     records = [json.loads((record_dir / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     weights = [load_file(str(record_dir / f"rank-{rank}.safetensors")) for rank in (0, 1)]
@@ -95,3 +102,42 @@ def test_two_ranks_train_on_disjoint_data_and_end_with_equal_unets(tmp_path):
     exported = Pipeline.from_checkpoint(run_dir / "model.safetensors").unet.state_dict()
     assert exported.keys() == final[0].keys()
     assert all(torch.equal(exported[k], final[0][k]) for k in exported)
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="without an accelerator only: NCCL otherwise")
+def test_torchrun_without_accelerate_use_cpu_trains_the_ranks_together(tmp_path):
+    """Issue 26 item 3: accelerate left two torchrun processes on a CPU-only machine unjoined (distributed
+    type NO), each training alone on the same samples and output folder; they now join over gloo."""
+    record_dir = run_two_ranks(tiny_config(tmp_path), tmp_path, use_cpu=False)
+    records = [json.loads((record_dir / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [(r["world_size"], r["backend"]) for r in records] == [(2, "gloo")] * 2
+    assert not set(records[0]["indices"]) & set(records[1]["indices"])
+
+
+CLIP_CONFIG = {
+    "clip": {"embed_dim": 32, "text": {"width": 32, "layers": 1, "heads": 2, "context_length": 16},
+             "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2}},
+    "data": {"size": 32},
+    "train": {"max_steps": 2, "batch_size": 2},
+}
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_accelerate_launch_of_one_process_for_two_is_one_error_line(tmp_path, quiet):
+    """accelerate launch --num_processes 2 without --multi_gpu starts one process: the script refuses it
+    in one line before writing anything. accelerate's own launcher then adds a CalledProcessError
+    traceback after the line (as after any failing script) unless given --quiet."""
+    config = {**CLIP_CONFIG, "train": {**CLIP_CONFIG["train"], "output_dir": str(tmp_path / "run")}}
+    (tmp_path / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("ACCELERATE_USE_CPU", None)
+    command = [sys.executable, "-m", "accelerate.commands.launch", *(["--quiet"] if quiet else []),
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(ROOT / "scripts" / "train_clip.py"), "--config", str(tmp_path / "config.yaml")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1, result.stderr
+    assert len(errors) == 1 and "accelerate launch started 1 process although --num_processes" in errors[0]
+    assert result.stderr.lstrip().startswith(errors[0]), result.stderr
+    assert ("Traceback" in result.stderr) != quiet, result.stderr
+    assert not (tmp_path / "run").exists()

@@ -54,9 +54,13 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # The learning-rate schedules count optimizer steps, and `optimizer_step` advances them. Left to
     # accelerate, a prepared schedule would advance once per process at every step (it assumes schedules
     # written in per-process batches), so warmup and decay would end `num_processes` times too early.
+    # Processes that a launcher started on a machine without an accelerator (torchrun, or accelerate launch
+    # --multi_gpu, without ACCELERATE_USE_CPU=true) are joined over gloo on the CPU: left to accelerate, each
+    # would train alone, on the same samples, racing its copies on one output folder.
+    cpu = launched_processes() > 1 and not torch.accelerator.is_available()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_config=project,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              step_scheduler_with_optimizer=False)
+                              step_scheduler_with_optimizer=False, cpu=cpu)
     check_launch(accelerator)
     set_seed(cfg.seed, device_specific=True)
     return accelerator
@@ -67,15 +71,27 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
+def launched_processes() -> int:
+    """How many processes the launcher says it started (1 without a launcher)."""
+    name = next((name for name in WORLD_SIZE_VARIABLES if name in os.environ), None)
+    if name is None:
+        return 1
+    if not os.environ[name].isdigit() or int(os.environ[name]) < 1:
+        raise InputError(f"the launcher's {name}={os.environ[name]!r} is not a number of processes; "
+                         "launch with torchrun or accelerate launch, which set it")
+    return int(os.environ[name])
+
+
 def check_launch(accelerator: Accelerator) -> None:
     """Refuse processes that accelerate did not join into one run: each would train alone, on the same
     samples, racing its copies on one output folder."""
-    launched = next((int(os.environ[name]) for name in WORLD_SIZE_VARIABLES if name in os.environ), 1)
+    launched = launched_processes()
     if launched != accelerator.num_processes:
         raise InputError(f"the launcher started {launched} processes but accelerate set up "
                          f"{accelerator.num_processes} (distributed type {accelerator.distributed_type.value}), "
-                         "so each would train alone on the same samples and output folder; without GPUs, set "
-                         "ACCELERATE_USE_CPU=true to train them together on the CPU")
+                         "so each would train alone on the same samples and output folder; launch with torchrun "
+                         "or accelerate launch --multi_gpu, or set ACCELERATE_USE_CPU=true to train them together "
+                         "on the CPU")
     # accelerate launch's simple launcher sets MASTER_ADDR only for --num_processes or --num_machines > 1,
     # and still starts one process (several only with --multi_gpu, or through mpirun).
     if launched == 1 and "MASTER_ADDR" in os.environ and "ACCELERATE_MIXED_PRECISION" in os.environ:
