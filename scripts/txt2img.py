@@ -12,6 +12,8 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from PIL import Image
+
 from ldm import settings as generation
 from ldm.attention import ATTENTION_BACKENDS
 from ldm.cli import ScriptParser, resolve_device, resolve_dtype, run_main
@@ -20,6 +22,11 @@ from ldm.generate import BUNDLED_CHECKPOINT, image_text, make_grid, prepare_outd
 from ldm.infotext import model_hash
 from ldm.memory import GIB
 from ldm.pipeline import Pipeline
+
+# Images one run generates (--n_iter x --n_samples x prompts) unless --max_images says more: a typed or
+# pasted --n_iter 1000000000 is refused at once instead of running for days. 1000 is about an hour of
+# SD 1.5 at 512 px on a current GPU, and seconds per image of the bundled model on a CPU.
+MAX_IMAGES = 1000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(flags given as well override the recorded settings)")
     p.add_argument("--outdir", type=Path, default=Path("outputs/txt2img-samples"))
     p.add_argument("--n_iter", type=int, default=1, help="how many times to repeat the batches")
+    p.add_argument("--max_images", type=int, default=MAX_IMAGES, help="refuse runs that would generate more "
+                   f"images than this (--n_iter x --n_samples x prompts; default {MAX_IMAGES})")
     p.add_argument("--ckpt", type=Path, default=None, help="checkpoint (.ckpt or .safetensors); "
                    "default: the bundled shapes-v1 model")
     p.add_argument("--config", type=Path, default=None, help="optional original SD inference YAML")
@@ -121,12 +130,40 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def check_image_count(args: argparse.Namespace, settings: generation.GenerationSettings, num_prompts: int) -> None:
+    """--n_iter and --max_images: the run's images within the limit, and their seeds (one per image, counting
+    up from --seed) within the range of seeds."""
+    if args.n_iter < 1:
+        raise InputError(f"--n_iter must be >= 1, got {args.n_iter}")
+    if args.max_images < 1:
+        raise InputError(f"--max_images must be >= 1, got {args.max_images}")
+    count = args.n_iter * settings.batch_size * num_prompts
+    if count > args.max_images:
+        raise InputError(f"--n_iter {args.n_iter} x --n_samples {settings.batch_size} x {num_prompts} prompt(s) "
+                         f"makes {count} images, more than --max_images {args.max_images}; lower --n_iter, or "
+                         "raise --max_images if you mean it")
+    if isinstance(settings.seed, int) and settings.seed + count - 1 > generation.MAX_SEED:
+        raise InputError(f"--seed {settings.seed} with {count} images counts past the largest seed "
+                         f"{generation.MAX_SEED} (image k takes seed + k); lower --seed")
+
+
+def keeps_grid(num_images: int, image: Image.Image) -> bool:
+    """Whether a grid of `num_images` images like `image` is worth keeping them for: more than one, and
+    no more pixels than Pillow opens without a decompression-bomb warning (else: a warning, no grid)."""
+    pixels = num_images * image.width * image.height
+    if num_images > 1 and pixels > Image.MAX_IMAGE_PIXELS:
+        warnings.warn(f"no grid: {num_images} images of {image.width}x{image.height} make {pixels} pixels, more "
+                      f"than Pillow opens ({Image.MAX_IMAGE_PIXELS}); the images are written one by one",
+                      stacklevel=2)
+        return False
+    return num_images > 1
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = args.settings
     batches = [replace(settings, prompt=prompt) for prompt in read_prompts(args)]  # all checked before loading
-    if args.n_iter < 1:
-        raise InputError(f"--n_iter must be >= 1, got {args.n_iter}")
+    check_image_count(args, settings, len(batches))
     if args.vae_tile_size < 0 or args.vae_tile_size % 4:
         raise InputError(f"--vae_tile_size must be 0 (off) or a positive multiple of 4, got {args.vae_tile_size}")
     if args.max_memory is not None and not args.max_memory > 0:
@@ -160,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         pipe.compile_unet()
 
     seed, images, checkpoint_hash = settings.seed, [], model_hash(ckpt)
+    num_written = args.n_iter * len(batches) * (settings.batch_size if keep is None else 1)
+    grid = None  # whether the images are kept for a grid, known from the first one
     for _ in range(args.n_iter):
         for batch in batches:
             batch = replace(batch, seed=seed)
@@ -167,9 +206,12 @@ def main(argv: list[str] | None = None) -> None:
                 if keep is None or k == keep:
                     print(save_png(image, outdir, image_text(batch, k, image, pipe.name, ckpt.name,
                                                                pipe.model_text(), checkpoint_hash)))
-                    images.append(image)
+                    if grid is None:
+                        grid = not args.skip_grid and keeps_grid(num_written, image)
+                    if grid:
+                        images.append(image)
             seed += batch.batch_size
-    if len(images) > 1 and not args.skip_grid:
+    if grid:
         num_columns = settings.batch_size if keep is None else 1
         prompts = " | ".join(batch.prompt for batch in batches)
         print(save_png(make_grid(images, num_columns), outdir, {"prompts": prompts}, "grid-"))

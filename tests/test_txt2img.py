@@ -390,3 +390,43 @@ def test_max_memory_overrides_the_free_memory_figure(tiny_ckpt, tmp_path, capsys
         code, err = run([*argv, "--max_memory", limit], capsys)
         assert code == 0, err
     assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--n_iter", "1000000000"], "--n_iter 1000000000 x --n_samples 1 x 1 prompt(s) makes 1000000000 images, more "
+     "than --max_images 1000; lower --n_iter, or raise --max_images if you mean it"),
+    (["--n_iter", "2", "--n_samples", "2", "--from-file", "PROMPTS", "--max_images", "7"],
+     "--n_iter 2 x --n_samples 2 x 2 prompt(s) makes 8 images, more than --max_images 7"),
+    (["--max_images", "0"], "--max_images must be >= 1, got 0"),
+    (["--seed", str(2**64 - 1), "--n_iter", "2"], f"--seed {2**64 - 1} with 2 images counts past the largest seed"),
+])
+def test_runs_of_too_many_images_are_refused_before_loading(tiny_ckpt, tmp_path, capsys, monkeypatch, extra, message):
+    """Issue 26: --n_iter had no upper bound (10^9 ran for days), and seeds counting past 2^64 - 1 failed
+    after the first batch was written. Both are refused before the model is loaded."""
+    monkeypatch.setattr(txt2img.Pipeline, "from_checkpoint", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    extra = [str(tmp_path / "prompts.txt") if arg == "PROMPTS" else arg for arg in extra]
+    prompt = [] if "--from-file" in extra else ["--prompt", "a"]
+    code, err = run(["--ckpt", str(tiny_ckpt), "--outdir", str(tmp_path / "o"), *prompt, "--steps", "1", *extra],
+                    capsys)
+    assert code == 1 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_max_images_allows_the_run_it_names(tiny_ckpt, tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    code, err = run(["--ckpt", str(tiny_ckpt), "--outdir", str(tmp_path / "o"), "--from-file",
+                     str(tmp_path / "prompts.txt"), "--n_iter", "2", "--n_samples", "2", "--steps", "1",
+                     "--max_images", "8"], capsys)
+    assert code == 0, err
+    assert len(list((tmp_path / "o").glob("0*.png"))) == 8 and len(list((tmp_path / "o").glob("grid-*.png"))) == 1
+
+
+def test_a_grid_larger_than_pillow_opens_is_left_out_with_a_warning(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """Many images kept in memory for one grid that Pillow would refuse to open: a warning line instead."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2 * 64 * 64)
+    code, err = run(["--ckpt", str(tiny_ckpt), "--outdir", str(tmp_path), "--prompt", "a", "--steps", "1",
+                     "--n_iter", "3"], capsys)
+    assert code == 0, err
+    assert "warning: no grid: 3 images of 64x64 make 12288 pixels, more than Pillow opens (8192)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png", "00001.png", "00002.png"]

@@ -3,9 +3,10 @@ images or with one `error: ...` line and exit 1: never a traceback, a hang or a 
 
 Each value is usually one its flag accepts (so that runs get past the first check), else drawn over the
 whole type (any integer, any float with nan and inf, any text), except where a valid value is only slow:
---steps and --n_iter (which has no bound: it only repeats the run) are drawn small or out of range, and
---compile (minutes of compiling) is left out. The free memory is set to 16 MiB, so that sizes and
-batches drawn anywhere either fit the tiny model in a few MiB or are refused by the memory check.
+--steps and --n_iter are drawn small or out of range (--n_iter above txt2img's --max_images default),
+--max_images small or refused, and --compile (minutes of compiling) is left out. The free memory is set
+to 16 MiB, so that sizes and batches drawn anywhere either fit the tiny model in a few MiB or are
+refused by the memory check.
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ def anything() -> st.SearchStrategy[str]:
 def small_or_out_of_range(high: int | None = None) -> st.SearchStrategy[str]:
     """A count that runs fast (at most 3) or is refused (below 1, above `high`, not a whole number)."""
     def slow(text: str) -> bool:
-        return text.lstrip("+").isdigit() and 3 < int(text) and (high is None or int(text) <= high)
+        try:
+            number = int(text)  # as argparse reads it: " 7", "+7" and other digits than 0-9 too
+        except ValueError:
+            return False
+        return 3 < number and (high is None or number <= high)
 
     above = [] if high is None else [st.integers(min_value=high + 1)]
     return st.one_of(st.integers(max_value=3), *above, anything().filter(lambda text: not slow(text))).map(str)
@@ -76,7 +81,8 @@ def flag_values(files: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
              "--n_samples": st.integers(1, 4), "--strength": st.floats(0.01, 1), "--clip_skip": st.integers(1, 3),
              "--vae_tile_size": st.sampled_from([0, 4, 8, 16]), "--max_memory": st.floats(1e-4, 1),
              "--prompt": prompt, "--negative_prompt": prompt, "--steps": st.integers(1, 3),
-             "--n_iter": st.integers(1, 2), **{flag: st.just("") for flag in BOOLEAN_FLAGS},
+             "--n_iter": st.integers(1, 2), "--max_images": st.integers(1, 12),
+             **{flag: st.just("") for flag in BOOLEAN_FLAGS},
              # SDXL's settings: the tiny model refuses them, after they parse.
              **{flag: st.sampled_from(["64,64", "0,0", "(32, 16)"]) for flag in ("--original_size", "--crop_coords",
                                                                                   "--target_size")},
@@ -85,7 +91,9 @@ def flag_values(files: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
              **{flag: st.sampled_from([str(p) for p in files.values()])
                 for flag in ("--init-img", "--mask", "--lora", "--vae", "--config", "--embeddings_dir", "--lora_dir",
                              "--from-file", "--refiner")}}
-    bad = {"--steps": small_or_out_of_range(1000), "--n_iter": small_or_out_of_range()}
+    # --n_iter above --max_images's default is refused at once, as --max_images is drawn at most 12 (or refused).
+    bad = {"--steps": small_or_out_of_range(1000), "--n_iter": small_or_out_of_range(txt2img.MAX_IMAGES),
+           "--max_images": small_or_out_of_range()}
     return {flag: st.one_of(*[value.map(str)] * 3, bad.get(flag, anything())) for flag, value in valid.items()}
 
 
