@@ -237,6 +237,9 @@ def test_an_existing_run_needs_resume(files, capsys):
     # Without one, the processes are joined over gloo (tests/test_distributed.py).
     ({"WORLD_SIZE": "2", "RANK": "0"}, "the launcher started 2 processes but accelerate set up 1"),
     ({"WORLD_SIZE": "two"}, "the launcher's WORLD_SIZE='two' is not a number of processes"),
+    # torchrun --nproc_per_node 2 on a machine with one GPU: rank 1 would fail in CUDA (invalid device ordinal)
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"},
+     "the launcher started 2 processes on this machine, which has 1 cuda device(s), one per process"),
     # accelerate launch --num_processes 2 without --multi_gpu: its simple launcher starts one process
     ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "ACCELERATE_MIXED_PRECISION": "no"},
      "accelerate launch started 1 process although --num_processes"),
@@ -244,6 +247,8 @@ def test_an_existing_run_needs_resume(files, capsys):
 def test_a_launch_that_accelerate_does_not_join_is_refused(env, phrase, files, capsys, monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)  # with it, WORLD_SIZE=2 would wait for a second process
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)  # else joined over gloo: the same wait
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     config = files["tmp"] / "config.yaml"

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
 from safetensors import SafetensorError
 from torch import nn
 from tqdm import tqdm
@@ -58,6 +58,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # --multi_gpu, without ACCELERATE_USE_CPU=true) are joined over gloo on the CPU: left to accelerate, each
     # would train alone, on the same samples, racing its copies on one output folder.
     cpu = launched_processes() > 1 and not torch.accelerator.is_available()
+    check_devices_per_process()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_config=project,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               step_scheduler_with_optimizer=False, cpu=cpu)
@@ -80,6 +81,21 @@ def launched_processes() -> int:
         raise InputError(f"the launcher's {name}={os.environ[name]!r} is not a number of processes; "
                          "launch with torchrun or accelerate launch, which set it")
     return int(os.environ[name])
+
+
+def check_devices_per_process() -> None:
+    """Refuse more processes on this machine than it has accelerators: accelerate gives process k the
+    device k, and the first process without one would fail in CUDA (invalid device ordinal)."""
+    if "LOCAL_RANK" not in os.environ or parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if not torch.accelerator.is_available() or not local.isdigit():
+        return
+    devices, kind = torch.accelerator.device_count(), torch.accelerator.current_accelerator().type
+    if int(local) > devices:
+        raise InputError(f"the launcher started {local} processes on this machine, which has {devices} {kind} "
+                         f"device(s), one per process; start at most {devices} (torchrun --nproc_per_node, "
+                         "accelerate launch --num_processes), or set ACCELERATE_USE_CPU=true to train on the CPU")
 
 
 def check_launch(accelerator: Accelerator) -> None:
