@@ -1,4 +1,4 @@
-"""What every script shares: one-line errors, one-line warnings, device, precision and training flags."""
+"""What every script shares: one-line errors, one-line warnings, device and training flags."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ import torch
 
 from ldm.errors import InputError
 
-PRECISIONS = {"full": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def resolve_device(name: str) -> torch.device:
     """`auto` picks the available accelerator (CUDA, MPS, ...) or the CPU."""
@@ -30,13 +28,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "meta":  # tensors of shapes without values: every model step runs, nothing comes out
         raise InputError(f"device {name!r} is not usable here (meta tensors hold no values); try --device cpu")
     return device
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """`autocast` (the original scripts' default) means fp16 on accelerators and fp32 on the CPU."""
-    if precision == "autocast":
-        return torch.float32 if device.type == "cpu" else torch.float16
-    return PRECISIONS[precision]
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -24,6 +24,7 @@ from ldm.img2img import InpaintingUNet, LatentBlend, UNet, latent_masks, masked_
 from ldm.layer_names import text_encoder_layers, unet_layers
 from ldm.lora import Adapter, MergedAdapters, find_adapter, parse_lora_spec, read_adapter, split_lora_tags
 from ldm.memory import available_memory, estimate_memory, format_bytes
+from ldm.precision import stage_dtypes
 from ldm.prompts import Encoded, encode_prompts_pooled
 from ldm.refiner import RefinerSwitch, switch_timestep
 from ldm.samplers import sample
@@ -113,6 +114,7 @@ class Pipeline:
         self.context_cache: OrderedDict[tuple, tuple[Encoded, Encoded | None]] | None = None
         self.context_cache_size = 0
         self._refiner: tuple[Path, Pipeline] | None = None  # the SDXL refiner last asked for, loaded
+        self.precision: str | None = None  # the precision name from_checkpoint was given, if any; the refiner's too
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, name: str = "") -> Pipeline:
@@ -122,12 +124,13 @@ class Pipeline:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: str | Path | None = None, prediction: str | None = None,
-                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32,
                         vae: str | Path | None = None, use_ema: bool = False) -> Pipeline:
         """Load an original SD 1.x/2.x checkpoint or one of ours; `config` is an optional SD inference YAML,
         `prediction` ("eps" or "v") overrides what the checkpoint implies. `vae`: a VAE file that replaces
         the checkpoint's autoencoder (its latent scale factor stays the checkpoint's); `use_ema`: the U-Net's
-        EMA weights, which full SD training checkpoints carry beside the raw ones."""
+        EMA weights, which full SD training checkpoints carry beside the raw ones. `dtype` may be a precision
+        name ("auto", "autocast", "bf16", ...; see `ldm.precision`), resolved for this model and device."""
         state_dict, metadata = read_checkpoint(path)
         spec = detect_spec(state_dict, metadata, prediction, config)
         parts = split_state_dict(state_dict)
@@ -144,6 +147,10 @@ class Pipeline:
         with torch.device("meta"):  # no random init: every weight comes from the file
             modules = UNetModel(spec.unet), build_text_encoder(spec.text_encoder), AutoencoderKL(spec.autoencoder)
         pipe = cls(spec, *modules, name=Path(path).stem)
+        dtypes = None
+        if isinstance(dtype, str):
+            pipe.precision = dtype
+            dtypes = stage_dtypes(dtype, torch.device(device), sum(p.numel() for p in pipe.unet.parameters()))
         pipe.weights_text = {**({"vae": Path(vae).name} if vae is not None else {}),
                              **({"use_ema": "True"} if use_ema else {})}
         for part, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder),
@@ -151,7 +158,7 @@ class Pipeline:
             load_strict(module, parts.pop(part), part, vae if part == "autoencoder" and vae is not None else path)
             # Converted stage by stage, with the file's tensors of the stage no longer referenced: the
             # file's copy of a weight is freed as soon as its converted copy exists.
-            pipe.to(device, dtype, modules=[module])
+            pipe.to(device, dtype if dtypes is None else dtypes[part], modules=[module])
         return pipe
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -482,11 +489,11 @@ class Pipeline:
                                  "finishes an SDXL base's run (the base as the checkpoint, this file as the refiner)")
 
     def _load_refiner(self, path: str | Path) -> Pipeline:
-        """The SDXL refiner at `path`, on this pipeline's device and in its dtype; the last one stays loaded."""
+        """The SDXL refiner at `path`, on this pipeline's device and in its precision; the last one stays loaded."""
         path = Path(path)
         if self._refiner is None or self._refiner[0] != path.resolve():
             self._refiner = None  # never two refiners in memory
-            refiner = Pipeline.from_checkpoint(path, device=self.device, dtype=self.dtype)
+            refiner = Pipeline.from_checkpoint(path, device=self.device, dtype=self.precision or self.dtype)
             if refiner.spec.family != "sdxl_refiner":
                 raise InputError(f"{path} is not an SDXL refiner ({refiner.spec.family}); pass an SDXL refiner "
                                  "checkpoint (one text encoder, conditioner.embedders.0.model.*)")

@@ -65,12 +65,13 @@ from diffusers.loaders.single_file_utils import (
 
 from ldm.attention import ATTENTION_BACKENDS, set_attention_backend
 from ldm.autoencoder import AutoencoderConfig, AutoencoderKL
-from ldm.cli import PRECISIONS, ScriptParser, resolve_device, run_main
+from ldm.cli import ScriptParser, resolve_device, run_main
 from ldm.conditioner import BASE_MICRO_CONDITIONING, micro_conditioning
 from ldm.config import config_kwargs
 from ldm.errors import InputError
 from ldm.generate import BUNDLED_CHECKPOINT
 from ldm.pipeline import Pipeline, compile_for_inference
+from ldm.precision import PRECISIONS
 from ldm.sd_checkpoint import ModelSpec, join_state_dicts
 from ldm.settings import GenerationSettings
 from ldm.text_encoder import TextEncoder, TextEncoderConfig, sd1, tiny

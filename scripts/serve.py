@@ -10,9 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ldm.cli import ScriptParser, resolve_device, resolve_dtype, run_main
+from ldm.cli import ScriptParser, resolve_device, run_main
 from ldm.errors import InputError
 from ldm.generate import BUNDLED_CHECKPOINT
+from ldm.precision import PRECISION_NAMES
 from ldm.server.a1111 import Limits
 from ldm.server.app import ServerConfig, create_app
 
@@ -38,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(batch_size * n_iter)")
     p.add_argument("--max_body_mb", type=float, default=32, help="largest request body in MB")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto")
-    p.add_argument("--precision", choices=["full", "autocast", "fp32", "fp16", "bf16"], default="autocast",
-                   help="autocast = fp16 on GPU, fp32 on CPU")
+    p.add_argument("--precision", choices=PRECISION_NAMES, default="auto",
+                   help="auto = fp16 on GPU; on a CPU bf16 for large models where it has bf16 matrix instructions, "
+                   "else fp32; autocast = fp16 on GPU, fp32 on CPU")
     return p
 
 
@@ -64,7 +66,7 @@ def parse_config(argv: list[str] | None) -> tuple[argparse.Namespace, ServerConf
                               embeddings_dir=args.embeddings_dir, auth=auth, max_queue=args.max_queue,
                               max_body_bytes=int(args.max_body_mb * 2**20),
                               limits=Limits(args.max_size, args.max_steps, args.max_images), device=device,
-                              dtype=resolve_dtype(args.precision, device))
+                              dtype=args.precision)
 
 
 def main(argv: list[str] | None = None) -> None:

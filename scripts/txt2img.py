@@ -16,12 +16,13 @@ from PIL import Image
 
 from ldm import settings as generation
 from ldm.attention import ATTENTION_BACKENDS
-from ldm.cli import ScriptParser, resolve_device, resolve_dtype, run_main
+from ldm.cli import ScriptParser, resolve_device, run_main
 from ldm.errors import InputError
 from ldm.generate import BUNDLED_CHECKPOINT, image_text, make_grid, prepare_outdir, read_image_text, save_png
 from ldm.infotext import model_hash
 from ldm.memory import GIB
 from ldm.pipeline import Pipeline
+from ldm.precision import PRECISION_NAMES
 
 # Images one run generates (--n_iter x --n_samples x prompts) unless --max_images says more: a typed or
 # pasted --n_iter 1000000000 is refused at once instead of running for days. 1000 is about an hour of
@@ -54,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction", choices=["eps", "v"], default=None,
                    help="what the U-Net predicts, when the checkpoint does not say (SD 2.x 768-v: v)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto")
-    p.add_argument("--precision", choices=["full", "autocast", "fp32", "fp16", "bf16"], default="autocast",
-                   help="autocast = fp16 on GPU, fp32 on CPU")
+    p.add_argument("--precision", choices=PRECISION_NAMES, default="auto",
+                   help="auto = fp16 on GPU; on a CPU bf16 for large models where it has bf16 matrix instructions, "
+                   "else fp32; autocast = fp16 on GPU, fp32 on CPU")
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa", help="attention kernels: sdpa, "
                    "xformers (CUDA, if installed), sliced (low memory), math")
     p.add_argument("--vae_tile_size", type=int, default=0, help="decode (and encode) in overlapping tiles of this "
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     outdir = prepare_outdir(args.outdir)
     device = resolve_device(args.device)
     pipe = Pipeline.from_checkpoint(ckpt, config=args.config, prediction=args.prediction, device=device,
-                                    dtype=resolve_dtype(args.precision, device), vae=vae,
+                                    dtype=args.precision, vae=vae,
                                     use_ema=args.use_ema or args.recorded.get("use_ema") == "True")
     pipe.set_attention_backend(args.attention)
     pipe.lora_dir = args.lora_dir

@@ -25,6 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ldm import pipeline
 from ldm.cli import run_main
+from ldm.precision import PRECISION_NAMES
 from ldm.settings import FIELDS
 from tests.test_txt2img import tiny_ckpt, txt2img, write_bomb_png  # noqa: F401 - tiny_ckpt is a fixture
 
@@ -71,7 +72,7 @@ def flag_values(files: dict[str, Path]) -> dict[str, st.SearchStrategy[str]]:
     """Each flag's values: usually one it accepts (so that runs get past the first check), else anything."""
     prompt = st.text(alphabet="ab ():1.5<>\\[]\n", max_size=20)
     valid = {"--sampler": st.sampled_from(["ddim", "ddpm", "plms", "euler", "euler_a", "heun", "dpmpp_2m"]),
-             "--precision": st.sampled_from(["full", "autocast", "fp32", "fp16", "bf16"]),
+             "--precision": st.sampled_from(list(PRECISION_NAMES)),
              "--prediction": st.sampled_from(["eps", "v"]), "--attention": st.sampled_from(["sdpa", "sliced", "math",
                                                                                            "xformers"]),
              "--device": st.sampled_from(["cpu", "meta", "cuda", "mps"]),

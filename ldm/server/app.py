@@ -51,7 +51,7 @@ class ServerConfig:
     max_body_bytes: int = 32 * 2**20
     limits: Limits = field(default_factory=Limits)
     device: torch.device = torch.device("cpu")
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | str = torch.float32  # or a precision name, resolved per model (ldm.precision)
 
 
 class RequestFailed(Exception):

@@ -76,7 +76,7 @@ class Catalog:
 class Engine:
     """The catalog, the chosen checkpoint (A1111's `sd_model_checkpoint` option) and the loaded model."""
 
-    def __init__(self, catalog: Catalog, device: torch.device, dtype: torch.dtype, lora_dir: Path | None = None,
+    def __init__(self, catalog: Catalog, device: torch.device, dtype: torch.dtype | str, lora_dir: Path | None = None,
                  embeddings_dir: Path | None = None) -> None:
         self.catalog, self.device, self.dtype = catalog, device, dtype
         self.lora_dir, self.embeddings_dir = lora_dir, embeddings_dir
