@@ -13,6 +13,8 @@ import torch
 
 from ldm.errors import InputError
 
+# Pipeline.compile_unet's persistent modes, as --compile offers them (txt2img adds "jit").
+COMPILE_MODES = ("off", "auto", "cache")
 PRECISIONS = {"full": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

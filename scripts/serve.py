@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ldm.cli import ScriptParser, resolve_device, resolve_dtype, run_main
+from ldm.cli import COMPILE_MODES, ScriptParser, resolve_device, resolve_dtype, run_main
 from ldm.errors import InputError
 from ldm.generate import BUNDLED_CHECKPOINT
 from ldm.server.a1111 import Limits
@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto")
     p.add_argument("--precision", choices=["full", "autocast", "fp32", "fp16", "bf16"], default="autocast",
                    help="autocast = fp16 on GPU, fp32 on CPU")
+    p.add_argument("--compile", nargs="?", const="cache", default="auto", choices=COMPILE_MODES,
+                   help="compiled U-Net programs kept in the compile cache (docs/generation.md): cache (the flag "
+                   "alone) compiles each new image shape once, minutes, for this and later starts; auto (default) "
+                   "uses those the cache has, eager otherwise; off: eager")
     return p
 
 
@@ -64,7 +68,7 @@ def parse_config(argv: list[str] | None) -> tuple[argparse.Namespace, ServerConf
                               embeddings_dir=args.embeddings_dir, auth=auth, max_queue=args.max_queue,
                               max_body_bytes=int(args.max_body_mb * 2**20),
                               limits=Limits(args.max_size, args.max_steps, args.max_images), device=device,
-                              dtype=resolve_dtype(args.precision, device))
+                              dtype=resolve_dtype(args.precision, device), compile=args.compile)
 
 
 def main(argv: list[str] | None = None) -> None:
