@@ -14,6 +14,9 @@ import torch
 
 from ldm.errors import InputError
 
+# Pipeline.compile_unet's persistent modes, as --compile offers them (txt2img adds "jit").
+COMPILE_MODES = ("off", "auto", "cache")
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` picks the available accelerator (CUDA, MPS, ...) or the CPU."""

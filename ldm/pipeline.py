@@ -14,6 +14,7 @@ from PIL import Image
 
 from ldm.attention import DEFAULT_SLICE_SIZE, set_attention_backend
 from ldm.autoencoder import AutoencoderKL
+from ldm.compile_cache import CompiledUNet
 from ldm.conditioner import Conditioner, micro_conditioning
 from ldm.embeddings import read_embeddings
 from ldm.errors import InputError
@@ -110,6 +111,7 @@ class Pipeline:
         self._used_embeddings: list[str] = []  # the trigger words of the last batch
         self._compiled = False
         self._traced = False  # compiled and run: the weights are constants of the compiled graph
+        self.compiled_unet: CompiledUNet | None = None  # compile_unet("cache" / "auto"): cached programs
         # what decides a context (see encode_context) -> contexts, most recently used last; None = no cache
         self.context_cache: OrderedDict[tuple, tuple[Encoded, Encoded | None]] | None = None
         self.context_cache_size = 0
@@ -206,12 +208,29 @@ class Pipeline:
             module.to(memory_format=torch.channels_last)
         return self
 
-    def compile_unet(self) -> Pipeline:
-        """torch.compile the U-Net in place for sampling (`compile_for_inference`); the first call per
-        shape is slow. Compile after loading the weights: later changes to them are not seen."""
-        compile_for_inference(self.unet)
-        self._compiled = True
+    def compile_unet(self, mode: str = "jit", cache_dir: str | Path | None = None) -> Pipeline:
+        """Compiled sampling. "jit": torch.compile the U-Net in place (`compile_for_inference`); the first
+        call per shape in each process is slow, and later changes to the weights are not seen.
+        "cache": AOTInductor programs, one per input shape, kept in `cache_dir` (default
+        `ldm.compile_cache.default_cache_dir()`): a shape the cache lacks is compiled once, for this and
+        every later process; LoRAs merge as in eager mode. "auto": the cached programs where there are
+        some, eager otherwise (nothing is compiled). "off": eager."""
+        if mode not in ("jit", "cache", "auto", "off"):
+            raise InputError(f"compile mode must be jit, cache, auto or off, got {mode!r}")
+        self.compiled_unet = None
+        if mode == "jit":
+            compile_for_inference(self.unet)
+            self._compiled = True
+        elif mode != "off":
+            self.compiled_unet = CompiledUNet(self.unet, cache_dir, build=mode == "cache")
         return self
+
+    def _sampling_unet(self) -> UNet:
+        """What the sampler calls: the cached compiled programs if on, else the U-Net."""
+        if self.compiled_unet is None:
+            return self.unet
+        self.compiled_unet.refresh()
+        return self.compiled_unet
 
     def read_lora(self, path: str | Path) -> Adapter:
         """A LoRA / LyCORIS file matched to this model's layers; read once while the file is unchanged."""
@@ -428,7 +447,7 @@ class Pipeline:
             noise = latents.to(self.device, torch.float32)
         # 3. Denoise with guidance, from noise or, for img2img, from the init images' latents noised to
         #    the level of the first step that `strength` reruns.
-        unet, start, blend = self.unet, FROM_NOISE, None
+        unet, start, blend = self._sampling_unet(), FROM_NOISE, None
         if init_images is not None:
             unet, x0, blend = self._start_from_images(init_images, masks, batch_size)
             start = StartPoint(x0, start_step(settings.steps, settings.strength), blend)
@@ -562,10 +581,11 @@ class Pipeline:
         plain U-Net the `LatentBlend` that keeps the unmasked region."""
         init_images = init_images.to(self.device, self.dtype).expand(batch_size, -1, -1, -1)
         x0 = self.encode(init_images).float()
+        unet = self._sampling_unet()
         if masks is None:
-            return self.unet, x0, None
+            return unet, x0, None
         masks = masks.to(self.device, self.dtype).expand(batch_size, -1, -1, -1)
         small_masks = latent_masks(masks, x0.shape[-2:])
         if self.is_inpainting:
-            return InpaintingUNet(self.unet, small_masks, self.encode(masked_images(init_images, masks))), x0, None
-        return self.unet, x0, LatentBlend(x0, small_masks)
+            return InpaintingUNet(unet, small_masks, self.encode(masked_images(init_images, masks))), x0, None
+        return unet, x0, LatentBlend(x0, small_masks)

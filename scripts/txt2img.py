@@ -16,7 +16,7 @@ from PIL import Image
 
 from ldm import settings as generation
 from ldm.attention import ATTENTION_BACKENDS
-from ldm.cli import ScriptParser, resolve_device, run_main
+from ldm.cli import COMPILE_MODES, ScriptParser, resolve_device, run_main
 from ldm.errors import InputError
 from ldm.generate import BUNDLED_CHECKPOINT, image_text, make_grid, prepare_outdir, read_image_text, save_png
 from ldm.infotext import model_hash
@@ -64,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "many latent pixels, for large images on small machines (0 = whole image; 64 = 512 px)")
     p.add_argument("--max_memory", type=float, default=None, metavar="GIB", help="refuse batches whose activations "
                    "need more than this many GiB (default: what the device has free; inf: no check)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (a slow first image, then faster)")
+    p.add_argument("--compile", nargs="?", const="cache", default="auto", choices=[*COMPILE_MODES, "jit"],
+                   help="compiled U-Net (docs/generation.md): cache (the flag alone) compiles each new image shape "
+                   "once, minutes, into the compile cache, which later runs reuse; auto (default) uses what the cache "
+                   "has, eager otherwise; jit: torch.compile in this process only; off: eager")
+    p.add_argument("--compile_cache", type=Path, default=None, metavar="DIR", help="where compiled programs are "
+                   "kept (default: $LDM_COMPILE_CACHE, else $XDG_CACHE_HOME/ldm/compiled or ~/.cache/ldm/compiled)")
     p.add_argument("--channels_last", action="store_true", help="NHWC convolutions in the U-Net and autoencoder "
                    "(the layout GPU tensor cores want; same images)")
     p.add_argument("--skip_grid", action="store_true", help="do not write a grid of all images")
@@ -195,8 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         pipe.enable_tiling(args.vae_tile_size, args.vae_tile_size // 4)
     if args.channels_last:
         pipe.to_channels_last()
-    if args.compile:
-        pipe.compile_unet()
+    pipe.compile_unet(args.compile, args.compile_cache)
 
     seed, images, checkpoint_hash = settings.seed, [], model_hash(ckpt)
     num_written = args.n_iter * len(batches) * (settings.batch_size if keep is None else 1)

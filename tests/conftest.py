@@ -16,6 +16,15 @@ from ldm.text_encoder import TextEncoderConfig
 from ldm.unet import UNetConfig
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_compile_cache(tmp_path_factory):
+    """txt2img and the server look up compiled programs by default (--compile auto): never in the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LDM_COMPILE_CACHE", str(tmp_path_factory.mktemp("compile-cache")))
+    yield
+    mp.undo()
+
+
 def tiny_spec(parameterization: str = "eps") -> ModelSpec:
     """64 x 64 images, f=8 autoencoder (8 x 8 x 4 latents), 2-layer text encoder of width 64."""
     return ModelSpec(
