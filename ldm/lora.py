@@ -11,7 +11,13 @@ layer's name (after the name, the key ends in one of):
     lokr_w2 | lokr_w2_a, lokr_w2_b                  product of two factors
     dora_scale                                    DoRA's magnitude, with any of them
 
-and is scaled by alpha / rank (1 without an alpha, or for a LoKr stored whole). With DoRA the merged
+A convolution may be Tucker-decomposed: `lora_mid.weight` (LoCon: down 1x1, mid k x k, up 1x1, run in
+sequence), `hada_t1` / `hada_t2` (LoHa) or `lokr_t2` (LoKr's w2) is a k x k core of rank x rank channels
+between the two factors, which are then both stored rank-first (`hada_w1_a` is (rank, out)). Such a layer is
+read as the plain form it equals (`_untucker`): the core composed with the factor on its input side is that
+side's k x k factor.
+
+The delta is scaled by alpha / rank (1 without an alpha, or for a LoKr stored whole). With DoRA the merged
 weight W + delta is renormalised: each output row (or input column, by `dora_scale`'s shape) gets the
 norm `dora_scale` gives.
 
@@ -46,10 +52,14 @@ _PREFIXES = {"lora_unet_": ("unet", ""), "lora_te_": ("text_encoder", ""), "unet
              "lora_te2_": ("text_encoder", "te2_"), "text_encoder_2.": ("text_encoder", "te2_")}
 _SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up",
              "lora.down.weight": "down", "lora.up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale",
-             **{name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a",
-                                        "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}}
-# Forms named by these keys are not read (Tucker-decomposed convolutions); their layers are reported ignored.
-_UNSUPPORTED = ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2")
+             "lora_mid.weight": "mid",
+             **{name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                                        "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                        "lokr_t2")}}
+# Tucker core -> (the factor on its output side, stored (rank, out), or None for LoCon's up, stored (out, rank);
+# the factor on its input side).
+_TUCKER = {"mid": (None, "down"), "hada_t1": ("hada_w1_a", "hada_w1_b"), "hada_t2": ("hada_w2_a", "hada_w2_b"),
+           "lokr_t2": ("lokr_w2_a", "lokr_w2_b")}
 # <lora:NAME> or <lora:NAME:WEIGHT> in a prompt (AUTOMATIC1111's syntax; <lyco:...> is its older spelling).
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 
@@ -62,6 +72,31 @@ def _rank(t: Mapping[str, Tensor]) -> int | None:
         return t["hada_w1_b"].shape[0]
     factor = t.get("lokr_w1_b", t.get("lokr_w2_b"))
     return None if factor is None else factor.shape[0]
+
+
+def _untucker(group: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """A layer's tensors with each Tucker core folded into its input-side factor (float32), that factor
+    becoming (rank, in * kh * kw) and the output-side one (out, rank): the plain form of the same delta,
+    up @ (mid o down) as the three convolutions compose. None when the shapes do not chain."""
+    group = dict(group)
+    for core_name, (out_name, in_name) in _TUCKER.items():
+        core = group.pop(core_name, None)
+        if core is None:
+            continue
+        inner = group.get(in_name)
+        if (core.ndim != 4 or inner is None or inner.ndim < 2 or inner.shape[0] != core.shape[1]
+                or inner[0].numel() != inner.shape[1]):
+            return None  # a core, and an input factor of shape (rank, in) or (rank, in, 1, 1)
+        if out_name is not None:
+            outer = group.get(out_name)
+            if outer is None or outer.ndim != 2 or outer.shape[0] != core.shape[0]:
+                return None
+            group[out_name] = outer.T
+        elif group.get("up") is None or group["up"].shape[1] != core.shape[0]:
+            return None
+        folded = torch.einsum("i j k l, j r -> i r k l", core.float(), inner.float().reshape(inner.shape[0], -1))
+        group[in_name] = folded.reshape(folded.shape[0], -1)
+    return group
 
 
 def _scale(t: Mapping[str, Tensor], strength: float) -> float:
@@ -141,24 +176,22 @@ def read_adapter(path: str | Path, layers: Mapping[str, Mapping[str, Layer]],
         raise InputError(f"LoRA not found: {path} (pass an existing .safetensors or .pt file)")
     tensors, _ = read_checkpoint(path)
     groups: dict[tuple[str, str], dict[str, Tensor]] = {}
-    unsupported: set[tuple[str, str]] = set()
     for key, value in tensors.items():
         prefix = next((p for p in _PREFIXES if key.startswith(p)), None)
-        suffix = next((s for s in (*_SUFFIXES, *_UNSUPPORTED) if key.endswith("." + s)), None)
+        suffix = next((s for s in _SUFFIXES if key.endswith("." + s)), None)
         if prefix is None or suffix is None:
             continue
         component, tower = _PREFIXES[prefix]
         target = (component, tower + flat(key[len(prefix): -len(suffix) - 1]))
-        if suffix in _UNSUPPORTED:
-            unsupported.add(target)
-        groups.setdefault(target, {})[_SUFFIXES.get(suffix, suffix)] = value
+        groups.setdefault(target, {})[_SUFFIXES[suffix]] = value
     if not groups:
         raise InputError(f"{path} holds no LoRA or LyCORIS layers (keys like lora_unet_*.lora_down.weight); "
                          "pass a LoRA file")
     changes, ignored = [], []
     for (component, name), group in groups.items():
         layer = layers.get(component, {}).get(name)
-        if layer is None or (component, name) in unsupported or not _fits(group, layer, weights):
+        group = None if layer is None else _untucker(group)
+        if group is None or not _fits(group, layer, weights):
             ignored.append(name)
             continue
         changes.append((layer, group))

@@ -12,6 +12,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 from PIL import Image
@@ -79,6 +80,24 @@ def kohya_lora(pipe: Pipeline, seed: int, rank: int = 4, alpha: float = 2.0, tex
     for key, weight in layers:
         down, up = _low_rank(weight, rank, generator)
         tensors |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)}
+    return tensors
+
+
+def kernel_convs(pipe: Pipeline) -> list[tuple[str, nn.Conv2d]]:
+    """The U-Net's k x k convolutions (k > 1), by diffusers name: the layers Tucker forms are for."""
+    return [(theirs, module) for ours, theirs in diffusers_unet_names(pipe.unet).items()
+            if isinstance(module := pipe.unet.get_submodule(ours), nn.Conv2d) and module.kernel_size != (1, 1)]
+
+
+def locon_tucker(pipe: Pipeline, seed: int, rank: int = 3, alpha: float = 2.0) -> dict:
+    """A LyCORIS LoCon with Tucker-decomposed convolutions (`lora_mid`) on the U-Net's k x k convolutions."""
+    generator, tensors = torch.Generator().manual_seed(seed), {}
+    for name, conv in kernel_convs(pipe):
+        key = f"lora_unet_{flat(name)}"
+        tensors |= {f"{key}.lora_down.weight": 0.3 * torch.randn(rank, conv.in_channels, 1, 1, generator=generator),
+                    f"{key}.lora_mid.weight": 0.3 * torch.randn(rank, rank, *conv.kernel_size, generator=generator),
+                    f"{key}.lora_up.weight": 0.3 * torch.randn(conv.out_channels, rank, 1, 1, generator=generator),
+                    f"{key}.alpha": torch.tensor(alpha)}
     return tensors
 
 
@@ -188,6 +207,70 @@ def test_lycoris_deltas_match_peft(kind, alpha, layers):
             assert relative_error(merged(x), layer.base_layer(x)) > 0.01
 
 
+class _TuckerLoCon(nn.Module):
+    """kohya / LyCORIS' LoCon module at inference, from the file's tensors: the base convolution plus the
+    1x1 down, the k x k mid (the base's stride and padding) and the 1x1 up run in sequence, times alpha / rank."""
+
+    def __init__(self, base: nn.Conv2d, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.base, self.t = base, tensors
+        self.scale = tensors["alpha"].item() / tensors["lora_down.weight"].shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.conv2d(x, self.t["lora_down.weight"])
+        h = F.conv2d(h, self.t["lora_mid.weight"], stride=self.base.stride, padding=self.base.padding)
+        return self.base(x) + self.scale * F.conv2d(h, self.t["lora_up.weight"])
+
+
+def test_tucker_locon_matches_its_convolutions_in_sequence(tmp_path):
+    pipe = _pipeline()
+    reference = diffusers_unet(copy.deepcopy(pipe.unet), pipe.spec.autoencoder)
+    tensors = locon_tucker(pipe, seed=7)
+    for name, _ in kernel_convs(pipe):
+        key = f"lora_unet_{flat(name)}."
+        reference.set_submodule(name, _TuckerLoCon(reference.get_submodule(name), {
+            k.removeprefix(key): v for k, v in tensors.items() if k.startswith(key)}))
+    before = unet_output(pipe.unet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every layer is used
+        pipe.load_lora(write(tensors, tmp_path / "locon.safetensors"))
+    ours = unet_output(pipe.unet)
+    assert relative_error(ours, before) > 0.05
+    assert relative_error(ours, unet_output(reference, diffusers=True)) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_tucker_lycoris_matches_peft(kind, tmp_path):
+    """LoHa (hada_t1, hada_t2) and LoKr (lokr_t2) on every k x k convolution of the U-Net, against PEFT's
+    modules with use_effective_conv2d on the diffusers U-Net, on the same tensors."""
+    pipe = _pipeline()
+    reference = diffusers_unet(copy.deepcopy(pipe.unet), pipe.spec.autoencoder)
+    names = [name for name, _ in kernel_convs(pipe)]
+    if kind == "loha":
+        config = peft.LoHaConfig(r=3, alpha=6, target_modules=names, use_effective_conv2d=True, init_weights=False)
+    else:
+        config = peft.LoKrConfig(r=2, alpha=5, target_modules=names, use_effective_conv2d=True, init_weights=False)
+    reference = peft.inject_adapter_in_model(config, reference).eval()
+    tensors = {}
+    for name in names:
+        layer = reference.get_submodule(name)
+        if kind == "loha":  # PEFT's random LoHa changes the output too little to tell
+            with torch.no_grad():
+                layer.hada_w1_a["default"].mul_(8)
+                layer.hada_w2_a["default"].mul_(8)
+        found = _adapter_tensors(layer, ("hada_", "lokr_"))
+        assert ("hada_t1" in found and "hada_t2" in found) if kind == "loha" else "lokr_t2" in found
+        tensors |= {f"lora_unet_{flat(name)}.{k}": v for k, v in found.items()}
+        tensors[f"lora_unet_{flat(name)}.alpha"] = torch.tensor(float(config.alpha))
+    before = unet_output(pipe.unet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.load_lora(write(tensors, tmp_path / f"{kind}.safetensors"))
+    ours = unet_output(pipe.unet)
+    assert relative_error(ours, before) > 0.05
+    assert relative_error(ours, unet_output(reference, diffusers=True)) < 1e-4
+
+
 def test_dora_matches_peft():
     config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["0"], use_dora=True, init_lora_weights=False)
     model = _peft_layers(config)
@@ -204,12 +287,15 @@ def test_dora_matches_peft():
         assert relative_error(merged(x), layer(x)) < 1e-5
 
 
-def test_unload_restores_exactly_and_weights_add_up(tmp_path):
+@pytest.mark.parametrize("tucker", [False, True])
+def test_unload_restores_exactly_and_weights_add_up(tucker, tmp_path):
+    """Strengths add up linearly and unloading restores every weight bit for bit; with `tucker`, the k x k
+    convolutions' LoCon is Tucker-decomposed (lora_mid), and the weight checked is one of them."""
     pipe = _pipeline()
     original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    first = write(kohya_lora(pipe, seed=3, text=False), tmp_path / "first.safetensors")
-    second = write(kohya_lora(pipe, seed=4, text=False), tmp_path / "second.safetensors")
-    name = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    first, second = (write(kohya_lora(pipe, seed=seed, text=False) | (locon_tucker(pipe, seed) if tucker else {}),
+                           tmp_path / f"{seed}.safetensors") for seed in (3, 4))
+    name = f"input_blocks.1.{'0.in_layers.2' if tucker else '1.transformer_blocks.0.attn2.to_k'}.weight"
     deltas = {}
     for path in (first, second):
         pipe.load_lora(path)
