@@ -17,7 +17,10 @@ between the two factors, which are then both stored rank-first (`hada_w1_a` is (
 read as the plain form it equals (`_untucker`): the core composed with the factor on its input side is that
 side's k x k factor.
 
-The delta is scaled by alpha / rank (1 without an alpha, or for a LoKr stored whole). With DoRA the merged
+The delta is scaled by alpha / rank (1 without an alpha, or for a LoKr stored whole). A diffusers / PEFT file
+has no alpha tensors: its alphas are PEFT's LoraConfig (`PeftScaling`), which diffusers writes as JSON into
+the safetensors metadata and PEFT as adapter_config.json beside adapter_model.safetensors; without either the
+scale is 1, as diffusers reads such a file. With DoRA the merged
 weight W + delta is renormalised: each output row (or input column, by `dora_scale`'s shape) gets the
 norm `dora_scale` gives.
 
@@ -30,11 +33,12 @@ from __future__ import annotations
 
 import functools
 import glob
+import json
 import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,7 +53,9 @@ ADAPTER_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 # Key prefix -> the component it changes and how `ldm.layer_names` spells the tower (SDXL's two are named).
 _PREFIXES = {"lora_unet_": ("unet", ""), "lora_te_": ("text_encoder", ""), "unet.": ("unet", ""),
              "text_encoder.": ("text_encoder", ""), "lora_te1_": ("text_encoder", "te1_"),
-             "lora_te2_": ("text_encoder", "te2_"), "text_encoder_2.": ("text_encoder", "te2_")}
+             "lora_te2_": ("text_encoder", "te2_"), "text_encoder_2.": ("text_encoder", "te2_"),
+             # PEFT's own save of a wrapped CLIPTextModel or diffusers U-Net (adapter_model.safetensors)
+             "base_model.model.text_model.": ("text_encoder", "text_model_"), "base_model.model.": ("unet", "")}
 _SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up",
              "lora.down.weight": "down", "lora.up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale",
              "lora_mid.weight": "mid",
@@ -60,6 +66,9 @@ _SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight"
 # the factor on its input side).
 _TUCKER = {"mid": (None, "down"), "hada_t1": ("hada_w1_a", "hada_w1_b"), "hada_t2": ("hada_w2_a", "hada_w2_b"),
            "lokr_t2": ("lokr_w2_a", "lokr_w2_b")}
+# diffusers' LORA_ADAPTER_METADATA_KEY: each component's LoraConfig as JSON, its keys prefixed ("unet.r", ...)
+# in a pipeline's file, unprefixed in a model's (`save_lora_adapter`).
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 # <lora:NAME> or <lora:NAME:WEIGHT> in a prompt (AUTOMATIC1111's syntax; <lyco:...> is its older spelling).
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 
@@ -146,6 +155,89 @@ def merged_weight(weight: Tensor, tensors: Mapping[str, Tensor], strength: float
     return merged * (strength * (scale - 1) + 1)  # LyCORIS' reading of a strength other than 1
 
 
+@dataclass(frozen=True)
+class PeftScaling:
+    """The scale PEFT's LoraConfig gives each module: alpha / r (alpha / sqrt(r) with use_rslora), where
+    rank_pattern and alpha_pattern override r and alpha for the modules whose dotted path ends in a match of
+    one of their keys (regexes, the first matching key wins). r defaults to the layer's rank, alpha to
+    LoraConfig's 8."""
+
+    r: int | None = None
+    lora_alpha: float = 8.0
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+
+    def scale(self, module: str, rank: int) -> float:
+        r = _pattern_value(self.rank_pattern, module, self.r or rank)
+        alpha = _pattern_value(self.alpha_pattern, module, self.lora_alpha)
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
+
+
+def _pattern_value(pattern: Mapping[str, float], module: str, default: float) -> float:
+    """PEFT's `get_pattern_key`: the value of the first key that matches the end of `module`'s path."""
+    return next((value for key, value in pattern.items() if re.match(rf"(.*\.)?({key})$", module)), default)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _regex(text: str) -> bool:
+    try:
+        re.compile(text)
+    except re.error:
+        return False
+    return True
+
+
+def _patterns(check):
+    return lambda value: isinstance(value, dict) and all(check(v) and _regex(k) for k, v in value.items())
+
+
+# The LoraConfig fields that set the scale: what each must be, and its check.
+_CONFIG_FIELDS = {"r": ("a whole number >= 1", lambda v: v is None or _whole(v)),
+                  "lora_alpha": ("a number", _number), "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+                  "rank_pattern": ("an object of regexes to whole numbers >= 1", _patterns(_whole)),
+                  "alpha_pattern": ("an object of regexes to numbers", _patterns(_number))}
+
+
+def peft_scalings(path: Path, metadata: Mapping[str, str]) -> dict[str, PeftScaling]:
+    """The LoraConfig of each component a diffusers / PEFT file has one for ("unet", "text_encoder",
+    "text_encoder_2"; "" for one that applies to all): from the safetensors metadata under
+    `ADAPTER_METADATA_KEY`, else from adapter_config.json beside an adapter_model.safetensors. Only the
+    fields that set the scale are read. InputError, naming the field, for a config that is not a JSON object
+    or a field of the wrong type."""
+    beside = path.with_name("adapter_config.json")
+    if ADAPTER_METADATA_KEY in metadata:
+        text, where = metadata[ADAPTER_METADATA_KEY], f"{path}'s {ADAPTER_METADATA_KEY} metadata"
+    elif path.name == "adapter_model.safetensors" and beside.is_file():
+        text, where = beside.read_text(errors="replace"), str(beside)
+    else:
+        return {}
+    remedy = "fix it or remove it (the scale is 1 without it)"
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where} is not JSON ({e.msg} at line {e.lineno}); {remedy}") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{where} is not a JSON object but {type(config).__name__}; {remedy}")
+    fields: dict[str, dict] = {}
+    for key, value in config.items():
+        component, _, name = key.rpartition(".")
+        if name not in _CONFIG_FIELDS:
+            continue
+        what, check = _CONFIG_FIELDS[name]
+        if not check(value):
+            raise InputError(f"{where}: {key} must be {what}, got {json.dumps(value)[:60]}; {remedy}")
+        fields.setdefault(component, {})[name] = value
+    return {component: PeftScaling(**values) for component, values in fields.items()}
+
+
 @dataclass(eq=False)  # one per file read: compared by identity
 class Adapter:
     """An adapter file matched to a model: the layers it changes and their tensors."""
@@ -174,16 +266,26 @@ def read_adapter(path: str | Path, layers: Mapping[str, Mapping[str, Layer]],
     path = Path(path)
     if not path.is_file():
         raise InputError(f"LoRA not found: {path} (pass an existing .safetensors or .pt file)")
-    tensors, _ = read_checkpoint(path)
+    tensors, metadata = read_checkpoint(path)
+    scalings = peft_scalings(path, metadata)
     groups: dict[tuple[str, str], dict[str, Tensor]] = {}
+    dotted: dict[tuple[str, str], tuple[str, str]] = {}  # diffusers / PEFT layers: (config, module path)
     for key, value in tensors.items():
         prefix = next((p for p in _PREFIXES if key.startswith(p)), None)
         suffix = next((s for s in _SUFFIXES if key.endswith("." + s)), None)
         if prefix is None or suffix is None:
             continue
         component, tower = _PREFIXES[prefix]
-        target = (component, tower + flat(key[len(prefix): -len(suffix) - 1]))
+        module = key[len(prefix): -len(suffix) - 1]
+        target = (component, tower + flat(module))
         groups.setdefault(target, {})[_SUFFIXES[suffix]] = value
+        if prefix.endswith("."):
+            dotted[target] = (prefix[:-1], module)
+    for target, (config, module) in dotted.items():
+        scaling, group = scalings.get(config, scalings.get("")), groups[target]
+        if scaling is not None and "alpha" not in group and "down" in group:
+            rank = group["down"].shape[0]
+            group["alpha"] = torch.tensor(scaling.scale(module, rank) * rank)
     if not groups:
         raise InputError(f"{path} holds no LoRA or LyCORIS layers (keys like lora_unet_*.lora_down.weight); "
                          "pass a LoRA file")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -173,6 +174,57 @@ def test_peft_format_matches_diffusers(tmp_path):
     StableDiffusionPipeline.load_lora_into_unet(dict(tensors), None, reference)
     pipe.load_lora(write(tensors, tmp_path / "peft.safetensors"))
     assert relative_error(unet_output(pipe.unet), unet_output(reference, diffusers=True)) < 1e-4
+
+
+@pytest.mark.parametrize("writer", ["diffusers", "peft"])
+def test_peft_alphas_from_the_config_match_peft(writer, tmp_path):
+    """A LoraConfig with alpha != r, rank_pattern and alpha_pattern, saved by diffusers (metadata in the
+    safetensors file) or by PEFT (adapter_config.json beside adapter_model.safetensors): merged as PEFT's
+    modules run, and (diffusers' file) as diffusers' load_lora_into_unet reads it."""
+    pipe = _pipeline("sd2")
+    reference = diffusers_unet(copy.deepcopy(pipe.unet), pipe.spec.autoencoder)
+    config = peft.LoraConfig(r=4, lora_alpha=10, rank_pattern={"proj_in": 2}, init_lora_weights=False,
+                             alpha_pattern={"to_k": 12, r"down_blocks\.1\..*to_v": 0.5},
+                             target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"])
+    torch.manual_seed(8)
+    model = peft.get_peft_model(reference, config).eval()
+    if writer == "peft":
+        model.save_pretrained(str(tmp_path))
+        path = tmp_path / "adapter_model.safetensors"
+    else:
+        layers = {k.removeprefix("base_model.model."): v for k, v in peft.get_peft_model_state_dict(model).items()}
+        StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=layers,
+                                                  unet_lora_adapter_metadata=config.to_dict())
+        path = tmp_path / "pytorch_lora_weights.safetensors"
+        reloaded = diffusers_unet(copy.deepcopy(pipe.unet), pipe.spec.autoencoder)
+        state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
+        StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, reloaded, metadata=metadata)
+    before = unet_output(pipe.unet)
+    pipe.load_lora(path)
+    ours, theirs = unet_output(pipe.unet), unet_output(reference, diffusers=True)
+    assert relative_error(ours, before) > 0.05
+    assert relative_error(ours, theirs) < 1e-4
+    if writer == "diffusers":
+        assert relative_error(ours, unet_output(reloaded, diffusers=True)) < 1e-4
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ("{not json", "lora_adapter_metadata metadata is not JSON (Expecting property name"),
+    ("[4]", "lora_adapter_metadata metadata is not a JSON object but list"),
+    ('{"unet.r": "four"}', 'unet.r must be a whole number >= 1, got "four"'),
+    ('{"unet.lora_alpha": true}', "unet.lora_alpha must be a number, got true"),
+    ('{"unet.rank_pattern": {"to_k": 1.5}}', "unet.rank_pattern must be an object of regexes to whole numbers"),
+    ('{"unet.alpha_pattern": {"(": 2}}', "unet.alpha_pattern must be an object of regexes to numbers"),
+])
+def test_bad_adapter_metadata_fails_in_one_line(metadata, message, tmp_path):
+    pipe = _pipeline("sd2")
+    name = next(theirs for theirs in diffusers_unet_names(pipe.unet).values() if theirs.endswith("attn1.to_k"))
+    path = tmp_path / "bad.safetensors"
+    save_file({f"unet.{name}.lora_A.weight": torch.zeros(2, 32), f"unet.{name}.lora_B.weight": torch.zeros(32, 2)},
+              str(path), metadata={"lora_adapter_metadata": metadata})
+    with pytest.raises(InputError, match=re.escape(message)) as error:
+        pipe.load_lora(path)
+    assert "\n" not in str(error.value) and str(error.value).endswith("fix it or remove it (the scale is 1 without it)")
 
 
 def _peft_layers(config: peft.PeftConfig) -> nn.Module:
