@@ -359,6 +359,28 @@ def test_unload_restores_exactly_and_weights_add_up(tucker, tmp_path):
     assert all(torch.equal(v, original[k]) for k, v in pipe.unet.state_dict().items())
 
 
+def test_unload_hands_back_the_original_tensors_and_keeps_buffers(tmp_path):
+    """Unloading puts the original storage back (no copy); the next merge reuses the merged weights'
+    buffers; release frees them; a model cast while merged gets the originals' values in its new dtype."""
+    pipe = _pipeline()
+    path = write(kohya_lora(pipe, seed=3, text=False), tmp_path / "a.safetensors")
+    weight = pipe.unet.get_parameter("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    original, original_ptr = weight.detach().clone(), weight.data_ptr()
+    pipe.load_lora(path)
+    merged_ptr = weight.data_ptr()
+    assert merged_ptr != original_ptr and not torch.equal(weight, original)
+    pipe.unload_lora()
+    assert weight.data_ptr() == original_ptr and torch.equal(weight, original)
+    pipe.load_lora(path)
+    assert weight.data_ptr() == merged_ptr
+    pipe.unload_lora(release=True)
+    assert not pipe.adapters._buffers
+    pipe.load_lora(path)
+    pipe.unet.double()
+    pipe.unload_lora()
+    assert weight.dtype == torch.float64 and torch.equal(weight, original.double())
+
+
 def test_prompt_tag_merges_the_named_file_and_is_not_encoded(tmp_path):
     pipe = _pipeline()
     (tmp_path / "styles").mkdir()
