@@ -11,24 +11,34 @@ layer's name (after the name, the key ends in one of):
     lokr_w2 | lokr_w2_a, lokr_w2_b                  product of two factors
     dora_scale                                    DoRA's magnitude, with any of them
 
-and is scaled by alpha / rank (1 without an alpha, or for a LoKr stored whole). With DoRA the merged
+A convolution may be Tucker-decomposed: `lora_mid.weight` (LoCon: down 1x1, mid k x k, up 1x1, run in
+sequence), `hada_t1` / `hada_t2` (LoHa) or `lokr_t2` (LoKr's w2) is a k x k core of rank x rank channels
+between the two factors, which are then both stored rank-first (`hada_w1_a` is (rank, out)). Such a layer is
+read as the plain form it equals (`_untucker`): the core composed with the factor on its input side is that
+side's k x k factor.
+
+The delta is scaled by alpha / rank (1 without an alpha, or for a LoKr stored whole). A diffusers / PEFT file
+has no alpha tensors: its alphas are PEFT's LoraConfig (`PeftScaling`), which diffusers writes as JSON into
+the safetensors metadata and PEFT as adapter_config.json beside adapter_model.safetensors; without either the
+scale is 1, as diffusers reads such a file. With DoRA the merged
 weight W + delta is renormalised: each output row (or input column, by `dora_scale`'s shape) gets the
 norm `dora_scale` gives.
 
-Merging adds `weight * delta` to the weights in place (no cost per step), in float32 and then cast.
-`MergedAdapters` backs up each weight before it first changes, so taking adapters out restores the
-original weights bit for bit, and a new set of adapters is always merged onto the originals.
+Merging adds `weight * delta` to the weights (no cost per step), in float32 and then cast. `MergedAdapters`
+writes each changed weight into a buffer of its own and keeps the original tensor, so taking adapters out
+restores the original weights bit for bit, and a new set of adapters is always merged onto the originals.
 """
 
 from __future__ import annotations
 
 import functools
 import glob
+import json
 import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,13 +53,22 @@ ADAPTER_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 # Key prefix -> the component it changes and how `ldm.layer_names` spells the tower (SDXL's two are named).
 _PREFIXES = {"lora_unet_": ("unet", ""), "lora_te_": ("text_encoder", ""), "unet.": ("unet", ""),
              "text_encoder.": ("text_encoder", ""), "lora_te1_": ("text_encoder", "te1_"),
-             "lora_te2_": ("text_encoder", "te2_"), "text_encoder_2.": ("text_encoder", "te2_")}
+             "lora_te2_": ("text_encoder", "te2_"), "text_encoder_2.": ("text_encoder", "te2_"),
+             # PEFT's own save of a wrapped CLIPTextModel or diffusers U-Net (adapter_model.safetensors)
+             "base_model.model.text_model.": ("text_encoder", "text_model_"), "base_model.model.": ("unet", "")}
 _SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up",
              "lora.down.weight": "down", "lora.up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale",
-             **{name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a",
-                                        "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}}
-# Forms named by these keys are not read (Tucker-decomposed convolutions); their layers are reported ignored.
-_UNSUPPORTED = ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2")
+             "lora_mid.weight": "mid",
+             **{name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                                        "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                        "lokr_t2")}}
+# Tucker core -> (the factor on its output side, stored (rank, out), or None for LoCon's up, stored (out, rank);
+# the factor on its input side).
+_TUCKER = {"mid": (None, "down"), "hada_t1": ("hada_w1_a", "hada_w1_b"), "hada_t2": ("hada_w2_a", "hada_w2_b"),
+           "lokr_t2": ("lokr_w2_a", "lokr_w2_b")}
+# diffusers' LORA_ADAPTER_METADATA_KEY: each component's LoraConfig as JSON, its keys prefixed ("unet.r", ...)
+# in a pipeline's file, unprefixed in a model's (`save_lora_adapter`).
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 # <lora:NAME> or <lora:NAME:WEIGHT> in a prompt (AUTOMATIC1111's syntax; <lyco:...> is its older spelling).
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 
@@ -62,6 +81,31 @@ def _rank(t: Mapping[str, Tensor]) -> int | None:
         return t["hada_w1_b"].shape[0]
     factor = t.get("lokr_w1_b", t.get("lokr_w2_b"))
     return None if factor is None else factor.shape[0]
+
+
+def _untucker(group: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """A layer's tensors with each Tucker core folded into its input-side factor (float32), that factor
+    becoming (rank, in * kh * kw) and the output-side one (out, rank): the plain form of the same delta,
+    up @ (mid o down) as the three convolutions compose. None when the shapes do not chain."""
+    group = dict(group)
+    for core_name, (out_name, in_name) in _TUCKER.items():
+        core = group.pop(core_name, None)
+        if core is None:
+            continue
+        inner = group.get(in_name)
+        if (core.ndim != 4 or inner is None or inner.ndim < 2 or inner.shape[0] != core.shape[1]
+                or inner[0].numel() != inner.shape[1]):
+            return None  # a core, and an input factor of shape (rank, in) or (rank, in, 1, 1)
+        if out_name is not None:
+            outer = group.get(out_name)
+            if outer is None or outer.ndim != 2 or outer.shape[0] != core.shape[0]:
+                return None
+            group[out_name] = outer.T
+        elif group.get("up") is None or group["up"].shape[1] != core.shape[0]:
+            return None
+        folded = torch.einsum("i j k l, j r -> i r k l", core.float(), inner.float().reshape(inner.shape[0], -1))
+        group[in_name] = folded.reshape(folded.shape[0], -1)
+    return group
 
 
 def _scale(t: Mapping[str, Tensor], strength: float) -> float:
@@ -111,6 +155,89 @@ def merged_weight(weight: Tensor, tensors: Mapping[str, Tensor], strength: float
     return merged * (strength * (scale - 1) + 1)  # LyCORIS' reading of a strength other than 1
 
 
+@dataclass(frozen=True)
+class PeftScaling:
+    """The scale PEFT's LoraConfig gives each module: alpha / r (alpha / sqrt(r) with use_rslora), where
+    rank_pattern and alpha_pattern override r and alpha for the modules whose dotted path ends in a match of
+    one of their keys (regexes, the first matching key wins). r defaults to the layer's rank, alpha to
+    LoraConfig's 8."""
+
+    r: int | None = None
+    lora_alpha: float = 8.0
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+
+    def scale(self, module: str, rank: int) -> float:
+        r = _pattern_value(self.rank_pattern, module, self.r or rank)
+        alpha = _pattern_value(self.alpha_pattern, module, self.lora_alpha)
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
+
+
+def _pattern_value(pattern: Mapping[str, float], module: str, default: float) -> float:
+    """PEFT's `get_pattern_key`: the value of the first key that matches the end of `module`'s path."""
+    return next((value for key, value in pattern.items() if re.match(rf"(.*\.)?({key})$", module)), default)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _regex(text: str) -> bool:
+    try:
+        re.compile(text)
+    except re.error:
+        return False
+    return True
+
+
+def _patterns(check):
+    return lambda value: isinstance(value, dict) and all(check(v) and _regex(k) for k, v in value.items())
+
+
+# The LoraConfig fields that set the scale: what each must be, and its check.
+_CONFIG_FIELDS = {"r": ("a whole number >= 1", lambda v: v is None or _whole(v)),
+                  "lora_alpha": ("a number", _number), "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+                  "rank_pattern": ("an object of regexes to whole numbers >= 1", _patterns(_whole)),
+                  "alpha_pattern": ("an object of regexes to numbers", _patterns(_number))}
+
+
+def peft_scalings(path: Path, metadata: Mapping[str, str]) -> dict[str, PeftScaling]:
+    """The LoraConfig of each component a diffusers / PEFT file has one for ("unet", "text_encoder",
+    "text_encoder_2"; "" for one that applies to all): from the safetensors metadata under
+    `ADAPTER_METADATA_KEY`, else from adapter_config.json beside an adapter_model.safetensors. Only the
+    fields that set the scale are read. InputError, naming the field, for a config that is not a JSON object
+    or a field of the wrong type."""
+    beside = path.with_name("adapter_config.json")
+    if ADAPTER_METADATA_KEY in metadata:
+        text, where = metadata[ADAPTER_METADATA_KEY], f"{path}'s {ADAPTER_METADATA_KEY} metadata"
+    elif path.name == "adapter_model.safetensors" and beside.is_file():
+        text, where = beside.read_text(errors="replace"), str(beside)
+    else:
+        return {}
+    remedy = "fix it or remove it (the scale is 1 without it)"
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where} is not JSON ({e.msg} at line {e.lineno}); {remedy}") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{where} is not a JSON object but {type(config).__name__}; {remedy}")
+    fields: dict[str, dict] = {}
+    for key, value in config.items():
+        component, _, name = key.rpartition(".")
+        if name not in _CONFIG_FIELDS:
+            continue
+        what, check = _CONFIG_FIELDS[name]
+        if not check(value):
+            raise InputError(f"{where}: {key} must be {what}, got {json.dumps(value)[:60]}; {remedy}")
+        fields.setdefault(component, {})[name] = value
+    return {component: PeftScaling(**values) for component, values in fields.items()}
+
+
 @dataclass(eq=False)  # one per file read: compared by identity
 class Adapter:
     """An adapter file matched to a model: the layers it changes and their tensors."""
@@ -139,26 +266,34 @@ def read_adapter(path: str | Path, layers: Mapping[str, Mapping[str, Layer]],
     path = Path(path)
     if not path.is_file():
         raise InputError(f"LoRA not found: {path} (pass an existing .safetensors or .pt file)")
-    tensors, _ = read_checkpoint(path)
+    tensors, metadata = read_checkpoint(path)
+    scalings = peft_scalings(path, metadata)
     groups: dict[tuple[str, str], dict[str, Tensor]] = {}
-    unsupported: set[tuple[str, str]] = set()
+    dotted: dict[tuple[str, str], tuple[str, str]] = {}  # diffusers / PEFT layers: (config, module path)
     for key, value in tensors.items():
         prefix = next((p for p in _PREFIXES if key.startswith(p)), None)
-        suffix = next((s for s in (*_SUFFIXES, *_UNSUPPORTED) if key.endswith("." + s)), None)
+        suffix = next((s for s in _SUFFIXES if key.endswith("." + s)), None)
         if prefix is None or suffix is None:
             continue
         component, tower = _PREFIXES[prefix]
-        target = (component, tower + flat(key[len(prefix): -len(suffix) - 1]))
-        if suffix in _UNSUPPORTED:
-            unsupported.add(target)
-        groups.setdefault(target, {})[_SUFFIXES.get(suffix, suffix)] = value
+        module = key[len(prefix): -len(suffix) - 1]
+        target = (component, tower + flat(module))
+        groups.setdefault(target, {})[_SUFFIXES[suffix]] = value
+        if prefix.endswith("."):
+            dotted[target] = (prefix[:-1], module)
+    for target, (config, module) in dotted.items():
+        scaling, group = scalings.get(config, scalings.get("")), groups[target]
+        if scaling is not None and "alpha" not in group and "down" in group:
+            rank = group["down"].shape[0]
+            group["alpha"] = torch.tensor(scaling.scale(module, rank) * rank)
     if not groups:
         raise InputError(f"{path} holds no LoRA or LyCORIS layers (keys like lora_unet_*.lora_down.weight); "
                          "pass a LoRA file")
     changes, ignored = [], []
     for (component, name), group in groups.items():
         layer = layers.get(component, {}).get(name)
-        if layer is None or (component, name) in unsupported or not _fits(group, layer, weights):
+        group = None if layer is None else _untucker(group)
+        if group is None or not _fits(group, layer, weights):
             ignored.append(name)
             continue
         changes.append((layer, group))
@@ -204,12 +339,19 @@ def made_for(tensors: Mapping[str, Tensor]) -> str:
 
 
 class MergedAdapters:
-    """The adapters merged into a model's components now, and the original weights they replaced."""
+    """The adapters merged into a model's components now, and the original weights they replaced.
+
+    A weight's first change is written into a buffer of its own, which becomes the parameter's data, while
+    the original tensor is kept untouched: taking adapters out hands the originals back (no copy, bit for
+    bit). The buffers are kept for the next merge of the same weights, so switching adapters touches no
+    new memory (page faults are most of a fresh merge's time); `clear(release=True)` frees them.
+    """
 
     def __init__(self, components: Mapping[str, nn.Module]) -> None:
         self.components = components
         self.active: list[tuple[Adapter, float]] = []
         self._originals: dict[tuple[str, str], Tensor] = {}
+        self._buffers: dict[tuple[str, str], Tensor] = {}
 
     def set(self, adapters: Sequence[tuple[Adapter, float]]) -> None:
         """Merge exactly `adapters` (each at its strength) onto the original weights."""
@@ -221,24 +363,70 @@ class MergedAdapters:
             for adapter, strength in adapters:
                 for layer, tensors in adapter.changes:
                     weight = self.components[layer.component].get_parameter(layer.weight)
-                    self._originals.setdefault((layer.component, layer.weight), weight.detach().clone())
-                    part = weight if layer.rows is None else weight[layer.rows]
                     tensors = {k: v.to(weight.device) for k, v in tensors.items()}
+                    if self._first_change(layer, weight, tensors, strength):
+                        continue
+                    part = weight if layer.rows is None else weight[layer.rows]
                     if "dora_scale" in tensors or part.dtype != torch.float32:
                         part.copy_(merged_weight(part.float(), tensors, strength).to(weight.dtype))
                     elif "up" in tensors and part.is_contiguous():  # W += up @ down, no full-size temporary
-                        part.view(part.shape[0], -1).addmm_(*lora_factors(tensors, part.shape[0], strength))
+                        part.view(part.shape[0], -1).addmm_(*_small_factors(tensors, part.shape[0], strength))
                     else:
                         part.add_(layer_delta(tensors, part.shape, strength))
         self.active = list(adapters)
 
-    def clear(self) -> None:
-        """Put back every original weight."""
+    def _first_change(self, layer: Layer, weight: nn.Parameter, tensors: dict[str, Tensor], strength: float) -> bool:
+        """Before a weight's first change, swap in its buffer and keep the original. True when the change
+        is then made already: a plain LoRA on a whole float32 weight, W + up @ down written straight into
+        the buffer (one pass over W)."""
+        key = (layer.component, layer.weight)
+        if key in self._originals:
+            return False
+        original = weight.data
+        buffer = self._buffers.pop(key, None)
+        if buffer is None or not _same_layout(buffer, original):
+            buffer = torch.empty_like(original)
+        done = (layer.rows is None and "up" in tensors and "dora_scale" not in tensors
+                and original.dtype == torch.float32 and original.is_contiguous() and buffer.is_contiguous())
+        if done:
+            rows = original.shape[0]
+            torch.addmm(original.view(rows, -1), *_small_factors(tensors, rows, strength), out=buffer.view(rows, -1))
+        else:
+            buffer.copy_(original)
+        self._originals[key] = original
+        weight.data = buffer
+        return done
+
+    def clear(self, release: bool = False) -> None:
+        """Put back every original weight; keep the buffers for the next merge, unless `release`."""
         with torch.no_grad():
             for (component, name), original in self._originals.items():
-                self.components[component].get_parameter(name).copy_(original)
+                weight = self.components[component].get_parameter(name)
+                if _same_layout(weight.data, original):
+                    self._buffers[(component, name)] = weight.data
+                    weight.data = original
+                else:  # the model was moved or cast since: the original's values, in its new place
+                    weight.copy_(original)
         self._originals.clear()
+        if release:
+            self._buffers.clear()
         self.active = []
+
+
+def _small_factors(tensors: Mapping[str, Tensor], out_features: int, strength: float) -> tuple[Tensor, Tensor]:
+    """`lora_factors` in one thread. Each of these small ops split over threads waits for a time slice for
+    the others when the CPU is busy: 528 conversions of a rank-128 LoRA's factors took 1.7-4.2 s on 2 threads
+    of a shared 2-core machine, 0.05 s on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return lora_factors(tensors, out_features, strength)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.stride() == b.stride()
 
 
 def parse_lora_spec(text: str) -> tuple[Path, float]:

@@ -254,10 +254,14 @@ class Pipeline:
         self._merge(self._loras)
         return self
 
-    def unload_lora(self) -> Pipeline:
-        """Take every merged LoRA out: the weights are the checkpoint's again, bit for bit."""
+    def unload_lora(self, release: bool = False) -> Pipeline:
+        """Take every merged LoRA out: the weights are the checkpoint's again, bit for bit. The buffers the
+        merged weights used are kept for the next merge (as much memory as the weights LoRAs changed), unless
+        `release`."""
         self._loras = []
         self._merge([])
+        if release:
+            self.adapters.clear(release=True)
         return self
 
     def _merge(self, adapters: list[tuple[Adapter, float]]) -> None:

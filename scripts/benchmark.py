@@ -15,7 +15,9 @@ Cases (--cases, comma-separated):
                configs/shapes/*.yaml architecture): 64 x 64 images, --steps DDIM steps with guidance
     lora       ours only: reading and merging a kohya LoRA of --lora-rank (fp16 file, every attention,
                feed-forward and projection layer of the U-Net and every text-encoder linear, as kohya's
-               default targets), and the U-Net forward before vs after merging (a ratio, alternating)
+               default targets): the first merge (fresh buffers for the merged weights), later ones (the
+               buffers reused) and unloading; and the U-Net forward before vs after merging (a ratio,
+               alternating)
     sdxl-unet  SDXL base's U-Net forward with its vector input (pooled text + size embeddings), no grad
     sdxl-file  ours only: a full-size random SDXL base file (fp16, original layout, 6.9 GB, written to a
                temporary folder under --workdir and deleted after) loaded in a fresh process in --dtype,
@@ -552,17 +554,20 @@ def lora_case(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
         size = path.stat().st_size
         del tensors
         timed(forward, device)  # warm-up
-        before, after, merges = [], [], []
+        before, after, merges, unloads = [], [], [], []
         for repeat in range(args.repeats):
-            merges.append(timed(lambda: pipe.unload_lora().load_lora(path), device)[0])
+            pipe.unload_lora()  # the inner loop may end merged
+            merges.append(timed(lambda: pipe.load_lora(path), device)[0])
+            unloads.append(timed(pipe.unload_lora, device)[0])
             for merged in (True, False) if repeat % 2 == 0 else (False, True):
                 pipe.load_lora(path) if merged else pipe.unload_lora()
                 timed(forward, device)  # untimed: the first call after gigabytes of weight copies pays for them
                 (after if merged else before).append(timed(forward, device)[0])
     median = {name: statistics.median(values) for name, values in
-              (("merge", merges), ("before", before), ("after", after))}
+              (("merge", merges[1:] or merges), ("unload", unloads), ("before", before), ("after", after))}
     return {"case": f"lora (rank {args.lora_rank}, {len(layers) + len(text)} layers, {size / 2**20:.0f} MiB)",
-            "load+merge ms": f"{1e3 * median['merge']:.0f}", "step before ms": f"{1e3 * median['before']:.1f}",
+            "first load+merge ms": f"{1e3 * merges[0]:.0f}", "load+merge ms": f"{1e3 * median['merge']:.0f}",
+            "unload ms": f"{1e3 * median['unload']:.0f}", "step before ms": f"{1e3 * median['before']:.1f}",
             "step after ms": f"{1e3 * median['after']:.1f}", "ratio": f"{median['after'] / median['before']:.2f}"}
 
 

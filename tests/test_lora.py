@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 from PIL import Image
@@ -79,6 +81,24 @@ def kohya_lora(pipe: Pipeline, seed: int, rank: int = 4, alpha: float = 2.0, tex
     for key, weight in layers:
         down, up = _low_rank(weight, rank, generator)
         tensors |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)}
+    return tensors
+
+
+def kernel_convs(pipe: Pipeline) -> list[tuple[str, nn.Conv2d]]:
+    """The U-Net's k x k convolutions (k > 1), by diffusers name: the layers Tucker forms are for."""
+    return [(theirs, module) for ours, theirs in diffusers_unet_names(pipe.unet).items()
+            if isinstance(module := pipe.unet.get_submodule(ours), nn.Conv2d) and module.kernel_size != (1, 1)]
+
+
+def locon_tucker(pipe: Pipeline, seed: int, rank: int = 3, alpha: float = 2.0) -> dict:
+    """A LyCORIS LoCon with Tucker-decomposed convolutions (`lora_mid`) on the U-Net's k x k convolutions."""
+    generator, tensors = torch.Generator().manual_seed(seed), {}
+    for name, conv in kernel_convs(pipe):
+        key = f"lora_unet_{flat(name)}"
+        tensors |= {f"{key}.lora_down.weight": 0.3 * torch.randn(rank, conv.in_channels, 1, 1, generator=generator),
+                    f"{key}.lora_mid.weight": 0.3 * torch.randn(rank, rank, *conv.kernel_size, generator=generator),
+                    f"{key}.lora_up.weight": 0.3 * torch.randn(conv.out_channels, rank, 1, 1, generator=generator),
+                    f"{key}.alpha": torch.tensor(alpha)}
     return tensors
 
 
@@ -156,6 +176,57 @@ def test_peft_format_matches_diffusers(tmp_path):
     assert relative_error(unet_output(pipe.unet), unet_output(reference, diffusers=True)) < 1e-4
 
 
+@pytest.mark.parametrize("writer", ["diffusers", "peft"])
+def test_peft_alphas_from_the_config_match_peft(writer, tmp_path):
+    """A LoraConfig with alpha != r, rank_pattern and alpha_pattern, saved by diffusers (metadata in the
+    safetensors file) or by PEFT (adapter_config.json beside adapter_model.safetensors): merged as PEFT's
+    modules run, and (diffusers' file) as diffusers' load_lora_into_unet reads it."""
+    pipe = _pipeline("sd2")
+    reference = diffusers_unet(copy.deepcopy(pipe.unet), pipe.spec.autoencoder)
+    config = peft.LoraConfig(r=4, lora_alpha=10, rank_pattern={"proj_in": 2}, init_lora_weights=False,
+                             alpha_pattern={"to_k": 12, r"down_blocks\.1\..*to_v": 0.5},
+                             target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"])
+    torch.manual_seed(8)
+    model = peft.get_peft_model(reference, config).eval()
+    if writer == "peft":
+        model.save_pretrained(str(tmp_path))
+        path = tmp_path / "adapter_model.safetensors"
+    else:
+        layers = {k.removeprefix("base_model.model."): v for k, v in peft.get_peft_model_state_dict(model).items()}
+        StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=layers,
+                                                  unet_lora_adapter_metadata=config.to_dict())
+        path = tmp_path / "pytorch_lora_weights.safetensors"
+        reloaded = diffusers_unet(copy.deepcopy(pipe.unet), pipe.spec.autoencoder)
+        state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
+        StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, reloaded, metadata=metadata)
+    before = unet_output(pipe.unet)
+    pipe.load_lora(path)
+    ours, theirs = unet_output(pipe.unet), unet_output(reference, diffusers=True)
+    assert relative_error(ours, before) > 0.05
+    assert relative_error(ours, theirs) < 1e-4
+    if writer == "diffusers":
+        assert relative_error(ours, unet_output(reloaded, diffusers=True)) < 1e-4
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ("{not json", "lora_adapter_metadata metadata is not JSON (Expecting property name"),
+    ("[4]", "lora_adapter_metadata metadata is not a JSON object but list"),
+    ('{"unet.r": "four"}', 'unet.r must be a whole number >= 1, got "four"'),
+    ('{"unet.lora_alpha": true}', "unet.lora_alpha must be a number, got true"),
+    ('{"unet.rank_pattern": {"to_k": 1.5}}', "unet.rank_pattern must be an object of regexes to whole numbers"),
+    ('{"unet.alpha_pattern": {"(": 2}}', "unet.alpha_pattern must be an object of regexes to numbers"),
+])
+def test_bad_adapter_metadata_fails_in_one_line(metadata, message, tmp_path):
+    pipe = _pipeline("sd2")
+    name = next(theirs for theirs in diffusers_unet_names(pipe.unet).values() if theirs.endswith("attn1.to_k"))
+    path = tmp_path / "bad.safetensors"
+    save_file({f"unet.{name}.lora_A.weight": torch.zeros(2, 32), f"unet.{name}.lora_B.weight": torch.zeros(32, 2)},
+              str(path), metadata={"lora_adapter_metadata": metadata})
+    with pytest.raises(InputError, match=re.escape(message)) as error:
+        pipe.load_lora(path)
+    assert "\n" not in str(error.value) and str(error.value).endswith("fix it or remove it (the scale is 1 without it)")
+
+
 def _peft_layers(config: peft.PeftConfig) -> nn.Module:
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(12, 8), nn.Conv2d(6, 8, 3, padding=1))
@@ -188,6 +259,70 @@ def test_lycoris_deltas_match_peft(kind, alpha, layers):
             assert relative_error(merged(x), layer.base_layer(x)) > 0.01
 
 
+class _TuckerLoCon(nn.Module):
+    """kohya / LyCORIS' LoCon module at inference, from the file's tensors: the base convolution plus the
+    1x1 down, the k x k mid (the base's stride and padding) and the 1x1 up run in sequence, times alpha / rank."""
+
+    def __init__(self, base: nn.Conv2d, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.base, self.t = base, tensors
+        self.scale = tensors["alpha"].item() / tensors["lora_down.weight"].shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.conv2d(x, self.t["lora_down.weight"])
+        h = F.conv2d(h, self.t["lora_mid.weight"], stride=self.base.stride, padding=self.base.padding)
+        return self.base(x) + self.scale * F.conv2d(h, self.t["lora_up.weight"])
+
+
+def test_tucker_locon_matches_its_convolutions_in_sequence(tmp_path):
+    pipe = _pipeline()
+    reference = diffusers_unet(copy.deepcopy(pipe.unet), pipe.spec.autoencoder)
+    tensors = locon_tucker(pipe, seed=7)
+    for name, _ in kernel_convs(pipe):
+        key = f"lora_unet_{flat(name)}."
+        reference.set_submodule(name, _TuckerLoCon(reference.get_submodule(name), {
+            k.removeprefix(key): v for k, v in tensors.items() if k.startswith(key)}))
+    before = unet_output(pipe.unet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every layer is used
+        pipe.load_lora(write(tensors, tmp_path / "locon.safetensors"))
+    ours = unet_output(pipe.unet)
+    assert relative_error(ours, before) > 0.05
+    assert relative_error(ours, unet_output(reference, diffusers=True)) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_tucker_lycoris_matches_peft(kind, tmp_path):
+    """LoHa (hada_t1, hada_t2) and LoKr (lokr_t2) on every k x k convolution of the U-Net, against PEFT's
+    modules with use_effective_conv2d on the diffusers U-Net, on the same tensors."""
+    pipe = _pipeline()
+    reference = diffusers_unet(copy.deepcopy(pipe.unet), pipe.spec.autoencoder)
+    names = [name for name, _ in kernel_convs(pipe)]
+    if kind == "loha":
+        config = peft.LoHaConfig(r=3, alpha=6, target_modules=names, use_effective_conv2d=True, init_weights=False)
+    else:
+        config = peft.LoKrConfig(r=2, alpha=5, target_modules=names, use_effective_conv2d=True, init_weights=False)
+    reference = peft.inject_adapter_in_model(config, reference).eval()
+    tensors = {}
+    for name in names:
+        layer = reference.get_submodule(name)
+        if kind == "loha":  # PEFT's random LoHa changes the output too little to tell
+            with torch.no_grad():
+                layer.hada_w1_a["default"].mul_(8)
+                layer.hada_w2_a["default"].mul_(8)
+        found = _adapter_tensors(layer, ("hada_", "lokr_"))
+        assert ("hada_t1" in found and "hada_t2" in found) if kind == "loha" else "lokr_t2" in found
+        tensors |= {f"lora_unet_{flat(name)}.{k}": v for k, v in found.items()}
+        tensors[f"lora_unet_{flat(name)}.alpha"] = torch.tensor(float(config.alpha))
+    before = unet_output(pipe.unet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.load_lora(write(tensors, tmp_path / f"{kind}.safetensors"))
+    ours = unet_output(pipe.unet)
+    assert relative_error(ours, before) > 0.05
+    assert relative_error(ours, unet_output(reference, diffusers=True)) < 1e-4
+
+
 def test_dora_matches_peft():
     config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["0"], use_dora=True, init_lora_weights=False)
     model = _peft_layers(config)
@@ -204,12 +339,15 @@ def test_dora_matches_peft():
         assert relative_error(merged(x), layer(x)) < 1e-5
 
 
-def test_unload_restores_exactly_and_weights_add_up(tmp_path):
+@pytest.mark.parametrize("tucker", [False, True])
+def test_unload_restores_exactly_and_weights_add_up(tucker, tmp_path):
+    """Strengths add up linearly and unloading restores every weight bit for bit; with `tucker`, the k x k
+    convolutions' LoCon is Tucker-decomposed (lora_mid), and the weight checked is one of them."""
     pipe = _pipeline()
     original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    first = write(kohya_lora(pipe, seed=3, text=False), tmp_path / "first.safetensors")
-    second = write(kohya_lora(pipe, seed=4, text=False), tmp_path / "second.safetensors")
-    name = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    first, second = (write(kohya_lora(pipe, seed=seed, text=False) | (locon_tucker(pipe, seed) if tucker else {}),
+                           tmp_path / f"{seed}.safetensors") for seed in (3, 4))
+    name = f"input_blocks.1.{'0.in_layers.2' if tucker else '1.transformer_blocks.0.attn2.to_k'}.weight"
     deltas = {}
     for path in (first, second):
         pipe.load_lora(path)
@@ -219,6 +357,28 @@ def test_unload_restores_exactly_and_weights_add_up(tmp_path):
     assert torch.allclose(pipe.unet.get_parameter(name), expected, atol=1e-6)
     pipe.unload_lora()
     assert all(torch.equal(v, original[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_unload_hands_back_the_original_tensors_and_keeps_buffers(tmp_path):
+    """Unloading puts the original storage back (no copy); the next merge reuses the merged weights'
+    buffers; release frees them; a model cast while merged gets the originals' values in its new dtype."""
+    pipe = _pipeline()
+    path = write(kohya_lora(pipe, seed=3, text=False), tmp_path / "a.safetensors")
+    weight = pipe.unet.get_parameter("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    original, original_ptr = weight.detach().clone(), weight.data_ptr()
+    pipe.load_lora(path)
+    merged_ptr = weight.data_ptr()
+    assert merged_ptr != original_ptr and not torch.equal(weight, original)
+    pipe.unload_lora()
+    assert weight.data_ptr() == original_ptr and torch.equal(weight, original)
+    pipe.load_lora(path)
+    assert weight.data_ptr() == merged_ptr
+    pipe.unload_lora(release=True)
+    assert not pipe.adapters._buffers
+    pipe.load_lora(path)
+    pipe.unet.double()
+    pipe.unload_lora()
+    assert weight.dtype == torch.float64 and torch.equal(weight, original.double())
 
 
 def test_prompt_tag_merges_the_named_file_and_is_not_encoded(tmp_path):
