@@ -230,7 +230,7 @@ def test_serve_quantizes_every_model_it_loads(random_ckpt):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", INT8_MODES)
 def test_jit_compiled_int8_unet_matches_eager(mode):
-    """torch.compile (with freezing) of the int8 U-Net: about 100 s per mode on 2 busy cores."""
+    """torch.compile (with freezing) of the int8 U-Net: about 40 s per mode on 2 cores."""
     pipe = Pipeline.from_spec(tiny_spec())
     randomize_(pipe.unet, seed=1)
     eager = copy.deepcopy(pipe.unet)
