@@ -27,6 +27,7 @@ from ldm.lora import Adapter, MergedAdapters, find_adapter, parse_lora_spec, rea
 from ldm.memory import available_memory, estimate_memory, format_bytes
 from ldm.precision import stage_dtypes
 from ldm.prompts import Encoded, encode_prompts_pooled
+from ldm.quantize import check_mode, quantize_unet
 from ldm.refiner import RefinerSwitch, switch_timestep
 from ldm.samplers import sample
 from ldm.sampling import FROM_NOISE, StartPoint, StepCallback, randn
@@ -81,6 +82,15 @@ def check_size(height: int, width: int, factor: int) -> None:
                              f"(try {max(factor, round(value / factor) * factor)})")
 
 
+def _unet_adapter(adapters: Sequence[Adapter | tuple[Adapter, float]]) -> Adapter | None:
+    """The first of `adapters` (or (adapter, weight) pairs) that changes a U-Net weight, if any."""
+    for item in adapters:
+        adapter = item[0] if isinstance(item, tuple) else item
+        if any(layer.component == "unet" for layer, _ in adapter.changes):
+            return adapter
+    return None
+
+
 class Pipeline:
     """A loaded text-to-image model: `unet`, `text_encoder`, `autoencoder`, `schedule`, `spec`.
 
@@ -117,6 +127,7 @@ class Pipeline:
         self.context_cache_size = 0
         self._refiner: tuple[Path, Pipeline] | None = None  # the SDXL refiner last asked for, loaded
         self.precision: str | None = None  # the precision name from_checkpoint was given, if any; the refiner's too
+        self.quantize_mode = "off"  # the U-Net's int8 mode (quantize_unet), one of ldm.quantize.QUANTIZE_MODES
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, name: str = "") -> Pipeline:
@@ -165,6 +176,9 @@ class Pipeline:
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
         """Write all weights and the spec to one .safetensors file that `from_checkpoint` reads alone."""
+        if self.quantize_mode != "off":
+            raise InputError(f"the U-Net is quantized ({self.quantize_mode}) and its int8 weights are not "
+                             "safetensors tensors: save the pipeline before quantizing")
         return write_checkpoint(path, self.spec, self.unet.state_dict(), self.autoencoder.state_dict(),
                                 self.text_encoder.state_dict(), metadata)
 
@@ -172,7 +186,12 @@ class Pipeline:
            modules: Sequence[torch.nn.Module] | None = None) -> Pipeline:
         """Move the stages (or `modules` of them); SDXL's autoencoder stays float32 when asked for float16, in
         which its activations overflow (diffusers' `force_upcast` for the same reason)."""
-        for module in modules or (self.unet, self.text_encoder, self.autoencoder):
+        modules = modules or (self.unet, self.text_encoder, self.autoencoder)
+        if self.quantize_mode != "off" and dtype not in (None, self.dtype) and any(m is self.unet for m in modules):
+            # torchao's int8 weights keep the dtype they were made from while the convolutions would change
+            raise InputError(f"the U-Net is quantized ({self.quantize_mode}): choose its precision before "
+                             "quantizing")
+        for module in modules:
             to_dtype = dtype
             if module is self.autoencoder and dtype == torch.float16 and self.spec.family in SDXL_FAMILIES:
                 to_dtype = torch.float32
@@ -217,12 +236,41 @@ class Pipeline:
         some, eager otherwise (nothing is compiled). "off": eager."""
         if mode not in ("jit", "cache", "auto", "off"):
             raise InputError(f"compile mode must be jit, cache, auto or off, got {mode!r}")
+        if self.quantize_mode != "off" and mode in ("cache", "auto"):
+            # The cached programs take the U-Net's weights by name as plain tensors; torchao's int8 weights
+            # are tensor subclasses that export flattens into other names, so no program could use them.
+            if mode == "cache":
+                raise InputError("the compile cache keeps no int8 U-Nets; with --quantize use --compile jit "
+                                 "(txt2img) or off")
+            warnings.warn("the compile cache keeps no int8 U-Nets: the quantized U-Net runs eager (txt2img "
+                          "--compile jit compiles it in this process)", stacklevel=2)
+            mode = "off"
         self.compiled_unet = None
         if mode == "jit":
             compile_for_inference(self.unet)
             self._compiled = True
         elif mode != "off":
             self.compiled_unet = CompiledUNet(self.unet, cache_dir, build=mode == "cache")
+        return self
+
+    def quantize_unet(self, mode: str) -> Pipeline:
+        """int8 Linear weights in the U-Net through torchao (`ldm.quantize`): "int8-weight", "int8-dynamic",
+        or "off" (nothing). Cannot be undone. Quantize after choosing the precision (`to`) and before
+        `compile_unet`. LoRAs that change the U-Net cannot be merged into int8 weights: they are refused
+        while it is quantized, and quantizing is refused while some are merged."""
+        check_mode(mode)
+        if mode == self.quantize_mode:
+            return self
+        if self.quantize_mode != "off":
+            raise InputError(f"the U-Net is already quantized ({self.quantize_mode}); load the checkpoint again "
+                             f"for {mode}")
+        if self._compiled or self.compiled_unet is not None:
+            raise InputError("quantize the U-Net before compiling it (quantize_unet, then compile_unet)")
+        if adapter := _unet_adapter(self.adapters.active):
+            raise InputError(f"the LoRA {adapter.name} is merged into the U-Net, and LoRAs cannot be merged into "
+                             "int8 weights: unload it (unload_lora) before quantizing")
+        quantize_unet(self.unet, mode)
+        self.quantize_mode = mode
         return self
 
     def _sampling_unet(self) -> UNet:
@@ -250,8 +298,9 @@ class Pipeline:
         (`<lora:NAME:WEIGHT>`) or settings list are merged on top of these for their images."""
         loras = [loras] if isinstance(loras, (str, Path)) else list(loras)
         pairs = [item if isinstance(item, tuple) else (item, weight) for item in loras]
-        self._loras = [(self.read_lora(path), float(w)) for path, w in pairs]
-        self._merge(self._loras)
+        adapters = [(self.read_lora(path), float(w)) for path, w in pairs]
+        self._merge(adapters)  # first: a refused set is not kept for later batches
+        self._loras = adapters
         return self
 
     def unload_lora(self, release: bool = False) -> Pipeline:
@@ -268,6 +317,10 @@ class Pipeline:
         if self._traced and [(a.path, w) for a, w in adapters] != [(a.path, w) for a, w in self.adapters.active]:
             raise InputError("the compiled U-Net keeps the weights of its first image: load LoRAs before "
                              "generating with --compile, and keep them the same")
+        if self.quantize_mode != "off" and (adapter := _unet_adapter([a for a, _ in adapters])):
+            raise InputError(f"the LoRA {adapter.name} changes the U-Net, whose weights are int8 (--quantize "
+                             f"{self.quantize_mode}); LoRAs cannot be merged into int8 weights: generate without "
+                             "--quantize to use it")
         self.adapters.set(adapters)
         # Files read stay cached while in use, so a batch after a batch does not read them again.
         self._adapter_files = {k: a for k, a in self._adapter_files.items() if any(a is b for b, _ in adapters)}

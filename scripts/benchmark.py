@@ -18,6 +18,10 @@ Cases (--cases, comma-separated):
                default targets): the first merge (fresh buffers for the merged weights), later ones (the
                buffers reused) and unloading; and the U-Net forward before vs after merging (a ratio,
                alternating)
+    int8       ours only: the U-Net forward (SD 1.5 architecture, --batch, --latent-size) as each of
+               --int8-variants, DTYPE or DTYPE+MODE (ldm.quantize: int8 Linear weights through torchao), all
+               built from one set of weights and interleaved: medians, ratios to the first variant and to
+               the same dtype unquantized, and the output error against the first variant
     sdxl-unet  SDXL base's U-Net forward with its vector input (pooled text + size embeddings), no grad
     sdxl-file  ours only: a full-size random SDXL base file (fp16, original layout, 6.9 GB, written to a
                temporary folder under --workdir and deleted after) loaded in a fresh process in --dtype,
@@ -74,13 +78,15 @@ from ldm.errors import InputError
 from ldm.generate import BUNDLED_CHECKPOINT
 from ldm.pipeline import Pipeline, compile_for_inference
 from ldm.precision import PRECISIONS
+from ldm.quantize import QUANTIZE_MODES, quantize_unet
 from ldm.sd_checkpoint import ModelSpec, join_state_dicts
 from ldm.settings import GenerationSettings
 from ldm.text_encoder import TextEncoder, TextEncoderConfig, sd1, tiny
 from ldm.tiling import tiled_decode
 from ldm.unet import UNetConfig, UNetModel
 
-CASES = ("unet", "train", "vae", "vae-tiled", "txt2img", "shapes", "lora", "sdxl-unet", "sdxl-file")
+CASES = ("unet", "train", "vae", "vae-tiled", "txt2img", "shapes", "lora", "int8", "sdxl-unet", "sdxl-file")
+INT8_VARIANTS = "fp32,fp32+int8-weight,fp32+int8-dynamic,bf16,bf16+int8-weight,bf16+int8-dynamic"
 SHAPES_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "shapes"
 SD_PROMPT = "a photograph of an astronaut riding a horse"
 SHAPES_PROMPT = "a large red circle in the top left on a black background"
@@ -102,6 +108,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cases", default="unet,train,vae,txt2img,shapes", help=f"comma-separated: {', '.join(CASES)}")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the txt2img and shapes cases")
     p.add_argument("--lora-rank", type=int, default=128, help="lora: rank of the LoRA")
+    p.add_argument("--int8-variants", default=INT8_VARIANTS, help="int8: comma-separated U-Nets to time, DTYPE "
+                   "(fp32, fp16, bf16) or DTYPE+MODE (int8-weight, int8-dynamic); the first is the reference "
+                   f"(default {INT8_VARIANTS})")
     p.add_argument("--tile-size", type=int, default=64, help="vae-tiled: tile size in latent pixels")
     p.add_argument("--tile-overlap", type=int, default=16, help="vae-tiled: overlap in latent pixels")
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa", help="our attention backend")
@@ -117,6 +126,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
         raise InputError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    args.int8_variants = [v.strip() for v in args.int8_variants.split(",") if v.strip()]
+    for variant in args.int8_variants:
+        dtype, _, mode = variant.partition("+")
+        if dtype not in PRECISIONS or mode not in ("", *QUANTIZE_MODES):
+            raise InputError(f"--int8-variants: {variant!r} is not DTYPE or DTYPE+MODE (fp32+int8-dynamic)")
     for flag in ("batch", "latent_size", "context_len", "repeats", "steps", "tile_size"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -571,6 +585,38 @@ def lora_case(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
             "step after ms": f"{1e3 * median['after']:.1f}", "ratio": f"{median['after'] / median['before']:.2f}"}
 
 
+def int8_case(args: argparse.Namespace, device: torch.device) -> list[dict[str, str]]:
+    """The U-Net forward as each of --int8-variants, from one set of weights, alternating; a row per variant."""
+    import copy
+
+    base, _ = sd_unet_pair(args)
+    runs, first, outputs = {}, {}, {}
+    for variant in args.int8_variants:
+        name, _, mode = variant.partition("+")
+        dtype = PRECISIONS[name]
+        unet = quantize_unet(copy.deepcopy(base).to(device, dtype), mode or "off")  # before compiling
+        unet = prepare_ours(unet, args)
+        inputs = unet_inputs(args, base.config.context_dim, device, dtype)
+        runs[variant] = torch.no_grad()(lambda unet=unet, inputs=inputs: unet(*inputs))
+        first[variant], _, outputs[variant] = timed(runs[variant], device)  # warm-up; compiles with --compile
+    del base
+    seconds = {variant: [] for variant in runs}
+    for repeat in range(args.repeats):
+        for variant in list(runs)[:: 1 if repeat % 2 == 0 else -1]:
+            seconds[variant].append(timed(runs[variant], device)[0])
+    median = {variant: statistics.median(values) for variant, values in seconds.items()}
+    reference = args.int8_variants[0]
+    rows = []
+    for variant in runs:
+        unquantized = variant.partition("+")[0]
+        rows.append({"case": f"int8: {variant}", "ms": f"{1e3 * median[variant]:.0f}",
+                     f"/ {reference}": f"{median[variant] / median[reference]:.2f}",
+                     "/ unquantized": f"{median[variant] / median[unquantized]:.2f}" if unquantized in median else "-",
+                     "1st ms": f"{1e3 * first[variant]:.0f}",
+                     "error": f"{relative_error(outputs[variant], outputs[reference]):.1e}"})
+    return rows
+
+
 def write_random_sdxl(path: Path) -> None:
     """A full-size SDXL base file in the original layout with random fp16 weights: our U-Net's and autoencoder's
     keys (the layout tests/test_sdxl.py checks against diffusers), CLIP ViT-L as transformers names it, bigG as
@@ -660,6 +706,11 @@ def main(argv: list[str] | None = None) -> None:
           f"repeats {args.repeats}", flush=True)
     rows = []
     for case in args.cases:
+        if case == "int8":
+            rows.extend(int8_case(args, device))
+            print("\n".join(" ".join(f"{k}={v}" for k, v in row.items()) for row in rows[-len(args.int8_variants):]),
+                  flush=True)
+            continue
         if case in ("lora", "sdxl-file"):
             rows.append(lora_case(args, device, dtype) if case == "lora" else sdxl_file_case(args, argv))
         else:

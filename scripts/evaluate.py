@@ -24,6 +24,7 @@ from ldm.evaluation import check_json_path, inception_features, inception_featur
 from ldm.files import write_json
 from ldm.metrics import frechet_distance, psnr
 from ldm.pipeline import Pipeline
+from ldm.quantize import QUANTIZE_MODES
 from ldm.shapes.evaluation import canonical_captions, check_caption
 
 
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fid", action="store_true", help="also compute FID against val images")
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--device", default="auto")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="off", help="int8 Linear weights in the U-Net "
+                   "(txt2img's --quantize; needs torchao), to measure what they cost")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here (replacing the file)")
     args = p.parse_args(argv)
     check_args(args)
@@ -66,9 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     # Loaded before the pipeline runs, so that a missing file stops the evaluation at once, not at its end.
     clip = load_clip(args.clip) if args.clip is not None else None
     inception = inception_features_model(device) if args.fid else None
-    pipe = Pipeline.from_checkpoint(args.ckpt, device=device)
+    pipe = Pipeline.from_checkpoint(args.ckpt, device=device).quantize_unet(args.quantize)
     size = pipe.spec.image_size
-    results: dict[str, object] = {"checkpoint": str(args.ckpt), "steps": args.steps}
+    results: dict[str, object] = {"checkpoint": str(args.ckpt), "steps": args.steps, "quantize": args.quantize}
 
     with torch.no_grad():
         values = [psnr(images, pipe.decode(pipe.encode(images.to(device))).cpu())

@@ -14,6 +14,7 @@ from ldm.cli import COMPILE_MODES, ScriptParser, resolve_device, run_main
 from ldm.errors import InputError
 from ldm.generate import BUNDLED_CHECKPOINT
 from ldm.precision import PRECISION_NAMES
+from ldm.quantize import QUANTIZE_MODES
 from ldm.server.a1111 import Limits
 from ldm.server.app import ServerConfig, create_app
 
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISION_NAMES, default="auto",
                    help="auto = fp16 on GPU; on a CPU bf16 for large models where it has bf16 matrix instructions, "
                    "else fp32; autocast = fp16 on GPU, fp32 on CPU")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="off", help="int8 Linear weights in the U-Net "
+                   "through torchao (pip install torchao; docs/generation.md): int8-weight, or int8-dynamic (int8 "
+                   "activations too); off (default): as loaded")
     p.add_argument("--compile", nargs="?", const="cache", default="auto", choices=COMPILE_MODES,
                    help="compiled U-Net programs kept in the compile cache (docs/generation.md): cache (the flag "
                    "alone) compiles each new image shape once, minutes, for this and later starts; auto (default) "
@@ -70,7 +74,8 @@ def parse_config(argv: list[str] | None) -> tuple[argparse.Namespace, ServerConf
                               embeddings_dir=args.embeddings_dir, auth=auth, max_queue=args.max_queue,
                               max_body_bytes=int(args.max_body_mb * 2**20),
                               limits=Limits(args.max_size, args.max_steps, args.max_images), device=device,
-                              dtype=args.precision, compile=args.compile)
+                              dtype=args.precision, compile=args.compile,
+                              quantize=args.quantize)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,7 @@ from ldm.infotext import model_hash
 from ldm.memory import GIB
 from ldm.pipeline import Pipeline
 from ldm.precision import PRECISION_NAMES
+from ldm.quantize import QUANTIZE_MODES
 
 # Images one run generates (--n_iter x --n_samples x prompts) unless --max_images says more: a typed or
 # pasted --n_iter 1000000000 is refused at once instead of running for days. 1000 is about an hour of
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISION_NAMES, default="auto",
                    help="auto = fp16 on GPU; on a CPU bf16 for large models where it has bf16 matrix instructions, "
                    "else fp32; autocast = fp16 on GPU, fp32 on CPU")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="off", help="int8 Linear weights in the U-Net "
+                   "through torchao (pip install torchao; docs/generation.md): int8-weight, or int8-dynamic (int8 "
+                   "activations too); off (default): as loaded")
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa", help="attention kernels: sdpa, "
                    "xformers (CUDA, if installed), sliced (low memory), math")
     p.add_argument("--vae_tile_size", type=int, default=0, help="decode (and encode) in overlapping tiles of this "
@@ -200,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         pipe.enable_tiling(args.vae_tile_size, args.vae_tile_size // 4)
     if args.channels_last:
         pipe.to_channels_last()
+    pipe.quantize_unet(args.quantize)  # before compiling: the compiled graph takes the int8 weights
     pipe.compile_unet(args.compile, args.compile_cache)
 
     seed, images, checkpoint_hash = settings.seed, [], model_hash(ckpt)

@@ -53,6 +53,7 @@ class ServerConfig:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype | str = torch.float32  # or a precision name, resolved per model (ldm.precision)
     compile: str = "auto"  # Pipeline.compile_unet's mode: compiled programs from the persistent cache
+    quantize: str = "off"  # Pipeline.quantize_unet's mode for every model loaded
 
 
 class RequestFailed(Exception):
@@ -117,7 +118,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     """The server's ASGI app, with its model loaded (a bad checkpoint fails here, before serving); the
     worker starts and stops with the app (uvicorn's lifespan)."""
     engine = Engine(Catalog(config.checkpoint, config.models_dir), config.device, config.dtype, config.lora_dir,
-                    config.embeddings_dir, config.compile)
+                    config.embeddings_dir, config.compile, config.quantize)
     engine.load(engine.checkpoint)
     state: dict[str, Worker] = {}
 

@@ -77,9 +77,10 @@ class Engine:
     """The catalog, the chosen checkpoint (A1111's `sd_model_checkpoint` option) and the loaded model."""
 
     def __init__(self, catalog: Catalog, device: torch.device, dtype: torch.dtype | str, lora_dir: Path | None = None,
-                 embeddings_dir: Path | None = None, compile: str = "off") -> None:
+                 embeddings_dir: Path | None = None, compile: str = "off", quantize: str = "off") -> None:
         self.catalog, self.device, self.dtype = catalog, device, dtype
         self.compile = compile  # Pipeline.compile_unet's mode for every model loaded
+        self.quantize = quantize  # and Pipeline.quantize_unet's, applied first
         self.lora_dir, self.embeddings_dir = lora_dir, embeddings_dir
         self.checkpoint = catalog.default
         self.loaded: tuple[Path, Pipeline] | None = None
@@ -89,6 +90,7 @@ class Engine:
         if self.loaded is None or self.loaded[0] != path:
             self.loaded = None  # the old model's memory is free before the new one loads
             pipe = Pipeline.from_checkpoint(path, device=self.device, dtype=self.dtype).enable_context_cache()
+            pipe.quantize_unet(self.quantize)
             # cache / auto: each shape's program is compiled at most once, kept on disk for later starts
             pipe.compile_unet(self.compile)
             pipe.lora_dir = self.lora_dir
