@@ -242,9 +242,7 @@ class Pipeline:
             if mode == "cache":
                 raise InputError("the compile cache keeps no int8 U-Nets; with --quantize use --compile jit "
                                  "(txt2img) or off")
-            warnings.warn("the compile cache keeps no int8 U-Nets: the quantized U-Net runs eager (txt2img "
-                          "--compile jit compiles it in this process)", stacklevel=2)
-            mode = "off"
+            mode = "off"  # auto: what the cache has, which for an int8 U-Net is nothing, as with an empty cache
         self.compiled_unet = None
         if mode == "jit":
             compile_for_inference(self.unet)

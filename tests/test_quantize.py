@@ -138,8 +138,8 @@ def test_txt2img_quantize_writes_an_image_near_the_float_one(random_ckpt, tmp_pa
         assert code == 0, err
         with Image.open(out.split()[0]) as image:
             pixels[mode] = np.asarray(image, dtype=np.float64)
-    # The default --compile auto has no cached int8 programs: said in one line, then eager.
-    assert "warning: the compile cache keeps no int8 U-Nets: the quantized U-Net runs eager" in err
+    # The default --compile auto has no cached int8 programs, as with an empty cache: eager, nothing to say.
+    assert "warning" not in err, err
     difference = np.abs(pixels["int8-dynamic"] - pixels["off"])
     assert 0 < difference.mean() < 1, difference.mean()  # 8-bit levels: a few pixels move by one or two
 
@@ -204,8 +204,9 @@ def test_compiling_quantizing_saving_and_casting_in_the_wrong_order_are_refused(
         pipe.quantize_unet("int8-dynamic")
     with pytest.raises(InputError, match="the compile cache keeps no int8 U-Nets; with --quantize use --compile jit"):
         pipe.compile_unet("cache", tmp_path)
-    with pytest.warns(UserWarning, match="the compile cache keeps no int8 U-Nets: the quantized U-Net runs eager"):
-        pipe.compile_unet("auto", tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.compile_unet("auto", tmp_path)  # eager, as with an empty cache
     assert pipe.compiled_unet is None and not list(tmp_path.iterdir())
     with pytest.raises(InputError, match="choose its precision before quantizing"):
         pipe.to(dtype=torch.bfloat16)
