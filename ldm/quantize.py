@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from ldm.errors import InputError
 
 QUANTIZE_MODES = ("off", "int8-weight", "int8-dynamic")
-# torchao's int8 linear kernels: CPU (fp32, bf16, fp16 checked in tests/test_quantize.py) and CUDA, its
-# main target; on others (MPS, XPU) the dynamic mode's integer matmul is not there.
-QUANTIZE_DEVICES = ("cpu", "cuda")
 
 
 def _torchao_configs() -> dict[str, type]:
@@ -59,17 +57,32 @@ def quantize_unet(unet: nn.Module, mode: str) -> nn.Module:
     check_mode(mode)
     if mode == "off":
         return unet
-    device = next(unet.parameters()).device
-    if device.type not in QUANTIZE_DEVICES:
-        raise InputError(f"int8 quantization runs on {' and '.join(QUANTIZE_DEVICES)}, not {device.type}; "
-                         "use --device cpu or leave out --quantize")
-    config = _torchao_configs()[mode]
-    from torchao.quantization import quantize_
-
+    weight = next(unet.parameters())
     # set_inductor_config=False: torchao would otherwise switch on process-wide inductor settings (coordinate
     # descent tuning) that slow every later compile and are never restored.
-    quantize_(unet, config(set_inductor_config=False), filter_fn=_is_linear)
+    config = _torchao_configs()[mode](set_inductor_config=False)
+    _check_kernels(config, mode, weight.device, weight.dtype)
+    from torchao.quantization import quantize_
+
+    quantize_(unet, config, filter_fn=_is_linear)
     return unet
+
+
+def _check_kernels(config: object, mode: str, device: torch.device, dtype: torch.dtype) -> None:
+    """InputError unless torchao's kernels for `config` run on `device` in `dtype`, tried on one small layer:
+    CPU (fp32, bf16, fp16: tests/test_quantize.py) and CUDA have them; on other backends the dynamic mode's
+    integer matmul may be missing, which would otherwise surface deep inside the first sampling step."""
+    from torchao.quantization import quantize_
+
+    probe = nn.Linear(32, 32).to(device, dtype)
+    try:
+        quantize_(probe, config)
+        with torch.no_grad():
+            probe(torch.zeros(2, 32, device=device, dtype=dtype))
+    except (RuntimeError, NotImplementedError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"torchao's {mode} kernels do not run on {device.type} in {dtype} ({reason}); "
+                         "use --device cpu or leave out --quantize") from None
 
 
 def quantized_weights(module: nn.Module) -> int:

@@ -103,6 +103,20 @@ def test_unknown_mode_is_one_line(tiny_pipeline, capsys):
     assert all(mode in err for mode in QUANTIZE_MODES) and err.endswith(") (see --help)\n")
 
 
+def test_a_backend_without_the_kernels_is_one_line_and_leaves_the_unet_float(tiny_pipeline, monkeypatch):
+    """Where torchao's int8 matmul is missing (simulated: every Linear call fails as it would there), the
+    probe layer says so before any U-Net weight changes."""
+    def missing(self, x):
+        raise NotImplementedError("Could not run 'aten::_int_mm' with arguments from the 'X' backend.\nmore")
+
+    monkeypatch.setattr(nn.Linear, "forward", missing)
+    message = ("torchao's int8-dynamic kernels do not run on cpu in torch.float32 (Could not run 'aten::_int_mm' "
+               "with arguments from the 'X' backend.); use --device cpu or leave out --quantize")
+    with pytest.raises(InputError, match=f"^{re.escape(message)}$"):
+        tiny_pipeline.quantize_unet("int8-dynamic")
+    assert quantized_weights(tiny_pipeline.unet) == 0 and tiny_pipeline.quantize_mode == "off"
+
+
 def test_ldm_imports_and_runs_float_without_torchao():
     code = ("import sys; sys.modules['torchao'] = None\n"
             "import ldm.pipeline, ldm.quantize, ldm.server.engine\n"
