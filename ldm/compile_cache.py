@@ -59,8 +59,12 @@ def program_key(module: torch.nn.Module, inputs: tuple[torch.Tensor | None, ...]
                             "class": type(module).__qualname__, "config": repr(getattr(module, "config", None)),
                             "inputs": [None if x is None else (tuple(x.shape), str(x.dtype), str(x.device))
                                        for x in inputs]}
-    if any(x is not None and x.device.type == "cuda" for x in inputs):
-        meta["cuda"] = (torch.version.cuda, torch.cuda.get_device_capability())
+    accelerator = next((x.device for x in inputs if x is not None and x.device.type != "cpu"), None)
+    if accelerator is not None:  # its toolkit version and compute capability, where torch names them
+        backend = getattr(torch, accelerator.type, None)  # torch.cuda, torch.xpu, torch.mps
+        capability = getattr(backend, "get_device_capability", None)
+        meta["accelerator"] = (accelerator.type, getattr(torch.version, accelerator.type, None),
+                               capability(accelerator) if capability else None)
     h.update(json.dumps(meta, sort_keys=True).encode())
     for name, t in module.state_dict().items():
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.device.type};".encode())
