@@ -82,13 +82,10 @@ def check_size(height: int, width: int, factor: int) -> None:
                              f"(try {max(factor, round(value / factor) * factor)})")
 
 
-def _unet_adapter(adapters: Sequence[Adapter | tuple[Adapter, float]]) -> Adapter | None:
-    """The first of `adapters` (or (adapter, weight) pairs) that changes a U-Net weight, if any."""
-    for item in adapters:
-        adapter = item[0] if isinstance(item, tuple) else item
-        if any(layer.component == "unet" for layer, _ in adapter.changes):
-            return adapter
-    return None
+def _unet_adapter(adapters: Sequence[tuple[Adapter, float]]) -> Adapter | None:
+    """The first adapter of (adapter, weight) pairs that changes a U-Net weight, if any."""
+    return next((adapter for adapter, _ in adapters if any(layer.component == "unet" for layer, _ in adapter.changes)),
+                None)
 
 
 class Pipeline:
@@ -315,7 +312,7 @@ class Pipeline:
         if self._traced and [(a.path, w) for a, w in adapters] != [(a.path, w) for a, w in self.adapters.active]:
             raise InputError("the compiled U-Net keeps the weights of its first image: load LoRAs before "
                              "generating with --compile, and keep them the same")
-        if self.quantize_mode != "off" and (adapter := _unet_adapter([a for a, _ in adapters])):
+        if self.quantize_mode != "off" and (adapter := _unet_adapter(adapters)):
             raise InputError(f"the LoRA {adapter.name} changes the U-Net, whose weights are int8 (--quantize "
                              f"{self.quantize_mode}); LoRAs cannot be merged into int8 weights: generate without "
                              "--quantize to use it")
