@@ -12,7 +12,7 @@ from typing import NoReturn
 
 import torch
 
-from ldm.errors import InputError
+from ldm.errors import InputError, first_line
 
 # Pipeline.compile_unet's persistent modes, as --compile offers them (txt2img adds "jit").
 COMPILE_MODES = ("off", "auto", "cache")
@@ -27,7 +27,7 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        raise InputError(f"device {name!r} is not usable here ({str(e).splitlines()[0]}); try --device cpu") from None
+        raise InputError(f"device {name!r} is not usable here ({first_line(e)}); try --device cpu") from None
     if device.type == "meta":  # tensors of shapes without values: every model step runs, nothing comes out
         raise InputError(f"device {name!r} is not usable here (meta tensors hold no values); try --device cpu")
     return device

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from ldm.errors import first_line
+
 FORMAT = 1  # bump when what an entry holds changes
 
 
@@ -137,7 +139,7 @@ class CompiledUNet:
             return self._load(path, state)
         except Exception as e:  # e.g. a torch that folds weights into constants of its own: eager, said once
             warnings.warn(f"the compiled U-Net {path} does not run with this module's weights "
-                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); running eager", stacklevel=3)
+                          f"({first_line(e)}); running eager", stacklevel=3)
             path.unlink(missing_ok=True)
             return None
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ldm.errors import InputError
+from ldm.errors import InputError, first_line
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 
@@ -30,9 +30,8 @@ def read_embedding(path: Path) -> dict[str, Tensor]:
         raise InputError(f"cannot read the embedding {path}: it holds objects other than tensors, which would run "
                          "code to load (refused: nothing in it was run)") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot read the embedding {path}: {reason} (truncated, or not a plain-tensor file; "
-                         "nothing in it was run)") from None
+        raise InputError(f"cannot read the embedding {path}: {first_line(e)[:200]} (truncated, or not a plain-tensor "
+                         "file; nothing in it was run)") from None
     if isinstance(data, dict) and isinstance(data.get("clip_l"), Tensor) and isinstance(data.get("clip_g"), Tensor):
         sets = {"clip_l": data["clip_l"], "clip_g": data["clip_g"]}
     else:

@@ -12,6 +12,13 @@ def with_article(noun: str) -> str:
     return f"{'an' if noun.startswith(tuple('aeiou')) else 'a'} {noun}"
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when the message is empty: what a one-line
+    error quotes of a failure deep inside a library."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def excerpt(text: str, limit: int = 60) -> str:
     """`text` quoted, its start only when it is longer than `limit` characters: a message that quotes a
     caption or prompt stays one short line."""

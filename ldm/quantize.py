@@ -20,7 +20,7 @@ import logging
 import torch
 from torch import nn
 
-from ldm.errors import InputError
+from ldm.errors import InputError, first_line
 
 QUANTIZE_MODES = ("off", "int8-weight", "int8-dynamic")
 
@@ -80,12 +80,10 @@ def _check_kernels(config: object, mode: str, device: torch.device, dtype: torch
         with torch.no_grad():
             probe(torch.zeros(2, 32, device=device, dtype=dtype))
     except (RuntimeError, NotImplementedError, TypeError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"torchao's {mode} kernels do not run on {device.type} in {dtype} ({reason}); "
+        raise InputError(f"torchao's {mode} kernels do not run on {device.type} in {dtype} ({first_line(error)}); "
                          "use --device cpu or leave out --quantize") from None
 
 
 def quantized_weights(module: nn.Module) -> int:
     """How many of `module`'s parameters are torchao tensor subclasses (0: not quantized)."""
     return sum(type(p).__module__.startswith("torchao.") for p in module.parameters())
-

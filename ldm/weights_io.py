@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ldm.errors import InputError, with_article
+from ldm.errors import InputError, first_line, with_article
 from ldm.files import atomic_write
 
 
@@ -40,8 +40,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt or unsafe pickles
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot read {path}: {reason[:300]} (truncated, corrupt or not a plain-tensor "
+        raise InputError(f"cannot read {path}: {first_line(e)[:300]} (truncated, corrupt or not a plain-tensor "
                          f"checkpoint; convert trusted files to .safetensors)") from None
     state_dict = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state_dict, dict):
