@@ -264,6 +264,7 @@ SCRIPT_CASES = [
     ("evaluate", ["--ckpt", "@ckpt", "--num_heldout", "-1"], "--num_heldout must be >= 0"),
     ("evaluate", ["--ckpt", "@ckpt", "--steps", "0"], "--steps must be >= 1"),
     ("evaluate", ["--ckpt", "@ckpt", "--scales", "5", "-1"], "--scales must be >= 0"),
+    ("evaluate", ["--ckpt", "@ckpt", "--vae", "@tmp/absent.safetensors"], "VAE not found"),
     ("evaluate", ["--ckpt", "@ckpt", "--batch_size", "x"], "invalid int value: 'x'"),
     ("evaluate", ["--ckpt", "@ckpt", "--device", "nodevice"], "device 'nodevice' is not usable here"),
     ("evaluate", ["--ckpt", "@ckpt", "--out", "@blocker/results.json"], "--out: cannot write to output folder"),

@@ -3,6 +3,7 @@ Fréchet distance, PSNR."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ldm.cli import run_main
 from ldm.data.loader import to_tensor
@@ -41,9 +43,11 @@ from ldm.shapes.evaluation import (
     most_drawn_color,
     negative_prompt_effect,
 )
+from ldm.weights_io import convert_to_safetensors
 from tests.conftest import randomize_, tiny_spec
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
 import check_autoencoder  # noqa: E402
 import evaluate_samplers  # noqa: E402
 
@@ -465,3 +469,37 @@ def test_evaluate_samplers_bad_input(tmp_path, capsys, argv, match):
     argv = [{"MISSING": str(tmp_path / "none.safetensors"), "TMP": str(tmp_path)}.get(a, a) for a in argv]
     assert run_main(evaluate_samplers.main, argv) == 1
     assert match in capsys.readouterr().err
+
+
+def test_evaluate_script_writes_every_figure_of_the_model_card(random_ckpt, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("script_evaluate", ROOT / "scripts" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    out = tmp_path / "eval.json"
+    argv = ["--ckpt", str(random_ckpt), "--num_psnr", "6", "--num_prompts", "6", "--num_heldout", "2", "--steps",
+            "2", "--scales", "5", "--batch_size", "3", "--out", str(out)]
+    assert run_main(evaluate.main, argv) == 0
+    results = json.loads(out.read_text())
+    assert 0 <= results["autoencoder_keep_rate_val_6"] <= 1 and results["autoencoder_psnr_val_6"] > 0
+    assert {"rendered", "decoded"} <= results["autoencoder_sharpness_val_6"].keys()
+    rendered = results["autoencoder_sharpness_val_6"]["rendered"]
+    assert sum(group["n"] for group in rendered.values()) == 6
+    assert set(results["prompt_following_val_6_scale_5"]) >= {"all", "shape", "color"}
+    assert "prompt_following_heldout_2_scale_5" in results and "sharpness_val_6_scale_5" in results
+
+
+def test_compare_decoders_grid_has_a_row_per_rendering_reconstruction_and_generation(random_ckpt, tmp_path):
+    spec = importlib.util.spec_from_file_location("script_compare_decoders", ROOT / "scripts" / "compare_decoders.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    out, half = tmp_path / "grid.png", tmp_path / "half.safetensors"
+    convert_to_safetensors(random_ckpt, half, torch.float16)  # a float16 file lends its VAE too
+    argv = ["--ckpt", str(random_ckpt), "--vae", str(half), "--vae", str(half), "--out", str(out),
+            "--num_shapes", "2", "--zoom", "2"]
+    assert run_main(compare.main, argv) == 0
+    cell = compare.CROP * 2
+    grid = Image.open(out)
+    assert grid.size == (2 * cell, 5 * cell)
+    rows = [grid.crop((0, row * cell, 2 * cell, (row + 1) * cell)).tobytes() for row in range(5)]
+    assert rows[1] == rows[2] and rows[3] == rows[4] and rows[0] != rows[1]  # the same VAE twice
+    assert run_main(compare.main, [*argv[:4], str(tmp_path / "absent.safetensors"), *argv[6:]]) == 1

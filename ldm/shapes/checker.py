@@ -65,7 +65,7 @@ _CAPTION_PATTERN = re.compile(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Measurements:
     """What `measure` sees; lengths in px at 64 x 64. Object fields are None when none is found."""
 
@@ -74,6 +74,8 @@ class Measurements:
     bbox: tuple[int, int, int, int] | None = None  # left, top, right, bottom (exclusive)
     top_share: float | None = None  # top-quarter mass / (top- + bottom-quarter mass)
     corner_fill: float | None = None  # mean coverage of the four corner patches of the box
+    # (64, 64) coverage in [0, 1] near the object (its region grown by 2 px), 0 elsewhere
+    coverage: np.ndarray | None = None
 
 
 def parse_caption(caption: str) -> dict[str, str]:
@@ -170,12 +172,14 @@ def measure(image: Image.Image | np.ndarray) -> Measurements:
     x = (np.arange(right - left) + 0.5) / (right - left)
     top_mass, bottom_mass = box[y < 0.25].sum(), box[y > 0.75].sum()
     corners = np.outer(np.abs(y - 0.5) > 0.25, np.abs(x - 0.5) > 0.25)
+    near = _spread(_spread(region, np.logical_or), np.logical_or)
     return Measurements(
         background_rgb=tuple(background),
         object_rgb=tuple(object_rgb),
         bbox=(int(left), int(top), int(right), int(bottom)),
         top_share=float(top_mass / max(top_mass + bottom_mass, 1e-9)),
         corner_fill=float(box[corners].mean()),
+        coverage=np.where(near, np.clip(alpha, 0.0, 1.0), 0.0),
     )
 
 

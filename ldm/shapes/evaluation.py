@@ -1,5 +1,6 @@
 """Evaluations that read shapes-v1 images with the pixel-rule checker: the prompt-following plug-in
-(`check_caption`), colours under a negative prompt, what img2img and the autoencoder keep."""
+(`check_caption`), colours under a negative prompt, what img2img and the autoencoder keep, how sharp
+shapes come out."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from ldm.errors import InputError
 from ldm.images import to_pil
 from ldm.pipeline import Pipeline
 from ldm.shapes.checker import check, parse_caption, read_attributes
-from ldm.shapes.dataset import ATTRIBUTES, VOCABULARY, canonical_caption, render, sample_attributes
+from ldm.shapes.dataset import ATTRIBUTES, VOCABULARY, ShapeSample, canonical_caption, render, sample_attributes
+from ldm.shapes.sharpness import sharpness
 
 Images = Sequence[Image.Image | np.ndarray]
 
@@ -107,24 +109,57 @@ def autoencoder_keep_rates(pipe: Pipeline, num_samples: int = 100, batch_size: i
     return attributes_kept(inputs, outputs)
 
 
+def _samples(split: str, start: int, stop: int) -> list[ShapeSample]:
+    return [sample_attributes(split, k)[0] for k in range(start, stop)]
+
+
 @torch.no_grad()
+def _reconstructions(autoencoder: AutoencoderKL, samples: Sequence[ShapeSample]) -> list[Image.Image]:
+    """Renderings of `samples` encoded (posterior mean) and decoded."""
+    parameter = next(autoencoder.parameters())
+    images = torch.stack([to_tensor(render(sample)) for sample in samples]).to(parameter)
+    return to_pil(autoencoder.decode(autoencoder.encode(images).mean))
+
+
 def erased_shares(autoencoder: AutoencoderKL, num_samples: int = 500, batch_size: int = 100,
                   split: str = "val") -> dict[str, float]:
     """Per "<colour> on <background>" group of the first `num_samples` images of `split`, the share that comes
     back from encoding (posterior mean) and decoding with no object the checker can read. A stage-1 autoencoder
     can map a whole group onto its plain background (ldm/weights/MODEL_CARD.md, on the training seeds)."""
-    parameter = next(autoencoder.parameters())
     erased: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
     for start in range(0, num_samples, batch_size):
-        samples = [sample_attributes(split, k)[0] for k in range(start, min(start + batch_size, num_samples))]
-        images = torch.stack([to_tensor(render(sample)) for sample in samples]).to(parameter)
-        decoded = to_pil(autoencoder.decode(autoencoder.encode(images).mean))
-        for sample, image in zip(samples, decoded, strict=True):
+        samples = _samples(split, start, min(start + batch_size, num_samples))
+        for sample, image in zip(samples, _reconstructions(autoencoder, samples), strict=True):
             group = f"{sample.color} on {sample.background}"
             total[group] += 1
             erased[group] += read_attributes(image)["color"] is None
     return {group: erased[group] / total[group] for group in sorted(total)}
+
+
+def sharpness_by_group(images: Images, samples: Sequence[ShapeSample]) -> dict[str, dict[str, float]]:
+    """Median `ldm.shapes.sharpness.sharpness` per "<size> <shape>" group of `samples` (the attributes each image
+    should show), over the images the checker reads with that shape and size (`n` of them): a circle drawn
+    square is a prompt-following miss, not a blunt circle."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for image, sample in zip(images, samples, strict=True):
+        found = read_attributes(image)
+        if found["shape"] == sample.shape and found["size"] == sample.size:
+            value = sharpness(image, sample.shape)
+            if value is not None:
+                values[f"{sample.size} {sample.shape}"].append(value)
+    return {group: {"median": float(np.median(values[group])), "n": len(values[group])} for group in sorted(values)}
+
+
+def autoencoder_sharpness(autoencoder: AutoencoderKL, num_samples: int = 500, batch_size: int = 100,
+                          split: str = "val") -> dict[str, dict[str, dict[str, float]]]:
+    """`sharpness_by_group` of the first `num_samples` renderings of `split` (`rendered`) and of their
+    reconstructions (`decoded`)."""
+    samples = _samples(split, 0, num_samples)
+    decoded = [image for start in range(0, num_samples, batch_size)
+               for image in _reconstructions(autoencoder, samples[start : start + batch_size])]
+    return {"rendered": sharpness_by_group([render(sample) for sample in samples], samples),
+            "decoded": sharpness_by_group(decoded, samples)}
 
 
 def img2img_keep_rates(pipe: Pipeline, num_samples: int = 100, strengths: Sequence[float] = (0.3, 0.6, 0.9),
