@@ -11,7 +11,8 @@ Generator (autoencoder) step, for images x and reconstructions x_rec, both (B, C
 with a learned scalar `logvar` and the adaptive weight
 `d_weight = disc_weight * clamp(|grad nll| / (|grad g_loss| + 1e-4), 0, 1e4)`, both gradients taken with
 respect to the decoder's last layer. Discriminator step: `disc_factor * hinge(D(x), D(x_rec))`.
-`disc_factor` is 0 before step `disc_start`, so the autoencoder first trains on the reconstruction alone.
+`disc_factor` is 0 before step `disc_start`, so the autoencoder first trains on the reconstruction alone;
+the discriminator may start `disc_warmup` steps earlier (ours; 0 in the original).
 
 Parameter names (`logvar`, `discriminator.main.*`) follow the original's `loss.*` checkpoint keys.
 """
@@ -53,6 +54,10 @@ class AutoencoderLossConfig:
     # Measured on shapes-v1 for decoder fine-tuning; from scratch on crops (weight 3) the autoencoder
     # learned to draw the background alone.
     edge_weight: float = 0.0
+    # Not in the original: steps before `disc_start` in which the discriminator trains alone, so that a fresh
+    # one has learnt something by the time the decoder follows its gradients (fine-tuning a decoder that
+    # already reconstructs well, where it starts out unable to tell the two apart).
+    disc_warmup: int = 0
 
     @classmethod
     def from_dict(cls, params: dict) -> AutoencoderLossConfig:
@@ -154,9 +159,11 @@ class AutoencoderLoss(nn.Module):
             self.perceptual_loss.eval()
         return self
 
-    def disc_factor(self, step: int) -> float:
-        """Weight of both adversarial losses at training step `step`: 0 before `disc_start`."""
-        return self.config.disc_factor if step >= self.config.disc_start else 0.0
+    def disc_factor(self, step: int, discriminator: bool = False) -> float:
+        """Weight of the generator's adversarial loss at training step `step` (of the discriminator's with
+        `discriminator`): 0 before `disc_start` (`disc_start - disc_warmup`)."""
+        start = self.config.disc_start - (self.config.disc_warmup if discriminator else 0)
+        return self.config.disc_factor if step >= start else 0.0
 
     def adaptive_weight(self, nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
         """disc_weight * ||d nll / d last_layer|| / (||d g_loss / d last_layer|| + 1e-4), clamped to [0, 1e4];
@@ -213,11 +220,12 @@ class AutoencoderLoss(nn.Module):
         """Hinge loss of the discriminator (scalar, gradients reach the discriminator only) and scalar logs.
 
         images, reconstructions: (B, C, H, W); real and fake batches go through separately, so that each
-        gets its own batch-norm statistics. Before `disc_start` the loss is 0 (still differentiable).
+        gets its own batch-norm statistics. Before `disc_start - disc_warmup` the loss is 0 (still
+        differentiable).
         """
         logits_real = self.discriminator(images.detach())
         logits_fake = self.discriminator(reconstructions.detach())
-        disc_factor = self.disc_factor(step)
+        disc_factor = self.disc_factor(step, discriminator=True)
         loss = disc_factor * hinge_loss(logits_real, logits_fake)
         logs = {
             "disc_loss": loss.detach(),

@@ -30,7 +30,7 @@ from ldm.config import config_dict, config_kwargs
 from ldm.errors import InputError
 from ldm.text_encoder import PRESETS, TextEncoderConfig, hf_clip_text_to_open_clip, open_clip_to_hf_clip_text
 from ldm.unet import UNetConfig
-from ldm.weights_io import save_atomic
+from ldm.weights_io import read_checkpoint, save_atomic
 
 UNET_PREFIX = "model.diffusion_model."
 AUTOENCODER_PREFIX = "first_stage_model."
@@ -369,6 +369,24 @@ def autoencoder_file(state_dict: dict[str, torch.Tensor], path: str | Path) -> d
     if not any(key.startswith("decoder.") for key in weights):
         raise InputError(f"{path} holds no autoencoder (no decoder.* keys); pass a VAE file")
     return weights
+
+
+def replace_autoencoder(state_dict: dict[str, torch.Tensor], vae: str | Path) -> dict[str, torch.Tensor]:
+    """A whole checkpoint with its autoencoder replaced by the VAE file `vae` (A1111's "bake in VAE"): every
+    first_stage_model.* tensor, key for key and shape for shape, so that the file still loads strictly."""
+    weights = autoencoder_file(read_checkpoint(vae)[0], vae)
+    replacement = {AUTOENCODER_PREFIX + key: value for key, value in weights.items()}
+    current = {key for key in state_dict
+               if key.startswith(AUTOENCODER_PREFIX) and not key.startswith(AUTOENCODER_PREFIX + "loss.")}
+    if not current:
+        raise InputError("the checkpoint has no autoencoder (first_stage_model.*) to replace; pass a whole checkpoint")
+    wrong = sorted(current ^ replacement.keys()) or sorted(
+        key for key in current if state_dict[key].shape != replacement[key].shape)
+    if wrong:
+        raise InputError(f"{vae} does not fit the checkpoint's autoencoder ({len(wrong)} keys differ, e.g. "
+                         f"{wrong[0]}); pass a VAE of the same architecture")
+    kept = {key: value for key, value in state_dict.items() if not key.startswith(AUTOENCODER_PREFIX)}
+    return {**kept, **replacement}
 
 
 def join_state_dicts(unet: dict, autoencoder: dict, text_encoder: dict,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -63,9 +64,11 @@ def save_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: di
     return path
 
 
-def convert_to_safetensors(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
+def convert_to_safetensors(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None,
+                           edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> Path:
     """Write a .safetensors copy of a checkpoint (e.g. a pickled .ckpt), keeping its metadata;
-    with `dtype` (e.g. torch.float16, half the size) its floating-point tensors are cast.
+    with `dtype` (e.g. torch.float16, half the size) its floating-point tensors are cast, after `edit`
+    (e.g. `ldm.sd_checkpoint.replace_autoencoder`) has changed the state dict.
 
     The source is read with `read_checkpoint`, so a pickle that tries to run code is refused.
     """
@@ -73,6 +76,8 @@ def convert_to_safetensors(src: str | Path, dst: str | Path, dtype: torch.dtype 
     if dst.suffix != ".safetensors":
         raise InputError(f"the converted file must end in .safetensors, got {dst}")
     state_dict, metadata = read_checkpoint(src)
+    if edit is not None:
+        state_dict = edit(state_dict)
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     return save_atomic(dst, state_dict, metadata)

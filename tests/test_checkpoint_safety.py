@@ -12,9 +12,12 @@ import torch
 from safetensors import safe_open
 
 from ldm import weights_io
+from ldm.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.cli import run_main
 from ldm.errors import InputError
+from ldm.pipeline import Pipeline
 from ldm.weights_io import convert_to_safetensors, read_checkpoint, save_atomic
+from tests.conftest import randomize_, tiny_spec
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 import convert_checkpoint  # noqa: E402
@@ -79,6 +82,32 @@ def test_convert_to_half_precision_casts_only_floats(tmp_path):
     assert converted["w"].dtype == torch.float16 and torch.equal(converted["w"], tensors["w"].half())
     assert torch.equal(converted["ids"], tensors["ids"]) and metadata == {"config": "{}"}
     assert dst.stat().st_size < src.stat().st_size
+
+
+def test_convert_bakes_a_vae_into_the_checkpoint(tmp_path, capsys):
+    """--vae replaces every first_stage_model.* tensor and nothing else; the result loads without --vae."""
+    src, vae, dst = tmp_path / "model.safetensors", tmp_path / "vae.safetensors", tmp_path / "baked.safetensors"
+    Pipeline.from_spec(tiny_spec()).save(src)
+    other = randomize_(Pipeline.from_spec(tiny_spec()).autoencoder, seed=3)
+    save_atomic(vae, other.state_dict(), {})
+    assert run_main(convert_checkpoint.main, [str(src), str(dst), "--vae", str(vae)]) == 0
+    before, baked = read_checkpoint(src)[0], read_checkpoint(dst)[0]
+    assert before.keys() == baked.keys()
+    for key, value in baked.items():
+        expected = other.state_dict()[key.removeprefix("first_stage_model.")] if key.startswith(
+            "first_stage_model.") else before[key]
+        assert torch.equal(value, expected), key
+    pipe = Pipeline.from_checkpoint(dst)
+    assert all(torch.equal(a, b) for a, b in zip(pipe.autoencoder.state_dict().values(),
+                                                  other.state_dict().values(), strict=True))
+
+    other_shape = AutoencoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, resolution=64)
+    save_atomic(vae, AutoencoderKL(other_shape).state_dict(), {})
+    capsys.readouterr()
+    assert run_main(convert_checkpoint.main, [str(src), str(tmp_path / "bad.safetensors"), "--vae", str(vae)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "does not fit the checkpoint's autoencoder" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_convert_refuses_bad_input_in_one_line(tmp_path, capsys):

@@ -70,6 +70,16 @@ def test_loss_before_disc_start_is_l1_nll_plus_kl():
     assert logs["disc_factor"] == 0 and logs["g_loss"] == 0 and logs["d_weight"] == 0
 
 
+def test_discriminator_warms_up_alone_before_disc_start():
+    images, reconstructions, posterior = random_batch(seed=2)
+    loss_fn = AutoencoderLoss(no_perceptual(disc_start=10, disc_warmup=4, disc_num_layers=1))
+    for step, generator_on, discriminator_on in ((5, False, False), (6, False, True), (10, True, True)):
+        with torch.no_grad():
+            _, logs = loss_fn.generator_loss(images, reconstructions, posterior, step=step, last_layer=images)
+        d_loss, _ = loss_fn.discriminator_loss(images, reconstructions, step=step)
+        assert (logs["disc_factor"] > 0) == generator_on and (d_loss > 0) == discriminator_on, step
+
+
 def test_edge_term_adds_l1_of_neighbour_differences():
     images, reconstructions, posterior = random_batch(seed=2)
     plain = AutoencoderLoss(no_perceptual(kl_weight=0.0))

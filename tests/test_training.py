@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -25,11 +27,12 @@ from ldm.pipeline import Pipeline
 from ldm.schedule import NoiseSchedule
 from ldm.shapes.dataset import write_shards
 from ldm.text_encoder import TextEncoder, TextEncoderConfig
-from ldm.training.autoencoder import train_autoencoder
-from ldm.training.common import Checkpoints, TrainingRun, load_stage
+from ldm.training.autoencoder import AutoencoderStage, train_autoencoder
+from ldm.training.common import Checkpoints, TrainingRun, load_stage, make_accelerator
 from ldm.training.config import TrainConfig
 from ldm.training.diffusion import DiffusionConfig, LatentCache, draw_timesteps, drop_captions, train_diffusion
-from ldm.weights_io import save_module
+from ldm.weights_io import convert_to_safetensors, save_atomic, save_module
+from tests.conftest import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = {"batch_size": 4, "log_every": 1, "sample_every": 1000, "checkpoint_every": 2, "learning_rate": 1e-3}
@@ -96,6 +99,68 @@ def test_decoder_fine_tune_keeps_the_encoder_and_scale_factor(stages, tmp_path):
     assert torch.equal(start.encode(images).mean, tuned.encode(images).mean)
 
 
+def test_adversarial_phase_moves_both_losses_with_a_finite_adaptive_weight(tmp_path, monkeypatch):
+    logged: dict[int, dict[str, float]] = {}
+    monkeypatch.setattr("accelerate.Accelerator.log",
+                        lambda self, values, step=None, **kwargs: logged.update({step: values}))
+    config = vae_config(tmp_path / "gan")
+    config["loss"].update(disc_start=3, disc_warmup=1)  # logged step k is the run's step k - 1
+    config["train"]["max_steps"] = 7
+    train_autoencoder(config)
+    assert logged[2]["g_loss"] == logged[2]["d_weight"] == 0 and "disc_loss" not in logged[2]
+    assert logged[3]["g_loss"] == logged[3]["d_weight"] == 0 and logged[3]["disc_loss"] > 0  # warming up alone
+    adversarial = [logged[step] for step in range(4, 8)]
+    assert all(math.isfinite(values["d_weight"]) and values["d_weight"] > 0 for values in adversarial)
+    for name in ("g_loss", "disc_loss"):
+        assert len({values[name] for values in adversarial}) == len(adversarial), name
+
+
+def test_discriminator_takes_its_own_learning_rate_when_set(tmp_path):
+    config = vae_config(tmp_path / "lr")
+    rates = {}
+    for disc_learning_rate in (0.0, 5e-3):
+        config["autoencoder_training"]["disc_learning_rate"] = disc_learning_rate
+        stage = AutoencoderStage(config)
+        stage.build(make_accelerator(stage.cfg))
+        rates[disc_learning_rate] = [opt.param_groups[0]["initial_lr"] for opt in (stage.opt_g, stage.opt_d)]
+    assert rates == {0.0: [1e-3, 1e-3], 5e-3: [1e-3, 5e-3]}
+
+
+def test_resume_in_the_adversarial_phase_ends_bit_identical(tmp_path):
+    """The discriminator, its optimizer and schedule, and the loss's logvar come back with the checkpoint."""
+
+    def run(name: str, max_steps: int, resume: bool = False) -> dict[str, torch.Tensor]:
+        config = vae_config(tmp_path / name)
+        config["loss"]["disc_start"] = 1
+        config["train"]["max_steps"] = max_steps
+        return train_autoencoder(config, resume=resume)
+
+    straight = load_file(str(run("straight", 5)))
+    run("resumed", 3)
+    resumed = load_file(str(run("resumed", 5, resume=True)))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_decoder_fine_tune_starts_from_a_whole_checkpoint(stages, tmp_path):
+    """init_from reads a checkpoint's first_stage_model.* (stored in float16 here, as the bundled model is, and
+    trained in float32) and keeps the scale factor it generates with."""
+    start = load_stage(stages[0], "autoencoder")
+    spec = tiny_spec()
+    spec.autoencoder = dataclasses.replace(start.config, scale_factor=0.3)
+    pipe = Pipeline.from_spec(spec)
+    pipe.autoencoder.load_state_dict(start.state_dict())
+    checkpoint = convert_to_safetensors(pipe.save(tmp_path / "model.safetensors"), tmp_path / "model-fp16.safetensors",
+                                        torch.float16)
+    config = vae_config(tmp_path / "decoder")
+    config["autoencoder_training"].update(init_from=str(checkpoint), train_decoder_only=True)
+    tuned = load_stage(train_autoencoder(config), "autoencoder")
+    assert tuned.scale_factor == 0.3
+    assert {value.dtype for value in tuned.state_dict().values()} == {torch.float32}
+    assert all(torch.equal(value.half().float(), tuned.state_dict()[key]) for key, value in start.state_dict().items()
+               if key.startswith("encoder."))
+
+
 @pytest.mark.parametrize(("training", "match"), [
     ({"train_decoder_only": True}, "autoencoder_training.train_decoder_only"),
     ({"init_from": "missing.safetensors"}, "autoencoder_training.init_from"),
@@ -106,6 +171,17 @@ def test_decoder_fine_tune_needs_a_start(tmp_path, training, match):
     with pytest.raises(InputError, match=match):
         train_autoencoder(config)
     assert not (tmp_path / "bad").exists()
+
+
+def test_decoder_fine_tune_refuses_a_start_without_an_autoencoder(stages, tmp_path):
+    not_a_vae = tmp_path / "weights.safetensors"
+    save_atomic(not_a_vae, {"model.diffusion_model.out.weight": torch.zeros(2)}, {})
+    for start, match in ((not_a_vae, "holds no autoencoder"), (stages[1], "is not an autoencoder file")):
+        config = vae_config(tmp_path / "bad")
+        config["autoencoder_training"].update(init_from=str(start), train_decoder_only=True)
+        with pytest.raises(InputError, match=match):
+            train_autoencoder(config)
+        assert not (tmp_path / "bad").exists()
 
 
 def test_diffusion_run_trains_resumes_and_exports_a_pipeline(stages, tmp_path):

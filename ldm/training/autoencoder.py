@@ -27,10 +27,11 @@ from ldm.generate import save_grid
 from ldm.images import to_pil
 from ldm.losses import AutoencoderLoss, AutoencoderLossConfig
 from ldm.metrics import psnr
+from ldm.sd_checkpoint import AUTOENCODER_PREFIX, autoencoder_file, detect_spec
 from ldm.training.common import TrainingRun, build_dataset, lr_scheduler, optimizer_step
 from ldm.training.config import DataConfig, at_least, config_errors, parse_section, require
 from ldm.training.loop import Stage, StepResult, train
-from ldm.weights_io import load_module_file, load_strict, save_module
+from ldm.weights_io import load_module_file, load_strict, read_checkpoint, save_module
 
 SECTIONS = ("autoencoder", "loss", "autoencoder_training", "data", "train")
 
@@ -43,10 +44,15 @@ class AutoencoderTraining:
     scale_factor_samples: int = 1024  # images used to measure the latent scale factor
     eval_samples: int = 500  # validation images for the final PSNR
     num_sample_images: int = 8  # reconstructions shown in the sample grids
-    init_from: str = ""  # start from this exported autoencoder.safetensors (same `autoencoder:` section)
+    # Start from these weights (same `autoencoder:` section): an autoencoder.safetensors this stage exported,
+    # a whole checkpoint (its first_stage_model.*) or a VAE file in the original layout.
+    init_from: str = ""
     # Freeze the encoder (and quant_conv): the latents and the scale factor stay those of `init_from`, so a
     # U-Net trained on them still fits the fine-tuned decoder (how SD's improved ft-MSE decoder was made).
     train_decoder_only: bool = False
+    # The discriminator's learning rate (0: train.learning_rate, as in the original): a fresh discriminator
+    # beside a decoder fine-tuned at a low rate may need a higher one.
+    disc_learning_rate: float = 0.0
 
 
 def check_autoencoder_config(model: AutoencoderConfig, loss: AutoencoderLossConfig, training: AutoencoderTraining,
@@ -60,12 +66,28 @@ def check_autoencoder_config(model: AutoencoderConfig, loss: AutoencoderLossConf
     require(crop == 0 or (crop % factor == 0 and 0 < crop <= data.size), "autoencoder_training.crop_size",
             f"0 (whole images) or a multiple of {factor} no larger than data.size {data.size}", crop)
     at_least(training, "autoencoder_training", 1, "scale_factor_samples", "eval_samples", "num_sample_images")
+    at_least(training, "autoencoder_training", 0, "disc_learning_rate")
     at_least(loss, "loss", 0, "disc_start", "kl_weight", "disc_weight", "perceptual_weight", "disc_factor",
-             "edge_weight")
+             "edge_weight", "disc_warmup")
     require(not training.train_decoder_only or training.init_from, "autoencoder_training.train_decoder_only",
             "false unless autoencoder_training.init_from names the autoencoder whose encoder stays fixed", True)
     require(not training.init_from or Path(training.init_from).is_file(), "autoencoder_training.init_from",
-            "an existing autoencoder.safetensors", training.init_from)
+            "an existing autoencoder.safetensors, checkpoint or VAE file", training.init_from)
+
+
+def read_start(path: str | Path) -> tuple[dict[str, torch.Tensor], float | None]:
+    """Weights and latent scale factor of `autoencoder_training.init_from`: an autoencoder this stage exported,
+    a whole checkpoint (its autoencoder, and the scale factor it generates with) or a bare VAE file (whose
+    scale factor, None, is then the config's)."""
+    state_dict, metadata = read_checkpoint(path)
+    if "ldm_module" in metadata:
+        state_dict, config, _ = load_module_file(path, "autoencoder")
+        return state_dict, config["scale_factor"]
+    whole = any(key.startswith(AUTOENCODER_PREFIX) for key in state_dict)
+    scale_factor = detect_spec(state_dict, metadata).autoencoder.scale_factor if whole else None
+    # Weights train in float32 (autocast lowers the compute), whatever the file stores (often float16).
+    weights = {key: value.float() for key, value in autoencoder_file(state_dict, path).items()}
+    return weights, scale_factor
 
 
 def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -115,9 +137,9 @@ class AutoencoderStage(Stage):
         with config_errors("autoencoder"):
             model = AutoencoderKL(self.model_config)
         if acfg.init_from:
-            state_dict, start_config, _ = load_module_file(acfg.init_from, "autoencoder")
+            state_dict, scale_factor = read_start(acfg.init_from)
             load_strict(model, state_dict, "autoencoder", acfg.init_from)
-            model.config.scale_factor = start_config["scale_factor"]
+            model.config.scale_factor = model.config.scale_factor if scale_factor is None else scale_factor
         if acfg.train_decoder_only:
             model.encoder.requires_grad_(False)
             model.quant_conv.requires_grad_(False)
@@ -129,8 +151,8 @@ class AutoencoderStage(Stage):
         # Fused Adam: one kernel for all tensors instead of a loop over them (as for the other stages).
         trained = [p for p in model.parameters() if p.requires_grad]
         opt_g = torch.optim.Adam(trained, lr=cfg.learning_rate, betas=cfg.adam_betas, fused=True)
-        opt_d = torch.optim.Adam(self.loss_fn.discriminator.parameters(), lr=cfg.learning_rate,
-                                 betas=cfg.adam_betas, fused=True)
+        opt_d = torch.optim.Adam(self.loss_fn.discriminator.parameters(),
+                                 lr=acfg.disc_learning_rate or cfg.learning_rate, betas=cfg.adam_betas, fused=True)
         # The discriminator runs inside the loss several times per step, which DDP does not allow, so
         # it stays unwrapped and its gradients are averaged across processes by hand.
         self.loss_fn.to(accelerator.device)
@@ -161,7 +183,7 @@ class AutoencoderStage(Stage):
             self.opt_g.zero_grad(set_to_none=True)
             return g_loss, {"skipped_samples": self.dataset.num_skipped}
         optimizer_step(accelerator, g_loss, self.model, self.opt_g, self.sched_g, self.cfg.max_grad_norm)
-        if run.step >= self.loss_config.disc_start:
+        if run.step >= self.loss_config.disc_start - self.loss_config.disc_warmup:
             d_loss, d_logs = loss_fn.discriminator_loss(images, reconstructions.detach().float(), run.step)
             logs.update(d_logs)
             accelerator.backward(d_loss)
