@@ -5,7 +5,7 @@ long DDIM run, FID features."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,23 +27,29 @@ Checker = Callable[[Image.Image, str], dict[str, bool]]
 def prompt_following(pipe: Pipeline, captions: list[str], checker: Checker, num_steps: int = 50,
                      guidance_scale: float = 5.0, batch_size: int = 50, seed: int = 0, progress: bool = True,
                      sampler: str = "ddim", karras: bool | None = None) -> dict[str, float]:
-    """Share of images with every requested attribute right (`all`), and per attribute, as `checker` reads them.
+    """`attribute_scores` of images generated from `captions`, as `checker` reads them.
 
     Image k is generated with seed `seed + k`, so the figure is reproducible and the same for every sampler.
     """
-    correct: dict[str, int] = defaultdict(int)
-    counts: dict[str, int] = defaultdict(int)
+    results = []
     for start in tqdm(range(0, len(captions), batch_size), desc="prompt following", disable=not progress):
         batch = captions[start : start + batch_size]
         images = pipe(batch, num_steps=num_steps, guidance_scale=guidance_scale, seed=seed + start, progress=False,
                       sampler=sampler, karras=karras)
-        for caption, image in zip(batch, images, strict=True):
-            result = checker(image, caption)
-            for name, ok in result.items():
-                correct[name] += ok
-                counts[name] += 1
-            correct["all"] += all(result.values())
-            counts["all"] += 1
+        results += [checker(image, caption) for caption, image in zip(batch, images, strict=True)]
+    return attribute_scores(results)
+
+
+def attribute_scores(results: Iterable[dict[str, bool]]) -> dict[str, float]:
+    """Share of checker results with every requested attribute right (`all`), and per attribute."""
+    correct: dict[str, int] = defaultdict(int)
+    counts: dict[str, int] = defaultdict(int)
+    for result in results:
+        for name, ok in result.items():
+            correct[name] += ok
+            counts[name] += 1
+        correct["all"] += all(result.values())
+        counts["all"] += 1
     return {name: correct[name] / counts[name] for name in sorted(counts)}
 
 

@@ -20,12 +20,19 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ldm.cli import ScriptParser, resolve_device, run_main
 from ldm.clip import clip_score, load_clip
 from ldm.data.loader import make_loader, shapes_dataset
 from ldm.errors import InputError
-from ldm.evaluation import check_json_path, inception_features, inception_features_model, prompt_following
+from ldm.evaluation import (
+    attribute_scores,
+    check_json_path,
+    inception_features,
+    inception_features_model,
+    prompt_following,
+)
 from ldm.files import write_json
 from ldm.images import to_pil
 from ldm.metrics import frechet_distance, psnr
@@ -101,21 +108,27 @@ def main(argv: list[str] | None = None) -> None:
                                                                                  args.batch_size)
     print(json.dumps(results), flush=True)
 
-    for scale in args.scales:
-        for split, num in (("val", args.num_prompts), ("heldout", args.num_heldout)):
-            if num > 0:
-                scores = prompt_following(pipe, canonical_captions(split, num), check_caption, num_steps=args.steps,
-                                          guidance_scale=scale, batch_size=args.batch_size)
-                results[f"prompt_following_{split}_{num}_scale_{scale:g}"] = scores
-                print(json.dumps({f"{split} scale {scale:g}": scores}), flush=True)
-
+    # The val images at the first scale are kept: prompt following, sharpness, CLIP score and FID read them.
     captions = canonical_captions("val", args.num_prompts)
     generated = torch.cat([pipe(captions[i : i + args.batch_size], num_steps=args.steps,
                                 guidance_scale=args.scales[0], seed=i, output_type="tensor", progress=False)
-                           for i in range(0, len(captions), args.batch_size)]).cpu()
+                           for i in tqdm(range(0, len(captions), args.batch_size), desc="val images")]).cpu()
+    generated_images = to_pil(generated)
+    for scale in args.scales:
+        for split, num in (("val", args.num_prompts), ("heldout", args.num_heldout)):
+            if num == 0:
+                continue
+            if split == "val" and scale == args.scales[0]:
+                scores = attribute_scores(check_caption(image, caption)
+                                          for image, caption in zip(generated_images, captions, strict=True))
+            else:
+                scores = prompt_following(pipe, canonical_captions(split, num), check_caption, num_steps=args.steps,
+                                          guidance_scale=scale, batch_size=args.batch_size)
+            results[f"prompt_following_{split}_{num}_scale_{scale:g}"] = scores
+            print(json.dumps({f"{split} scale {scale:g}": scores}), flush=True)
     samples = [sample_attributes("val", index)[0] for index in range(args.num_prompts)]
-    results[f"sharpness_val_{args.num_prompts}_scale_{args.scales[0]:g}"] = sharpness_by_group(
-        to_pil(generated), samples)
+    sharpness = sharpness_by_group(generated_images, samples)
+    results[f"sharpness_val_{args.num_prompts}_scale_{args.scales[0]:g}"] = sharpness
     if clip is not None or inception is not None:
         if clip is not None:
             real = torch.cat([images for images, _ in batches_of("val", args.num_prompts, args.batch_size, size)])
