@@ -93,11 +93,17 @@ def save_module(path: str | Path, module: torch.nn.Module, kind: str, config: di
 def load_module_file(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
     """Weights, config and metadata of a file written by `save_module` for stage `kind`."""
     state_dict, metadata = read_checkpoint(path)
+    return state_dict, module_config(metadata, kind, path), metadata
+
+
+def module_config(metadata: dict[str, str], kind: str, path: str | Path) -> dict:
+    """The config in the metadata of a file written by `save_module` for stage `kind`; InputError for a file
+    of another stage or none."""
     if metadata.get("ldm_module") != kind:
         raise InputError(f"{path} is not {with_article(kind)} file written by this project "
                          f"(found {metadata.get('ldm_module') or 'no stage tag'}); pass the {kind} .safetensors "
                          "that its training run exported")
-    return state_dict, json.loads(metadata["config"]), metadata
+    return json.loads(metadata["config"])
 
 
 def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], part: str, path: str | Path) -> None:

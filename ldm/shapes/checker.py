@@ -134,6 +134,13 @@ def _nearest(table: dict[str, tuple[float, ...]], value) -> str:
     return min(table, key=lambda name: float(np.linalg.norm(np.subtract(table[name], value))))
 
 
+def corner_patches(height: int, width: int) -> np.ndarray:
+    """(height, width) mask of a box's four corner patches, a quarter of its side each, by pixel centres."""
+    y = (np.arange(height) + 0.5) / height
+    x = (np.arange(width) + 0.5) / width
+    return np.outer(np.abs(y - 0.5) > 0.25, np.abs(x - 0.5) > 0.25)
+
+
 def measure(image: Image.Image | np.ndarray) -> Measurements:
     """Measure background, object colour, box and mass layout of a (64, 64, 3) RGB image."""
     rgb = _to_array(image)
@@ -169,9 +176,8 @@ def measure(image: Image.Image | np.ndarray) -> Measurements:
     box = np.clip(alpha[top:bottom, left:right], 0.0, 1.0)
     # Rows and columns by where their centres fall, as fractions of the box.
     y = (np.arange(bottom - top) + 0.5) / (bottom - top)
-    x = (np.arange(right - left) + 0.5) / (right - left)
     top_mass, bottom_mass = box[y < 0.25].sum(), box[y > 0.75].sum()
-    corners = np.outer(np.abs(y - 0.5) > 0.25, np.abs(x - 0.5) > 0.25)
+    corners = corner_patches(bottom - top, right - left)
     near = _spread(_spread(region, np.logical_or), np.logical_or)
     return Measurements(
         background_rgb=tuple(background),

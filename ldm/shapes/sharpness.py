@@ -20,7 +20,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from ldm.shapes.checker import Measurements, measure
+from ldm.shapes.checker import Measurements, corner_patches, measure
 
 MEASURES = {"square": "corner fill", "triangle": "tip angle", "circle": "roundness"}
 
@@ -62,9 +62,7 @@ def sharpness(image: Image.Image | np.ndarray, shape: str) -> float | None:
     if shape == "square":
         left, top, right, bottom = found.bbox
         box = solid(found)[top + 2 : bottom + 2, left + 2 : right + 2]
-        y = (np.arange(bottom - top) + 0.5) / (bottom - top)
-        x = (np.arange(right - left) + 0.5) / (right - left)
-        return float(box[np.outer(np.abs(y - 0.5) > 0.25, np.abs(x - 0.5) > 0.25)].mean())
+        return float(box[corner_patches(bottom - top, right - left)].mean())
     if shape == "triangle":
         return tip_angle(found)
     if shape == "circle":

@@ -31,7 +31,7 @@ from ldm.sd_checkpoint import AUTOENCODER_PREFIX, autoencoder_file, detect_spec
 from ldm.training.common import TrainingRun, build_dataset, lr_scheduler, optimizer_step
 from ldm.training.config import DataConfig, at_least, config_errors, parse_section, require
 from ldm.training.loop import Stage, StepResult, train
-from ldm.weights_io import load_module_file, load_strict, read_checkpoint, save_module
+from ldm.weights_io import load_strict, module_config, read_checkpoint, save_module
 
 SECTIONS = ("autoencoder", "loss", "autoencoder_training", "data", "train")
 
@@ -81,8 +81,7 @@ def read_start(path: str | Path) -> tuple[dict[str, torch.Tensor], float | None]
     scale factor, None, is then the config's)."""
     state_dict, metadata = read_checkpoint(path)
     if "ldm_module" in metadata:
-        state_dict, config, _ = load_module_file(path, "autoencoder")
-        return state_dict, config["scale_factor"]
+        return state_dict, module_config(metadata, "autoencoder", path)["scale_factor"]
     whole = any(key.startswith(AUTOENCODER_PREFIX) for key in state_dict)
     scale_factor = detect_spec(state_dict, metadata).autoencoder.scale_factor if whole else None
     # Weights train in float32 (autocast lowers the compute), whatever the file stores (often float16).
