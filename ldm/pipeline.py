@@ -165,10 +165,10 @@ class Pipeline:
                              **({"use_ema": "True"} if use_ema else {})}
         for part, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder),
                              ("autoencoder", pipe.autoencoder)):
-            load_strict(module, parts.pop(part), part, vae if part == "autoencoder" and vae is not None else path)
-            # Converted stage by stage, with the file's tensors of the stage no longer referenced: the
-            # file's copy of a weight is freed as soon as its converted copy exists.
-            pipe.to(device, dtype if dtypes is None else dtypes[part], modules=[module])
+            # Copied weight by weight, the file's copy of each freed once converted (`parts` holds the
+            # only references): the peak is the converted model and one weight of the file.
+            load_strict(module, parts.pop(part), part, vae if part == "autoencoder" and vae is not None else path,
+                        device, pipe._stage_dtype(module, dtype if dtypes is None else dtypes[part]))
         return pipe
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -189,11 +189,13 @@ class Pipeline:
             raise InputError(f"the U-Net is quantized ({self.quantize_mode}): choose its precision before "
                              "quantizing")
         for module in modules:
-            to_dtype = dtype
-            if module is self.autoencoder and dtype == torch.float16 and self.spec.family in SDXL_FAMILIES:
-                to_dtype = torch.float32
-            module.to(device=device, dtype=to_dtype)
+            module.to(device=device, dtype=self._stage_dtype(module, dtype))
         return self
+
+    def _stage_dtype(self, module: torch.nn.Module, dtype: torch.dtype | None) -> torch.dtype | None:
+        if module is self.autoencoder and dtype == torch.float16 and self.spec.family in SDXL_FAMILIES:
+            return torch.float32
+        return dtype
 
     @property
     def device(self) -> torch.device:

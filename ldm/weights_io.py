@@ -7,6 +7,7 @@ this module knows files and state dicts only, and is what the pipeline and train
 from __future__ import annotations
 
 import json
+import mmap
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,9 +34,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise InputError(f"checkpoint not found: {path} (pass an existing .ckpt or .safetensors file)")
     if path.suffix == ".safetensors":
         try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                return {k: f.get_tensor(k) for k in f.keys()}, metadata
+            return _map_safetensors(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise InputError(f"cannot read {path}: {e} (is the file truncated or corrupt? download it again)") from None
     try:
@@ -50,6 +49,41 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if isinstance(obj, dict) and isinstance(obj.get("global_step"), int):
         metadata["global_step"] = str(obj["global_step"])
     return {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}, metadata
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a .safetensors file, each in its own copy-on-write mapping of the file.
+
+    Nothing is read until a tensor is used, and a tensor's mapping goes with the tensor: a loader that
+    converts weights one by one (`nn.Module.to`, which replaces each parameter in turn) holds the file's
+    copy of one weight at a time, never the whole file beside the converted model. Writing to a tensor
+    changes this process's pages only, never the file.
+    """
+    with safe_open(str(path), framework="pt") as f:  # checks the header against the file's size
+        metadata = f.metadata() or {}
+        keys = list(f.keys())
+        with path.open("rb") as file:
+            header_size = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(header_size))
+            data_start = 8 + header_size
+            tensors = {}
+            for key in keys:
+                entry = header[key]
+                dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+                begin, end = (data_start + offset for offset in entry["data_offsets"])
+                if dtype is None or end == begin or begin % dtype.itemsize:
+                    tensors[key] = f.get_tensor(key)  # rare dtypes, empty and unaligned tensors: read whole
+                    continue
+                page = begin - begin % mmap.ALLOCATIONGRANULARITY
+                mapped = mmap.mmap(file.fileno(), end - page, access=mmap.ACCESS_COPY, offset=page)
+                tensors[key] = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                                offset=begin - page).view(entry["shape"])
+    return tensors, metadata
 
 
 def save_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
@@ -106,8 +140,14 @@ def module_config(metadata: dict[str, str], kind: str, path: str | Path) -> dict
     return json.loads(metadata["config"])
 
 
-def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], part: str, path: str | Path) -> None:
-    """Load with strict key matching; on mismatch, one line naming the first missing and unexpected keys."""
+def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], part: str, path: str | Path,
+                device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    """Load with strict key matching; on mismatch, one line naming the first missing and unexpected keys.
+
+    The tensors move out of `state_dict` (which ends empty) one at a time, each copied to `device` and,
+    if floating-point, `dtype` (None keeps theirs) before the next: weights that `read_checkpoint` mapped
+    are never held whole beside their copies, and the module does not depend on the file afterwards.
+    """
     expected = module.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -118,5 +158,10 @@ def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], pa
                                                ("wrong shape", wrong_shape)) if keys)
         raise InputError(f"{path}: the {part} weights do not match the detected config: {details} "
                          "(pass --config for a model of another shape)")
-    module.load_state_dict(state_dict, strict=True, assign=True)
+    owned = {}
+    while state_dict:
+        key, tensor = state_dict.popitem()
+        owned[key] = tensor.to(device, dtype if tensor.is_floating_point() else None, copy=True)
+        del tensor  # the last reference to a mapped tensor: its mapping goes now
+    module.load_state_dict(owned, strict=True, assign=True)
 

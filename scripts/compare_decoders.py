@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         for vae in args.vae:
             # Decoded in the pipeline's precision, as txt2img --vae does, whatever the file stores.
             weights = autoencoder_file(read_checkpoint(vae)[0], vae)
-            weights = {key: value.to(pipe.dtype) for key, value in weights.items()}
-            load_strict(pipe.autoencoder, weights, "autoencoder", vae)
+            load_strict(pipe.autoencoder, weights, "autoencoder", vae, dtype=pipe.dtype)
             reconstructed.append(to_pil(pipe.decode(pipe.encode(images))))
             generated.append(to_pil(pipe.decode(latents)))
     rows = [renders, *reconstructed, *generated]
