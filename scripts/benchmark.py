@@ -28,6 +28,10 @@ Cases (--cases, comma-separated):
                then one image at 8 x --latent-size with --steps DDIM steps and guidance: load seconds,
                seconds per step, and the process's peak resident memory after loading and in all
 
+Engines (--engines ours,diffusers,openvino,sdcpp instead of --cases): SD 1.5 text -> image on each engine
+from one set of random weights, interleaved, with the process's peak memory in a fresh process each; the
+peers (scripts/peer_engines.py says how each runs) come with the `bench` extra.
+
 Weights are random (N(0, 1/fan_in) matrices, norm scales near 1) unless the shapes checkpoint exists. Our
 modules are built first; their state dicts, under the original checkpoint prefixes, go through diffusers'
 own single-file conversion into diffusers / transformers models that share the tensors. Each case checks
@@ -50,6 +54,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -85,6 +90,7 @@ from ldm.text_encoder import TextEncoder, TextEncoderConfig, sd1, tiny
 from ldm.tiling import tiled_decode
 from ldm.unet import UNetConfig, UNetModel
 
+ENGINES = ("ours", "diffusers", "openvino", "sdcpp")
 CASES = ("unet", "train", "vae", "vae-tiled", "txt2img", "shapes", "lora", "int8", "sdxl-unet", "sdxl-file")
 INT8_VARIANTS = "fp32,fp32+int8-weight,fp32+int8-dynamic,bf16,bf16+int8-weight,bf16+int8-dynamic"
 SHAPES_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "shapes"
@@ -118,14 +124,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", help="our U-Net and autoencoder in NHWC layout "
                    "(Pipeline.to_channels_last)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-case memory subprocesses on CPU")
-    p.add_argument("--workdir", default=None, help="sdxl-file: where its temporary file goes (default: the system's)")
-    p.add_argument("--memory-probe", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    p.add_argument("--workdir", default=None,
+                   help="sdxl-file, --engines sdcpp: where their temporary files go (default: the system's)")
+    p.add_argument("--engines", default=None, help=f"comma-separated, from {', '.join(ENGINES)}: text -> image on "
+                   "each (SD 1.5 weights, --batch, --latent-size, --steps, --dtype; --compile compiles ours and "
+                   "diffusers alike) instead of --cases; peers need the bench extra")
+    p.add_argument("--memory-probe", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--sdxl-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
         raise InputError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    if args.engines is not None:
+        args.engines = list(dict.fromkeys(e.strip() for e in args.engines.split(",") if e.strip()))
+        if not args.engines or (unknown := [e for e in args.engines if e not in ENGINES]):
+            raise InputError(f"--engines: choose from {', '.join(ENGINES)} (got {', '.join(unknown or ['none'])})")
+        if set(args.engines) - {"ours", "diffusers"} and args.device != "cpu":
+            raise InputError("--engines openvino and sdcpp run on the CPU here: leave out --device")
     args.int8_variants = [v.strip() for v in args.int8_variants.split(",") if v.strip()]
     for variant in args.int8_variants:
         dtype, _, mode = variant.partition("+")
@@ -368,15 +384,20 @@ def vae_case(args, device, dtype, sides, tiled: bool = False) -> dict[str, Run]:
     return runs
 
 
-def pipeline_case(pipe: Pipeline, prompt: str, args, device, dtype, sides, image_size: int) -> dict[str, Run]:
+def initial_noise(pipe: Pipeline, batch: int, image_size: int) -> torch.Tensor:
+    factor = pipe.autoencoder.config.downsampling_factor
+    shape = (batch, pipe.unet.config.out_channels, image_size // factor, image_size // factor)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(4))
+
+
+def pipeline_case(pipe: Pipeline, prompt: str, args, device, dtype, sides, image_size: int,
+                  compile_reference: bool = False) -> dict[str, Run]:
     """Full text -> image with the same initial noise on both sides; images compared in [0, 1]."""
     prompts = [prompt] * args.batch
-    factor = pipe.autoencoder.config.downsampling_factor
-    shape = (args.batch, pipe.unet.config.out_channels, image_size // factor, image_size // factor)
-    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    x_T = initial_noise(pipe, args.batch, image_size)
     runs = {}
     if "diffusers" in sides:
-        runs["diffusers"] = diffusers_txt2img(pipe, prompts, x_T, args, device, dtype, image_size)
+        runs["diffusers"] = diffusers_txt2img(pipe, prompts, x_T, args, device, dtype, image_size, compile_reference)
     if "ours" in sides:
         pipe.to(device, dtype)
         if args.channels_last:
@@ -387,9 +408,24 @@ def pipeline_case(pipe: Pipeline, prompt: str, args, device, dtype, sides, image
     return runs
 
 
-def diffusers_txt2img(pipe: Pipeline, prompts: list[str], x_T: torch.Tensor, args, device, dtype,
-                      image_size: int) -> Run:
-    text_encoder = diffusers_text_encoder(pipe.text_encoder).to(device, dtype)
+class TextEmbeddings(torch.nn.Module):
+    """A transformers CLIP text model as SD reads it: token ids (B, 77) -> context (B, 77, C), the last
+    layer's hidden states or, for penultimate-layer models, the one before through the final norm."""
+
+    def __init__(self, text_encoder: transformers.CLIPTextModel, penultimate: bool):
+        super().__init__()
+        self.text_encoder, self.penultimate = text_encoder, penultimate
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.penultimate:
+            return self.text_encoder(input_ids=tokens).last_hidden_state
+        hidden = self.text_encoder(input_ids=tokens, output_hidden_states=True).hidden_states[-2]
+        return getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm(hidden)
+
+
+def diffusers_reference(pipe: Pipeline) -> tuple[StableDiffusionPipeline, TextEmbeddings]:
+    """diffusers' SD pipeline on `pipe`'s weights (float32, CPU) and its text encoder as SD reads it."""
+    text_encoder = diffusers_text_encoder(pipe.text_encoder)
     schedule = pipe.spec.schedule
     scheduler = DDIMScheduler(num_train_timesteps=schedule["num_timesteps"], beta_start=schedule["linear_start"],
                               beta_end=schedule["linear_end"], beta_schedule="scaled_linear",
@@ -398,21 +434,23 @@ def diffusers_txt2img(pipe: Pipeline, prompts: list[str], x_T: torch.Tensor, arg
     reference = StableDiffusionPipeline(
         vae=diffusers_vae(pipe.autoencoder, pipe.unet.config), text_encoder=text_encoder, tokenizer=None,
         unet=diffusers_unet(pipe.unet, pipe.autoencoder.config), scheduler=scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False).to(device, dtype)
+        feature_extractor=None, requires_safety_checker=False)
     reference.set_progress_bar_config(disable=True)
-    penultimate = pipe.text_encoder.config.layer == "penultimate"
+    return reference, TextEmbeddings(text_encoder, pipe.text_encoder.config.layer == "penultimate")
+
+
+def diffusers_txt2img(pipe: Pipeline, prompts: list[str], x_T: torch.Tensor, args, device, dtype,
+                      image_size: int, compile_unet: bool = False) -> Run:
+    reference, text_embeddings = diffusers_reference(pipe)
+    reference.to(device, dtype)
+    if compile_unet:
+        compile_for_inference(reference.unet)
+    # The same BPE ids as ours (transformers' tokenizer would need vocabulary files from the hub).
+    tokens, negative_tokens = (pipe.text_encoder.tokenize(texts).to(device) for texts in (prompts, [""] * len(prompts)))
 
     @torch.no_grad()
-    def encode(texts: list[str]) -> torch.Tensor:
-        # The same BPE ids as ours (transformers' tokenizer would need vocabulary files from the hub).
-        tokens = pipe.text_encoder.tokenize(texts).to(device)
-        if not penultimate:
-            return text_encoder(input_ids=tokens).last_hidden_state
-        hidden = text_encoder(input_ids=tokens, output_hidden_states=True).hidden_states[-2]
-        return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
-
     def run() -> torch.Tensor:
-        return reference(prompt_embeds=encode(prompts), negative_prompt_embeds=encode([""] * len(prompts)),
+        return reference(prompt_embeds=text_embeddings(tokens), negative_prompt_embeds=text_embeddings(negative_tokens),
                          height=image_size, width=image_size, num_inference_steps=args.steps,
                          guidance_scale=GUIDANCE_SCALE, latents=x_T.to(device, dtype), output_type="pt").images
     return run
@@ -481,7 +519,11 @@ def _proc_status_bytes(field: str) -> int:
 
 def probe_memory(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
     """Child process: one side of one case; prints the rise of the RSS high-water mark during one call."""
-    run = BUILDERS[args.cases[0]](args, device, dtype, {args.memory_probe})[args.memory_probe]
+    if args.engines:
+        folder = tempfile.TemporaryDirectory(dir=args.workdir)  # removed when this process ends
+        run = engine_runs(args, device, dtype, {args.memory_probe}, Path(folder.name))[args.memory_probe]
+    else:
+        run = BUILDERS[args.cases[0]](args, device, dtype, {args.memory_probe})[args.memory_probe]
     run()  # warm-up: one-time allocations (optimizer state, kernel caches) are not per call
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
@@ -541,8 +583,6 @@ def benchmark_case(case: str, args: argparse.Namespace, argv: list[str], device:
 
 def lora_case(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     """Load + merge time of a LoRA file, and the U-Net forward before / after merging (alternating)."""
-    import tempfile
-
     from safetensors.torch import save_file
 
     from ldm.layer_names import diffusers_unet_names, flat, text_encoder_layers
@@ -617,6 +657,65 @@ def int8_case(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
     return rows
 
 
+def engine_runs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, engines: set[str],
+                workdir: Path) -> dict[str, Run]:
+    """SD 1.5 text -> image on each engine from one set of random weights: --batch images of 8 x
+    --latent-size px, --steps DDIM steps, guidance 7.5, the same initial noise (sdcpp draws its own, from
+    an original-layout file in `workdir`; openvino's IR files go there too). With --compile, ours and
+    diffusers' U-Nets are compiled alike (static shapes, inductor freezing); openvino always compiles."""
+    from peer_engines import openvino_txt2img, sdcpp_txt2img
+
+    pipe = random_pipeline(sd_spec(args))
+    size, prompts = 8 * args.latent_size, [SD_PROMPT] * args.batch
+    runs = {}
+    if "openvino" in engines:  # converted from the float32 weights, before ours are cast
+        reference, text_embeddings = diffusers_reference(pipe)
+        tokens, negative_tokens = (pipe.text_encoder.tokenize(texts) for texts in (prompts, [""] * args.batch))
+        runs["openvino"] = openvino_txt2img(reference, text_embeddings, tokens, negative_tokens,
+                                            initial_noise(pipe, args.batch, size), args.steps, GUIDANCE_SCALE,
+                                            args.dtype, workdir)
+        del reference, text_embeddings
+    if "sdcpp" in engines:
+        path = pipe.save(workdir / "sd15_random.safetensors")
+        runs["sdcpp"] = sdcpp_txt2img(path, SD_PROMPT, args.batch, size, args.steps, GUIDANCE_SCALE, args.dtype)
+    runs.update(pipeline_case(pipe, SD_PROMPT, args, device, dtype, engines & {"ours", "diffusers"}, size,
+                              compile_reference=args.compile))
+    return runs
+
+
+def engines_case(args: argparse.Namespace, argv: list[str], device: torch.device, dtype: torch.dtype,
+                 workdir: Path) -> list[dict[str, str]]:
+    """A row per engine: median seconds per call over --repeats calls interleaved (the order rotating),
+    the ratio to ours, the first call, the process's peak memory through one call in a fresh process, and
+    the image's largest difference from diffusers' ([0, 1] scale; sdcpp draws other noise)."""
+    engines = args.engines
+    runs = engine_runs(args, device, dtype, set(engines), workdir)
+    first, outputs = {}, {}
+    for engine in engines:
+        first[engine], _, outputs[engine] = timed(runs[engine], device)
+    seconds = {engine: [] for engine in engines}
+    for repeat in range(args.repeats):
+        shift = repeat % len(engines)
+        for engine in engines[shift:] + engines[:shift]:
+            seconds[engine].append(timed(runs[engine], device)[0])
+    del runs
+    gc.collect()
+    median = {engine: statistics.median(values) for engine, values in seconds.items()}
+    rows = []
+    for engine in engines:
+        row = {"engine": engine, "s/call": f"{median[engine]:.2f}", "1st s": f"{first[engine]:.1f}"}
+        if "ours" in median:
+            row["/ ours"] = f"{median[engine] / median['ours']:.2f}"
+        if not args.no_memory:
+            probe = cpu_peak_memory(argv, "txt2img", engine)
+            row["peak MiB"] = mib(probe and probe["peak"])
+        comparable = "diffusers" in outputs and engine != "sdcpp"
+        row["vs diffusers"] = (f"{(outputs[engine] - outputs['diffusers']).abs().max().item():.1e}"
+                               if comparable else "-")
+        rows.append(row)
+    return rows
+
+
 def write_random_sdxl(path: Path) -> None:
     """A full-size SDXL base file in the original layout with random fp16 weights: our U-Net's and autoencoder's
     keys (the layout tests/test_sdxl.py checks against diffusers), CLIP ViT-L as transformers names it, bigG as
@@ -648,8 +747,6 @@ def write_random_sdxl(path: Path) -> None:
 
 
 def sdxl_file_case(args: argparse.Namespace, argv: list[str]) -> dict[str, str]:
-    import tempfile
-
     with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
         path = Path(folder) / "sdxl_base_random.safetensors"
         write_random_sdxl(path)
@@ -705,6 +802,10 @@ def main(argv: list[str] | None = None) -> None:
           f"channels_last {args.channels_last}, steps {args.steps}, "
           f"repeats {args.repeats}", flush=True)
     rows = []
+    if args.engines:
+        with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
+            rows = engines_case(args, argv, device, dtype, Path(folder))
+        args.cases = []
     for case in args.cases:
         if case == "int8":
             rows.extend(int8_case(args, device))
