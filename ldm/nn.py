@@ -26,6 +26,42 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
+# Output pixels per image up to which a CPU convolution runs as im2col + one matrix product. oneDNN's direct
+# kernels are slow on small maps with many channels (a 3x3 conv of 1280 channels at 4 x 4 runs at about a
+# third of the matrix product's speed, fp32 and bf16); from 16 x 16 up they are faster (docs/benchmarks.md).
+SMALL_MAP_PIXELS = 64
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, same numbers to rounding) that computes small CPU feature maps as a
+    matrix product of the weight (O, C*kh*kw) with the unfolded input (B, C*kh*kw, h_out*w_out)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = self._small_output_size(x)
+        if size is None:
+            return super().forward(x)
+        columns = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        out = torch.matmul(self.weight.flatten(1), columns)  # (B, O, h_out * w_out)
+        if self.bias is not None:
+            out = out + self.bias[:, None]
+        return out.unflatten(-1, size)
+
+    def _small_output_size(self, x: torch.Tensor) -> tuple[int, int] | None:
+        """(h_out, w_out) when x takes the matrix-product path, else None."""
+        # 1x1 convolutions are matrix products in oneDNN already; NHWC weights or input (to_channels_last)
+        # stay with oneDNN, whose output keeps that layout.
+        if (x.device.type != "cpu" or x.ndim != 4 or not (x.is_contiguous() and self.weight.is_contiguous())
+                or self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str)
+                or self.kernel_size == (1, 1)):
+            return None
+        h_out, w_out = (
+            (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+            for size, pad, dil, k, stride in zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size,
+                                                 self.stride, strict=True)
+        )
+        return (h_out, w_out) if h_out * w_out <= SMALL_MAP_PIXELS else None
+
+
 def normalization(channels: int, num_groups: int = 32) -> GroupNorm32:
     """The U-Net's normalization: 32 groups in SD."""
     return GroupNorm32(num_groups, channels)
@@ -57,14 +93,14 @@ class ResBlock(nn.Module):
                  num_groups: int = 32):
         super().__init__()
         self.in_layers = nn.Sequential(
-            normalization(channels, num_groups), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            normalization(channels, num_groups), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             normalization(out_channels, num_groups),
             nn.SiLU(),
             nn.Dropout(dropout),
-            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+            zero_module(Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         if out_channels == channels:
             self.skip_connection = nn.Identity()
@@ -82,7 +118,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -96,7 +132,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if size is None:

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.attention import SpatialTransformer
 from ldm.config import config_dict, config_kwargs
-from ldm.nn import Downsample, ResBlock, Upsample, normalization, timestep_embedding, zero_module
+from ldm.nn import Conv2d, Downsample, ResBlock, Upsample, normalization, timestep_embedding, zero_module
 
 # Original `unet_config` parameters that steer memory or legacy behaviour, not the network's weights.
 ORIGINAL_ONLY_KEYS = {"image_size", "use_checkpoint", "use_fp16", "legacy", "use_spatial_transformer"}
@@ -126,7 +126,7 @@ class UNetModel(nn.Module):
         def resblock(channels: int, out_channels: int) -> ResBlock:
             return ResBlock(channels, emb_channels, out_channels, config.dropout, config.norm_num_groups)
 
-        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepSequential(Conv2d(config.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]
         ch, ds = mc, 1
         for level, mult in enumerate(config.channel_mult):
@@ -162,7 +162,7 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(
             normalization(ch, config.norm_num_groups), nn.SiLU(),
-            zero_module(nn.Conv2d(mc, config.out_channels, 3, padding=1)),
+            zero_module(Conv2d(mc, config.out_channels, 3, padding=1)),
         )
 
     def _run(self, block: TimestepSequential, *args) -> torch.Tensor:

@@ -1,9 +1,12 @@
-"""U-Net: layout of the real SD configs, conditioning, odd sizes, gradient checkpointing."""
+"""U-Net: layout of the real SD configs, conditioning, odd sizes, gradient checkpointing, small-map convs."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
+from ldm.nn import SMALL_MAP_PIXELS, Conv2d
 from ldm.unet import UNetConfig, UNetModel
 from tests.conftest import randomize_, tiny_spec
 
@@ -67,3 +70,35 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     unet.gradient_checkpointing = True
     checkpointed = grads()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("size", "kernel", "stride", "padding", "bias"), [
+    ((4, 4), 3, 1, 1, True), ((8, 8), 3, 2, 1, True), ((7, 5), 3, 1, 1, False), ((6, 6), 3, 1, 0, True),
+    ((8, 8), 1, 1, 0, True), ((32, 32), 3, 1, 1, True),
+])
+def test_small_map_convolution_matches_conv2d_and_its_gradients(dtype, size, kernel, stride, padding, bias):
+    torch.manual_seed(0)
+    conv = Conv2d(24, 40, kernel, stride=stride, padding=padding, bias=bias).to(dtype)
+    x = torch.randn(3, 24, *size, dtype=dtype, requires_grad=True)
+    out = conv(x)
+    ref = F.conv2d(x, conv.weight, conv.bias, stride, padding)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert ((out - ref).float().norm() / ref.float().norm()).item() < tolerance
+    grad = torch.randn_like(ref)
+    ours = torch.autograd.grad(out, [x, conv.weight], grad)
+    theirs = torch.autograd.grad(ref, [x, conv.weight], grad)
+    for a, b in zip(ours, theirs, strict=True):
+        assert ((a - b).float().norm() / b.float().norm()).item() < tolerance
+
+
+def test_small_map_convolution_takes_the_matrix_product_path_only_on_small_maps(monkeypatch):
+    conv = Conv2d(8, 8, 3, padding=1)
+    calls = []
+    unfold = torch.nn.functional.unfold
+    monkeypatch.setattr(F, "unfold", lambda *args: calls.append(args[0].shape) or unfold(*args))
+    conv(torch.randn(1, 8, 8, 8))
+    conv(torch.randn(1, 8, 9, 8))  # 72 > SMALL_MAP_PIXELS output pixels: oneDNN's convolution
+    conv(torch.randn(2, 8, 8, 8).to(memory_format=torch.channels_last))  # NHWC stays NHWC
+    assert SMALL_MAP_PIXELS == 64 and calls == [(1, 8, 8, 8)]
