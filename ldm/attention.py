@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import InputError
-from ldm.nn import zero_module
+from ldm.nn import Linear, zero_module
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "sliced", "math")
 # Queries per slice of "sliced" attention: 1024 x 4096 float32 scores (a 512 px SD image) are 16 MiB.
@@ -115,10 +115,10 @@ class CrossAttention(nn.Module):
         inner_dim = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.to_q = Linear(query_dim, inner_dim, bias=False)
+        self.to_k = Linear(context_dim, inner_dim, bias=False)
+        self.to_v = Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(Linear(inner_dim, query_dim), nn.Dropout(dropout))
         self.attention_backend = "sdpa"  # see set_attention_backend
         self.attention_slice_size = DEFAULT_SLICE_SIZE
 
@@ -137,9 +137,17 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Hooks on proj (LoRA training's pairs) need proj's own call.
+        hooked = self.proj._forward_hooks or self.proj._forward_pre_hooks
+        if self.proj.uses_onednn(x) and not hooked:
+            # Each half of the weight as its own matmul, GELU fused into the gate's and the product into the
+            # value's: no (B, N, 2 * dim_out) intermediate, and two fewer passes over the activations.
+            (weight, gate_weight), (bias, gate_bias) = self.proj.weight.chunk(2), self.proj.bias.chunk(2)
+            gate = torch.ops.mkldnn._linear_pointwise(x, gate_weight, gate_bias, "gelu", [], "none")
+            return torch.ops.mkldnn._linear_pointwise.binary(x, gate, weight, bias, "mul")
         x, gate = self.proj(x).chunk(2, dim=-1)
         return x * F.gelu(gate)
 
@@ -150,7 +158,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
         inner_dim = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner_dim), nn.Dropout(dropout), nn.Linear(inner_dim, dim))
+        self.net = nn.Sequential(GEGLU(dim, inner_dim), nn.Dropout(dropout), Linear(inner_dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -188,8 +196,8 @@ class SpatialTransformer(nn.Module):
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(num_groups, in_channels, eps=1e-6)
         if use_linear:
-            self.proj_in = nn.Linear(in_channels, inner_dim)
-            self.proj_out = zero_module(nn.Linear(inner_dim, in_channels))
+            self.proj_in = Linear(in_channels, inner_dim)
+            self.proj_out = zero_module(Linear(inner_dim, in_channels))
         else:
             self.proj_in = nn.Conv2d(in_channels, inner_dim, 1)
             self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, 1))
@@ -213,4 +221,6 @@ class SpatialTransformer(nn.Module):
         x = x.transpose(1, 2).reshape(b, -1, h, w)
         if not self.use_linear:
             x = self.proj_out(x)
-        return x + residual
+        # The residual first: an elementwise op takes its output layout from its first operand, and x is
+        # an NHWC view here. An NHWC map would carry into every later block and make each conv reorder.
+        return residual + x

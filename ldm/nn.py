@@ -14,16 +14,56 @@ from torch import nn
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm that normalizes in float32 and casts back: half-precision statistics overflow.
+    """GroupNorm with float32 statistics: float16 input normalizes in float32 and casts back, as its
+    statistics overflow; float32 and bfloat16 run as they are (torch accumulates bfloat16 in float32:
+    the same numbers as upcasting, several times faster).
 
     The affine parameters go to float32 with the input: torch's group_norm takes a float32 input only
-    with float32 parameters, and a pipeline cast to fp16 / bf16 casts them too.
+    with float32 parameters, and a pipeline cast to fp16 casts them too.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float16 and (self.weight is None or self.weight.dtype == x.dtype):
+            return super().forward(x)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
+
+
+def _has_onednn_linear() -> bool:
+    try:
+        torch.ops.mkldnn._linear_pointwise  # noqa: B018  (the op inductor's CPU freezing uses)
+    except (AttributeError, RuntimeError):
+        return False
+    return torch.backends.mkldnn.is_available()
+
+
+ONEDNN_LINEAR = _has_onednn_linear()
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same numbers to rounding) whose CPU inference runs on oneDNN's matmul.
+
+    Eager torch sends a float32 linear to MKL's GEMM, which on the CPUs measured runs at 0.7-0.9x the
+    speed of oneDNN's on U-Net shapes (docs/benchmarks.md). The oneDNN op has no backward, so anything
+    that needs a gradient, autocast, torch.compile (inductor packs its own weights) and dtypes other than
+    float32 / bfloat16 take nn.Linear's path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_onednn(x):
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return super().forward(x)
+
+    def uses_onednn(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) runs on oneDNN's matmul (then its post-ops may be fused into it too)."""
+        tensors = [t for t in (x, self.weight, self.bias) if t is not None]
+        # A quantized weight (a tensor subclass) keeps its own kernels.
+        return (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                and type(self.weight) in (nn.Parameter, torch.Tensor) and x.numel() > 0
+                and all(t.dtype == x.dtype for t in tensors)
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 # Output pixels per image up to which a CPU convolution runs as im2col + one matrix product. oneDNN's direct
@@ -95,7 +135,7 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(
             normalization(channels, num_groups), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             normalization(out_channels, num_groups),
             nn.SiLU(),

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.attention import SpatialTransformer
 from ldm.config import config_dict, config_kwargs
-from ldm.nn import Conv2d, Downsample, ResBlock, Upsample, normalization, timestep_embedding, zero_module
+from ldm.nn import Conv2d, Downsample, Linear, ResBlock, Upsample, normalization, timestep_embedding, zero_module
 
 # Original `unet_config` parameters that steer memory or legacy behaviour, not the network's weights.
 ORIGINAL_ONLY_KEYS = {"image_size", "use_checkpoint", "use_fp16", "legacy", "use_spatial_transformer"}
@@ -112,11 +112,11 @@ class UNetModel(nn.Module):
         self.gradient_checkpointing = False
         mc = config.model_channels
         emb_channels = 4 * mc
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
+        self.time_embed = nn.Sequential(Linear(mc, emb_channels), nn.SiLU(), Linear(emb_channels, emb_channels))
         if config.adm_in_channels is not None:
             # Nested as in the original, whose other `num_classes` kinds put other modules here.
-            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(config.adm_in_channels, emb_channels), nn.SiLU(),
-                                                         nn.Linear(emb_channels, emb_channels)))
+            self.label_emb = nn.Sequential(nn.Sequential(Linear(config.adm_in_channels, emb_channels), nn.SiLU(),
+                                                         Linear(emb_channels, emb_channels)))
 
         def attention(channels: int, level: int | None) -> SpatialTransformer:
             heads, dim_head = config.heads_and_dim(channels)

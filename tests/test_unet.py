@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.nn import SMALL_MAP_PIXELS, Conv2d
+from ldm.attention import GEGLU
+from ldm.nn import ONEDNN_LINEAR, SMALL_MAP_PIXELS, Conv2d, Linear
 from ldm.unet import UNetConfig, UNetModel
 from tests.conftest import randomize_, tiny_spec
 
@@ -102,3 +103,65 @@ def test_small_map_convolution_takes_the_matrix_product_path_only_on_small_maps(
     conv(torch.randn(1, 8, 9, 8))  # 72 > SMALL_MAP_PIXELS output pixels: oneDNN's convolution
     conv(torch.randn(2, 8, 8, 8).to(memory_format=torch.channels_last))  # NHWC stays NHWC
     assert SMALL_MAP_PIXELS == 64 and calls == [(1, 8, 8, 8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_nn_linear_with_and_without_gradients(dtype, bias):
+    torch.manual_seed(0)
+    linear = Linear(48, 40, bias=bias).to(dtype)
+    x = torch.randn(2, 7, 48, dtype=dtype)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    with torch.no_grad():
+        out, ref = linear(x), F.linear(x, linear.weight, linear.bias)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert ((out - ref).float().norm() / ref.float().norm()).item() < tolerance
+    x.requires_grad_(True)
+    grad = torch.randn_like(ref)
+    ours = torch.autograd.grad(linear(x), [x, linear.weight], grad)
+    theirs = torch.autograd.grad(F.linear(x, linear.weight, linear.bias), [x, linear.weight], grad)
+    for a, b in zip(ours, theirs, strict=True):
+        assert ((a - b).float().norm() / b.float().norm()).item() < tolerance
+
+
+@pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+def test_linear_takes_onednn_only_for_cpu_inference(monkeypatch):
+    linear = Linear(8, 4)
+    calls = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise",
+                        lambda x, *args: calls.append(x.dtype) or onednn(x, *args))
+    x = torch.randn(3, 8)
+    linear(x)  # the weight needs a gradient: nn.Linear's path
+    with torch.no_grad():
+        linear(x)
+        linear.to(torch.bfloat16)(x.bfloat16())
+        linear.half()(x.half())  # no oneDNN float16 kernel on most CPUs
+        with torch.autocast("cpu", torch.bfloat16):
+            linear.float()(x)
+    assert calls == [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_geglu_fused_on_onednn_matches_its_formula(dtype):
+    torch.manual_seed(0)
+    geglu = GEGLU(32, 48).to(dtype)
+    x = torch.randn(2, 9, 32, dtype=dtype)
+    with torch.no_grad():
+        value, gate = F.linear(x.float(), geglu.proj.weight.float(), geglu.proj.bias.float()).chunk(2, dim=-1)
+        ref = value * F.gelu(gate)
+        out = geglu(x)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert ((out.float() - ref).norm() / ref.norm()).item() < tolerance
+
+
+def test_geglu_runs_the_hooks_of_its_projection():
+    geglu = GEGLU(8, 4)
+    x = torch.randn(1, 3, 8)
+    with torch.no_grad():
+        plain = geglu(x)
+        geglu.proj.register_forward_hook(lambda module, args, out: out + 1)
+        value, gate = (F.linear(x, geglu.proj.weight, geglu.proj.bias) + 1).chunk(2, dim=-1)
+        assert not torch.allclose(geglu(x), plain)
+        assert torch.allclose(geglu(x), value * F.gelu(gate), atol=1e-6)
