@@ -1,4 +1,5 @@
-"""Building blocks shared by the U-Net: normalization, timestep embedding, ResBlock, resampling.
+"""Building blocks shared by the U-Net: normalization, CPU-fast Conv2d and Linear, timestep embedding, ResBlock,
+resampling.
 
 Parameter names follow the original `ldm` code (`in_layers`, `emb_layers`, `op`, ...) so that
 Stable Diffusion checkpoints load without renaming.
@@ -39,6 +40,8 @@ def _has_onednn_linear() -> bool:
 
 
 ONEDNN_LINEAR = _has_onednn_linear()
+# Narrower layers (the bundled model's 64 and 128) run faster on MKL: oneDNN's per-call cost dominates there.
+ONEDNN_MIN_FEATURES = 256
 
 
 class Linear(nn.Linear):
@@ -60,16 +63,20 @@ class Linear(nn.Linear):
         tensors = [t for t in (x, self.weight, self.bias) if t is not None]
         # A quantized weight (a tensor subclass) keeps its own kernels.
         return (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                and min(self.in_features, self.out_features) >= ONEDNN_MIN_FEATURES
                 and type(self.weight) in (nn.Parameter, torch.Tensor) and x.numel() > 0
                 and all(t.dtype == x.dtype for t in tensors)
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
-# Output pixels per image up to which a CPU convolution runs as im2col + one matrix product. oneDNN's direct
-# kernels are slow on small maps with many channels (a 3x3 conv of 1280 channels at 4 x 4 runs at about a
-# third of the matrix product's speed, fp32 and bf16); from 16 x 16 up they are faster (docs/benchmarks.md).
+# A CPU convolution runs as im2col + one matrix product when its output has at most SMALL_MAP_PIXELS pixels
+# per image and it reads at least SMALL_MAP_MIN_CHANNELS channels. oneDNN's direct kernels slow down sharply
+# from about 1024 input channels on small maps (a 3x3 conv of 1280 channels at 4 x 4 runs at about a third
+# of the matrix product's speed); from 16 x 16 up, or below 1024 channels, they are the faster
+# (docs/benchmarks.md).
 SMALL_MAP_PIXELS = 64
+SMALL_MAP_MIN_CHANNELS = 1024
 
 
 class Conv2d(nn.Conv2d):
@@ -92,7 +99,7 @@ class Conv2d(nn.Conv2d):
         # stay with oneDNN, whose output keeps that layout.
         if (x.device.type != "cpu" or x.ndim != 4 or not (x.is_contiguous() and self.weight.is_contiguous())
                 or self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str)
-                or self.kernel_size == (1, 1)):
+                or self.kernel_size == (1, 1) or self.in_channels < SMALL_MAP_MIN_CHANNELS):
             return None
         h_out, w_out = (
             (size + 2 * pad - dil * (k - 1) - 1) // stride + 1

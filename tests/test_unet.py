@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ldm.nn
 from ldm.attention import GEGLU
 from ldm.nn import ONEDNN_LINEAR, SMALL_MAP_PIXELS, Conv2d, Linear
 from ldm.unet import UNetConfig, UNetModel
@@ -73,12 +74,20 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed, strict=True))
 
 
+@pytest.fixture
+def narrow_layers_fast(monkeypatch):
+    """The CPU fast paths for the narrow layers of these tests (by default they start at SD's widths)."""
+    monkeypatch.setattr(ldm.nn, "SMALL_MAP_MIN_CHANNELS", 1)
+    monkeypatch.setattr(ldm.nn, "ONEDNN_MIN_FEATURES", 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("size", "kernel", "stride", "padding", "bias"), [
     ((4, 4), 3, 1, 1, True), ((8, 8), 3, 2, 1, True), ((7, 5), 3, 1, 1, False), ((6, 6), 3, 1, 0, True),
     ((8, 8), 1, 1, 0, True), ((32, 32), 3, 1, 1, True),
 ])
-def test_small_map_convolution_matches_conv2d_and_its_gradients(dtype, size, kernel, stride, padding, bias):
+def test_small_map_convolution_matches_conv2d_and_its_gradients(dtype, size, kernel, stride, padding, bias,
+                                                                 narrow_layers_fast):
     torch.manual_seed(0)
     conv = Conv2d(24, 40, kernel, stride=stride, padding=padding, bias=bias).to(dtype)
     x = torch.randn(3, 24, *size, dtype=dtype, requires_grad=True)
@@ -94,20 +103,22 @@ def test_small_map_convolution_matches_conv2d_and_its_gradients(dtype, size, ker
         assert ((a - b).float().norm() / b.float().norm()).item() < tolerance
 
 
-def test_small_map_convolution_takes_the_matrix_product_path_only_on_small_maps(monkeypatch):
-    conv = Conv2d(8, 8, 3, padding=1)
+def test_small_map_convolution_takes_the_matrix_product_path_only_on_small_wide_maps(monkeypatch):
+    conv = Conv2d(1024, 8, 3, padding=1)
     calls = []
     unfold = torch.nn.functional.unfold
     monkeypatch.setattr(F, "unfold", lambda *args: calls.append(args[0].shape) or unfold(*args))
-    conv(torch.randn(1, 8, 8, 8))
-    conv(torch.randn(1, 8, 9, 8))  # 72 > SMALL_MAP_PIXELS output pixels: oneDNN's convolution
-    conv(torch.randn(2, 8, 8, 8).to(memory_format=torch.channels_last))  # NHWC stays NHWC
-    assert SMALL_MAP_PIXELS == 64 and calls == [(1, 8, 8, 8)]
+    with torch.no_grad():
+        conv(torch.randn(1, 1024, 8, 8))
+        conv(torch.randn(1, 1024, 9, 8))  # 72 > SMALL_MAP_PIXELS output pixels: oneDNN's convolution
+        conv(torch.randn(2, 1024, 8, 8).to(memory_format=torch.channels_last))  # NHWC stays NHWC
+        Conv2d(512, 8, 3, padding=1)(torch.randn(1, 512, 8, 8))  # under SMALL_MAP_MIN_CHANNELS
+    assert SMALL_MAP_PIXELS == 64 and calls == [(1, 1024, 8, 8)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_matches_nn_linear_with_and_without_gradients(dtype, bias):
+def test_linear_matches_nn_linear_with_and_without_gradients(dtype, bias, narrow_layers_fast):
     torch.manual_seed(0)
     linear = Linear(48, 40, bias=bias).to(dtype)
     x = torch.randn(2, 7, 48, dtype=dtype)
@@ -126,6 +137,7 @@ def test_linear_matches_nn_linear_with_and_without_gradients(dtype, bias):
 
 @pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
 def test_linear_takes_onednn_only_for_cpu_inference(monkeypatch):
+    monkeypatch.setattr(ldm.nn, "ONEDNN_MIN_FEATURES", 4)
     linear = Linear(8, 4)
     calls = []
     onednn = torch.ops.mkldnn._linear_pointwise
@@ -139,11 +151,13 @@ def test_linear_takes_onednn_only_for_cpu_inference(monkeypatch):
         linear.half()(x.half())  # no oneDNN float16 kernel on most CPUs
         with torch.autocast("cpu", torch.bfloat16):
             linear.float()(x)
+        monkeypatch.setattr(ldm.nn, "ONEDNN_MIN_FEATURES", 8)
+        linear(x)  # 4 outputs: too narrow for oneDNN's per-call cost
     assert calls == [torch.float32, torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_geglu_fused_on_onednn_matches_its_formula(dtype):
+def test_geglu_fused_on_onednn_matches_its_formula(dtype, narrow_layers_fast):
     torch.manual_seed(0)
     geglu = GEGLU(32, 48).to(dtype)
     x = torch.randn(2, 9, 32, dtype=dtype)
@@ -156,7 +170,7 @@ def test_geglu_fused_on_onednn_matches_its_formula(dtype):
     assert ((out.float() - ref).norm() / ref.norm()).item() < tolerance
 
 
-def test_geglu_runs_the_hooks_of_its_projection():
+def test_geglu_runs_the_hooks_of_its_projection(narrow_layers_fast):
     geglu = GEGLU(8, 4)
     x = torch.randn(1, 3, 8)
     with torch.no_grad():
