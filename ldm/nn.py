@@ -31,15 +31,20 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
-def _has_onednn_linear() -> bool:
+def _onednn_linear_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes this build and CPU run through oneDNN's matmul: none without it, bfloat16 only where
+    oneDNN has bf16 kernels for the CPU (AVX512 or AMX; elsewhere torch keeps its own)."""
     try:
         torch.ops.mkldnn._linear_pointwise  # noqa: B018  (the op inductor's CPU freezing uses)
+        bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     except (AttributeError, RuntimeError):
-        return False
-    return torch.backends.mkldnn.is_available()
+        return ()
+    if not torch.backends.mkldnn.is_available():
+        return ()
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
 
 
-ONEDNN_LINEAR = _has_onednn_linear()
+ONEDNN_LINEAR_DTYPES = _onednn_linear_dtypes()
 # Narrower layers (the bundled model's 64 and 128) run faster on MKL: oneDNN's per-call cost dominates there.
 ONEDNN_MIN_FEATURES = 256
 
@@ -49,8 +54,8 @@ class Linear(nn.Linear):
 
     Eager torch sends a float32 linear to MKL's GEMM, which on the CPUs measured runs at 0.7-0.9x the
     speed of oneDNN's on U-Net shapes (docs/benchmarks.md). The oneDNN op has no backward, so anything
-    that needs a gradient, autocast, torch.compile (inductor packs its own weights) and dtypes other than
-    float32 / bfloat16 take nn.Linear's path.
+    that needs a gradient, autocast, torch.compile (inductor packs its own weights), layers narrower than
+    ONEDNN_MIN_FEATURES and dtypes outside ONEDNN_LINEAR_DTYPES take nn.Linear's path.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +67,7 @@ class Linear(nn.Linear):
         """Whether forward(x) runs on oneDNN's matmul (then its post-ops may be fused into it too)."""
         tensors = [t for t in (x, self.weight, self.bias) if t is not None]
         # A quantized weight (a tensor subclass) keeps its own kernels.
-        return (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+        return (x.device.type == "cpu" and x.dtype in ONEDNN_LINEAR_DTYPES
                 and min(self.in_features, self.out_features) >= ONEDNN_MIN_FEATURES
                 and type(self.weight) in (nn.Parameter, torch.Tensor) and x.numel() > 0
                 and all(t.dtype == x.dtype for t in tensors)
