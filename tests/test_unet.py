@@ -1,4 +1,4 @@
-"""U-Net: layout of the real SD configs, conditioning, odd sizes, gradient checkpointing, small-map convs."""
+"""U-Net: layout of the real SD configs, conditioning, odd sizes, gradient checkpointing, CPU fast paths."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import ldm.nn
-from ldm.attention import GEGLU
-from ldm.nn import ONEDNN_LINEAR_DTYPES, SMALL_MAP_PIXELS, Conv2d, Linear
+from ldm.attention import GEGLU, SpatialTransformer
+from ldm.nn import ONEDNN_LINEAR_DTYPES, SMALL_MAP_PIXELS, Conv2d, GroupNorm32, Linear
 from ldm.unet import UNetConfig, UNetModel
 from tests.conftest import randomize_, tiny_spec
 
@@ -179,3 +179,20 @@ def test_geglu_runs_the_hooks_of_its_projection(narrow_layers_fast):
         value, gate = (F.linear(x, geglu.proj.weight, geglu.proj.bias) + 1).chunk(2, dim=-1)
         assert not torch.allclose(geglu(x), plain)
         assert torch.allclose(geglu(x), value * F.gelu(gate), atol=1e-6)
+
+
+def test_linear_spatial_transformer_returns_a_contiguous_nchw_map():
+    # SDXL's linear proj_out leaves an NHWC view; an NHWC output would make every later conv reorder.
+    transformer = SpatialTransformer(64, heads=2, dim_head=32, context_dim=16, use_linear=True)
+    with torch.no_grad():
+        out = transformer(torch.randn(2, 64, 4, 4), torch.randn(2, 5, 16))
+    assert out.is_contiguous()
+
+
+def test_bf16_group_norm_gives_the_numbers_of_a_float32_copy():
+    torch.manual_seed(0)
+    norm = GroupNorm32(8, 64).bfloat16()
+    x = (torch.randn(2, 64, 8, 8) * 3 + 5).bfloat16()
+    upcast = F.group_norm(x.float(), 8, norm.weight.float(), norm.bias.float(), norm.eps).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(norm(x), upcast)
