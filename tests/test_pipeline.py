@@ -179,6 +179,9 @@ def test_compiled_unet_with_frozen_weights_gives_the_same_images(tiny_pipeline):
     reference = tiny_pipeline(PROMPTS, **kwargs)
     images = tiny_pipeline.compile_unet()(PROMPTS, **kwargs)
     assert (images - reference).abs().max() < 1e-4 * reference.abs().max()
+    # On a CPU the frozen graph runs its convolutions NHWC (faster there: docs/benchmarks.md).
+    weights = [m.weight for m in tiny_pipeline.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
     assert not torch.equal(images, tiny_pipeline(PROMPTS, **{**kwargs, "seed": 1}))
 
 
