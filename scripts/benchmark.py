@@ -28,7 +28,7 @@ Cases (--cases, comma-separated):
                then one image at 8 x --latent-size with --steps DDIM steps and guidance: load seconds,
                seconds per step, and the process's peak resident memory after loading and in all
 
-Engines (--engines ours,diffusers,openvino,sdcpp instead of --cases): SD 1.5 text -> image on each engine
+Engines (--engines ours,diffusers,openvino,sdcpp,sdcpp-q8 instead of --cases): SD 1.5 text -> image on each engine
 from one set of random weights, interleaved, with the process's peak memory in a fresh process each; the
 peers (scripts/peer_engines.py says how each runs) come with the `bench` extra.
 
@@ -90,7 +90,7 @@ from ldm.text_encoder import TextEncoder, TextEncoderConfig, sd1, tiny
 from ldm.tiling import tiled_decode
 from ldm.unet import UNetConfig, UNetModel
 
-ENGINES = ("ours", "diffusers", "openvino", "sdcpp")
+ENGINES = ("ours", "diffusers", "openvino", "sdcpp", "sdcpp-q8")
 CASES = ("unet", "train", "vae", "vae-tiled", "txt2img", "shapes", "lora", "int8", "sdxl-unet", "sdxl-file")
 INT8_VARIANTS = "fp32,fp32+int8-weight,fp32+int8-dynamic,bf16,bf16+int8-weight,bf16+int8-dynamic"
 SHAPES_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "shapes"
@@ -663,7 +663,7 @@ def engine_runs(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     --latent-size px, --steps DDIM steps, guidance 7.5, the same initial noise (sdcpp draws its own, from
     an original-layout file in `workdir`; openvino's IR files go there too). With --compile, ours and
     diffusers' U-Nets are compiled alike (static shapes, inductor freezing); openvino always compiles."""
-    from peer_engines import openvino_txt2img, sdcpp_txt2img
+    from peer_engines import SDCPP_WEIGHT_TYPES, openvino_txt2img, sdcpp_txt2img
 
     pipe = random_pipeline(sd_spec(args))
     size, prompts = 8 * args.latent_size, [SD_PROMPT] * args.batch
@@ -675,9 +675,12 @@ def engine_runs(args: argparse.Namespace, device: torch.device, dtype: torch.dty
                                             initial_noise(pipe, args.batch, size), args.steps, GUIDANCE_SCALE,
                                             args.dtype, workdir)
         del reference, text_embeddings
-    if "sdcpp" in engines:
+    weight_types = {"sdcpp": SDCPP_WEIGHT_TYPES[args.dtype], "sdcpp-q8": "q8_0"}  # sd.cpp's own names
+    if sdcpp := sorted(weight_types.keys() & engines):
         path = pipe.save(workdir / "sd15_random.safetensors")
-        runs["sdcpp"] = sdcpp_txt2img(path, SD_PROMPT, args.batch, size, args.steps, GUIDANCE_SCALE, args.dtype)
+        for engine in sdcpp:
+            runs[engine] = sdcpp_txt2img(path, SD_PROMPT, args.batch, size, args.steps, GUIDANCE_SCALE,
+                                         weight_types[engine])
     runs.update(pipeline_case(pipe, SD_PROMPT, args, device, dtype, engines & {"ours", "diffusers"}, size,
                               compile_reference=args.compile))
     return runs
@@ -709,7 +712,7 @@ def engines_case(args: argparse.Namespace, argv: list[str], device: torch.device
         if not args.no_memory:
             probe = cpu_peak_memory(argv, "txt2img", engine)
             row["peak MiB"] = mib(probe and probe["peak"])
-        comparable = "diffusers" in outputs and engine != "sdcpp"
+        comparable = "diffusers" in outputs and not engine.startswith("sdcpp")
         row["vs diffusers"] = (f"{(outputs[engine] - outputs['diffusers']).abs().max().item():.1e}"
                                if comparable else "-")
         rows.append(row)

@@ -6,7 +6,8 @@
   as the inference precision hint, one stream, latency hint; the DDIM loop with classifier-free guidance
   is diffusers' scheduler around them, as in optimum-intel's OVStableDiffusionPipeline.
 - sdcpp: stable-diffusion.cpp through its Python binding, reading the original-layout .safetensors file
-  itself, its weights f32 in fp32 runs and f16 otherwise, DDIM ("ddim_trailing") with guidance.
+  itself, its weights f32 in fp32 runs and f16 otherwise, DDIM ("ddim_trailing") with guidance;
+  sdcpp-q8 the same with its 8-bit q8_0 weights.
 
 Each `*_txt2img` returns a call that makes the images, (B, 3, H, W) in [0, 1].
 """
@@ -97,18 +98,19 @@ def openvino_txt2img(reference, text_embeddings: torch.nn.Module, tokens: torch.
     return run
 
 
+# bf16 runs use sd.cpp's f16 weights, the half type its docs name (its bf16 weights took 2x longer per step here).
 SDCPP_WEIGHT_TYPES = {"fp32": "f32", "fp16": "f16", "bf16": "f16"}
 
 
 def sdcpp_txt2img(checkpoint: Path, prompt: str, batch: int, size: int, steps: int, guidance_scale: float,
-                  precision: str, seed: int = 0) -> Run:
-    """stable-diffusion.cpp on `checkpoint` (an original-layout SD 1.x file); bf16 runs use its f16 weights,
-    the half type its docs name (its bf16 weights took 2x longer per step here)."""
+                  weight_type: str, seed: int = 0) -> Run:
+    """stable-diffusion.cpp on `checkpoint` (an original-layout SD 1.x file) with its weights in
+    `weight_type` (f32, f16, q8_0, ...: sd.cpp's names)."""
     _import("stable_diffusion_cpp", "sdcpp")
     from stable_diffusion_cpp import StableDiffusion
 
     engine = StableDiffusion(model_path=str(checkpoint), n_threads=torch.get_num_threads(),
-                             wtype=SDCPP_WEIGHT_TYPES[precision], verbose=False)
+                             wtype=weight_type, verbose=False)
 
     def run() -> torch.Tensor:
         images = engine.generate_image(prompt=prompt, negative_prompt="", cfg_scale=guidance_scale,
